@@ -1,0 +1,22 @@
+"""mupkit: hyperparameter transfer across width for PyTorch models.
+
+``mupkit.build(make, base=..., target=...)`` infers which dims scale with width, initializes
+the target model per muP (Tensor Programs V) and attaches a :class:`Plan`;
+``mupkit.param_groups(model)`` gives optimizer groups with per-parameter multipliers, which
+``mupkit.optim.Adam``/``AdamW``/``SGD`` apply each step.
+"""
+
+from . import nn, optim
+from .bsh import load_bsh, save_bsh
+from .build import build, infer_plan, parametrize, plan_from_base_shapes
+from .explain import explain
+from .groups import param_groups
+from .plan import ParamSpec, Plan, plan_of
+from .roles import Role
+from .rules import FAMILIES, PARAMETRIZATIONS
+
+__version__ = "0.1.0"
+
+__all__ = ["FAMILIES", "PARAMETRIZATIONS", "ParamSpec", "Plan", "Role", "build", "explain", "infer_plan",
+           "load_bsh", "nn", "optim", "param_groups", "parametrize", "plan_from_base_shapes", "plan_of",
+           "save_bsh"]

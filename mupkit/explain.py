@@ -1,0 +1,48 @@
+"""A readable table of what mupkit decided for every parameter."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .plan import Plan, plan_of
+
+COLUMNS = ("name", "role", "shape", "m_in", "m_out", "init std", "fwd mult", "Adam LR x", "SGD LR x",
+           "AdamW WD x", "Adam eps x")
+
+
+def _fmt(x: float | None) -> str:
+    return "-" if x is None else f"{x:.4g}"
+
+
+def explain_rows(plan: Plan) -> list[tuple[str, ...]]:
+    """One row per parameter, in the plan's order (see :data:`COLUMNS`)."""
+    rows = []
+    for name, s in plan.items():
+        fwd = "1" + "".join(f" (x{plan.input_multipliers[m]:.4g} at {m})" for m in s.tied_readouts
+                            if m in plan.input_multipliers)
+        role = s.role.value + (" (tied readout)" if s.tied_readouts else "")
+        rows.append((name, role, "x".join(map(str, s.target)) or "()", _fmt(s.m_in), _fmt(s.m_out),
+                     _fmt(s.init_std), fwd, _fmt(s.scales["adam"].lr), _fmt(s.scales["sgd"].lr),
+                     _fmt(s.scales["adamw"].wd), _fmt(s.scales["adam"].eps)))
+    return rows
+
+
+def explain(model_or_plan: nn.Module | Plan) -> str:
+    """The plan as an aligned text table: ``print(mupkit.explain(model))``.
+
+    Multipliers are relative to the base model; init std is the absolute target std ("-" for
+    constant inits, e.g. norm gains, which are never rescaled). A readout's ``1/m_in`` forward
+    multiplier is absorbed into its init and LR (shown in its row) unless the readout is tied to
+    an embedding, in which case the multiplier is applied to the readout's input (shown as
+    ``x... at <module>``).
+    """
+    plan = model_or_plan if isinstance(model_or_plan, Plan) else plan_of(model_or_plan)
+    rows = [COLUMNS, *explain_rows(plan)]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(COLUMNS))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    sizes = plan.sizes
+    head = f"mupkit plan: {plan.parametrization}"
+    if sizes:
+        head += f"  base={sizes.get('base')}  target={sizes.get('target')}"
+    return "\n".join([head, *lines])

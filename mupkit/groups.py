@@ -1,0 +1,112 @@
+"""Optimizer parameter groups carrying each parameter's muP multipliers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .plan import plan_of, plan_owner
+from .rules import FAMILIES, Family
+
+#: torch optimizer classes -> family (entrywise-normalized ones are "adam"-like; see mup/optim.py)
+TORCH_FAMILIES = {
+    "Adam": "adam", "Adamax": "adam", "NAdam": "adam", "RAdam": "adam", "RMSprop": "adam",
+    "Adagrad": "adam", "AdamW": "adamw", "SGD": "sgd", "ASGD": "sgd",
+}
+
+WEIGHT_DECAY_POLICIES = ("coupled", "independent")
+
+
+def resolve_family(optimizer: Any) -> Family:
+    """A family from its name, a mupkit optimizer class (``family`` attribute) or a torch class."""
+    if isinstance(optimizer, str):
+        key = optimizer.lower()
+    elif isinstance(getattr(optimizer, "family", None), Family):
+        return optimizer.family
+    elif isinstance(optimizer, type) and issubclass(optimizer, torch.optim.Optimizer):
+        key = TORCH_FAMILIES.get(optimizer.__name__, "")
+    else:
+        key = ""
+    if key not in FAMILIES:
+        raise ValueError(f"cannot tell the optimizer family of {optimizer!r}; pass optimizer= one of "
+                         f"{sorted(FAMILIES)} (entrywise-normalized updates like Adam/RMSprop/Lion are 'adam', "
+                         f"decoupled-decay ones 'adamw', gradient-proportional ones 'sgd').")
+    return FAMILIES[key]
+
+
+def param_groups(model: nn.Module, *, optimizer: Any = None, lr: float | None = None,
+                 weight_decay: float | None = None, eps: float | None = None,
+                 weight_decay_policy: str = "coupled") -> list[dict[str, Any]]:
+    """Parameter groups for ``model``'s trainable parameters, one per distinct set of multipliers.
+
+    * ``optimizer=None`` (for ``mupkit.optim``): each group carries ``mupkit_scales``, the
+      multipliers for every family; the mupkit optimizer picks its own and applies
+      ``lr * lr_scale`` each step, so LR schedulers work unchanged.
+    * ``optimizer=`` a family name or optimizer class (for torch and third-party optimizers):
+      ``lr`` is required; each group gets concrete ``lr = lr * lr_scale``, ``weight_decay`` per
+      the policy and, for Adam-like families, ``eps = eps * eps_scale`` when ``eps`` is given.
+      ``lr_scale``/``wd_scale``/``eps_scale`` are kept for reference.
+
+    Weight-decay policies: ``coupled`` (mup semantics; ``wd * wd_scale`` keeps the per-step
+    decay ``lr * wd`` width-invariant) and ``independent`` (decoupled-decay families only: the
+    per-step decay is ``weight_decay`` at the initial LR and follows the schedule, independent
+    of width and of the peak LR; Wortsman et al. 2023, used by u-muP and CompleteP).
+
+    Never mutates anything it is given; never emits an empty group; every trainable parameter
+    appears exactly once (tied weights once).
+    """
+    if weight_decay_policy not in WEIGHT_DECAY_POLICIES:
+        raise ValueError(f"weight_decay_policy={weight_decay_policy!r}; use one of {WEIGHT_DECAY_POLICIES}")
+    plan = plan_of(model)
+    owner = plan_owner(model)
+    family = None if optimizer is None else resolve_family(optimizer)
+    if family is None and (lr is not None or weight_decay is not None or eps is not None):
+        raise ValueError("lr/weight_decay/eps were given without optimizer=..., so mupkit cannot tell how to "
+                         "scale them. Pass optimizer='adam'|'adamw'|'sgd' (or the optimizer class), or drop "
+                         "them and pass the groups to a mupkit.optim optimizer, which scales them itself.")
+    if family is not None and lr is None:
+        raise ValueError(f"param_groups(optimizer={optimizer!r}) needs lr=...: a torch or third-party optimizer "
+                         f"ignores 'lr_scale', so mupkit must write each group's concrete lr (otherwise every "
+                         f"parameter would silently get the same SP learning rate).")
+    if weight_decay_policy == "independent" and family is not None and not family.decoupled_wd:
+        raise ValueError(f"weight_decay_policy='independent' needs decoupled weight decay, but family "
+                         f"{family.name!r} adds weight decay to the gradient; use an AdamW-like optimizer or "
+                         f"weight_decay_policy='coupled'.")
+
+    groups: dict[tuple, dict[str, Any]] = {}
+    for name, p in owner.named_parameters():
+        if not p.requires_grad:
+            continue
+        if name not in plan:
+            raise ValueError(f"parameter {name!r} (shape {tuple(p.shape)}) is not in the model's mupkit plan; it was "
+                             f"added after the plan was made. Rebuild the model with mupkit.build.")
+        spec = plan[name]
+        if family is None:
+            key = tuple(sorted((f, s.lr, s.wd, s.eps) for f, s in spec.scales.items()))
+        else:
+            s = spec.scales[family.name]
+            key = (s.lr, s.wd, s.eps)
+        group = groups.get(key)
+        if group is None:
+            group = groups[key] = _new_group(spec, family, lr, weight_decay, eps, weight_decay_policy)
+        group["params"].append(p)
+        group["param_names"].append(name)
+    return list(groups.values())
+
+
+def _new_group(spec, family: Family | None, lr, weight_decay, eps, policy: str) -> dict[str, Any]:
+    group: dict[str, Any] = {"params": [], "param_names": []}
+    if family is None:
+        group["mupkit_scales"] = {f: {"lr_scale": s.lr, "wd_scale": s.wd, "eps_scale": s.eps}
+                                  for f, s in spec.scales.items()}
+        return group
+    s = spec.scales[family.name]
+    group.update(lr_scale=s.lr, wd_scale=s.wd, eps_scale=s.eps, mupkit_family=family.name, mupkit_concrete=True)
+    group["lr"] = lr * s.lr
+    if weight_decay is not None:
+        group["weight_decay"] = weight_decay * s.wd if policy == "coupled" else weight_decay / group["lr"]
+    if eps is not None and family.has_eps:
+        group["eps"] = eps * s.eps
+    return group

@@ -1,0 +1,91 @@
+"""Per-group muP multipliers on top of any ``torch.optim`` algorithm.
+
+Groups keep ``lr`` as the scheduler-controlled base value and carry ``lr_scale``,
+``wd_scale`` and ``eps_scale``; for the duration of ``step()`` each group's ``lr``,
+``weight_decay`` and ``eps`` are replaced by their effective values and restored afterwards,
+so torch's own single-tensor, foreach and fused kernels do the math and any
+``torch.optim.lr_scheduler`` works unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterable
+
+from ..groups import WEIGHT_DECAY_POLICIES
+from ..rules import Family
+
+SCALE_KEYS = ("lr_scale", "wd_scale", "eps_scale")
+
+
+def resolve_groups(params: Iterable[Any], family: Family) -> list[Any]:
+    """Copy the caller's groups, turning ``mupkit_scales`` into this family's scale keys."""
+    params = list(params)
+    if not params or not isinstance(params[0], dict):
+        return params
+    out = []
+    for i, group in enumerate(params):
+        if group.get("mupkit_concrete"):
+            raise ValueError(f"param group {i} already has concrete lr = lr * lr_scale (it came from "
+                             f"mupkit.param_groups(..., optimizer=..., lr=...), which is for torch and third-party "
+                             f"optimizers). For mupkit.optim, call mupkit.param_groups(model) without lr.")
+        group = {k: v for k, v in group.items() if k != "mupkit_scales"}
+        scales = params[i].get("mupkit_scales")
+        if scales is not None:
+            if family.name not in scales:
+                raise ValueError(f"param group {i} has no muP scales for family {family.name!r} "
+                                 f"(it has {sorted(scales)}).")
+            group.update(scales[family.name])
+        out.append(group)
+    return out
+
+
+class ScaledGroups:
+    """Mixin for a ``torch.optim.Optimizer`` subclass; set ``family`` on the subclass.
+
+    ``weight_decay_policy``: ``"coupled"`` (effective wd = ``weight_decay * wd_scale``) or
+    ``"independent"`` (decoupled families only: per-step decay ``weight_decay * lr_t / lr_0``,
+    where ``lr_0`` is the group's lr when the optimizer was made; width-invariant).
+    """
+
+    family: Family
+
+    def __init__(self, params, *args, weight_decay_policy: str = "coupled", **kwargs):
+        if weight_decay_policy not in WEIGHT_DECAY_POLICIES:
+            raise ValueError(f"weight_decay_policy={weight_decay_policy!r}; use one of {WEIGHT_DECAY_POLICIES}")
+        if weight_decay_policy == "independent" and not self.family.decoupled_wd:
+            raise ValueError(f"{type(self).__name__} adds weight decay to the gradient (family "
+                             f"{self.family.name!r}); weight_decay_policy='independent' needs decoupled decay. "
+                             f"Use mupkit.optim.AdamW, or weight_decay_policy='coupled'.")
+        if kwargs.get("decoupled_weight_decay") and not self.family.decoupled_wd:
+            raise ValueError(f"{type(self).__name__}(decoupled_weight_decay=True) is AdamW; use mupkit.optim.AdamW "
+                             f"so the weight-decay multipliers follow the decoupled rule.")
+        super().__init__(resolve_groups(params, self.family), *args, **kwargs)
+        for group in self.param_groups:
+            for key in SCALE_KEYS:
+                group.setdefault(key, 1.0)
+            group.setdefault("weight_decay_policy", weight_decay_policy)
+            group.setdefault("wd_reference_lr", group["lr"])
+
+    @contextlib.contextmanager
+    def _effective_hyperparameters(self):
+        saved = [{k: g[k] for k in ("lr", "weight_decay", "eps") if k in g} for g in self.param_groups]
+        try:
+            for group in self.param_groups:
+                lr = group["lr"] * group["lr_scale"]
+                if group.get("weight_decay"):
+                    if group["weight_decay_policy"] == "independent":
+                        group["weight_decay"] = group["weight_decay"] / (group["wd_reference_lr"] * group["lr_scale"])
+                    else:
+                        group["weight_decay"] = group["weight_decay"] * group["wd_scale"]
+                if "eps" in group:
+                    group["eps"] = group["eps"] * group["eps_scale"]
+                group["lr"] = lr
+            yield
+        finally:
+            for group, values in zip(self.param_groups, saved):
+                group.update(values)
+
+    def step(self, closure=None):
+        with self._effective_hyperparameters():
+            return super().step(closure)

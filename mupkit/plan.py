@@ -1,0 +1,153 @@
+"""The scaling plan: an immutable mapping parameter FQN -> :class:`ParamSpec`.
+
+The plan is plain data, stored on the root module (``module._mupkit_plan``), never as
+attributes on tensors, so it follows ``copy.deepcopy``, pickling, DDP (``module.``),
+``torch.compile`` (``_orig_mod.``) and FSDP2 ``fully_shard`` (new DTensor parameters, same
+names). :func:`plan_of` finds it through those wrappers.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterator, Mapping
+
+from torch import nn
+
+from .roles import Role
+from .rules import Scales
+
+PLAN_ATTR = "_mupkit_plan"
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """Everything mupkit decided about one parameter.
+
+    ``init_scale``: the parametrization's init std relative to the user's init at the base
+    size (absorbed forward multipliers included); ``base_init_std``: that base std, measured
+    from the user's constructor (``None`` when the init is constant, e.g. zeros or ones, or
+    unknown); ``scales``: family -> LR/WD/eps multipliers (see :mod:`mupkit.rules`).
+    """
+
+    name: str
+    role: Role
+    base: tuple[int, ...]
+    target: tuple[int, ...]
+    infinite: tuple[bool, ...]
+    m_in: float
+    m_out: float
+    init_scale: float
+    scales: Mapping[str, Scales]
+    base_init_std: float | None = None
+    fan_out_axis: int | None = None
+    fan_in_axis: int | None = None
+    aliases: tuple[str, ...] = ()
+    tied_readouts: tuple[str, ...] = ()
+
+    @property
+    def init_std(self) -> float | None:
+        """Target init std: ``base_init_std * init_scale`` (None when constant or unknown)."""
+        return None if self.base_init_std is None else self.base_init_std * self.init_scale
+
+    @property
+    def multipliers(self) -> tuple[float, ...]:
+        """Per-dim width multipliers ``target / base`` (1.0 for finite dims)."""
+        return tuple(t / b if inf else 1.0 for b, t, inf in zip(self.base, self.target, self.infinite))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["role"] = self.role.value
+        d["scales"] = {fam: asdict(s) for fam, s in self.scales.items()}
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "ParamSpec":
+        d = dict(d)
+        d["role"] = Role(d["role"])
+        d["scales"] = {fam: Scales(**s) for fam, s in d["scales"].items()}
+        for key in ("base", "target", "infinite", "aliases", "tied_readouts"):
+            d[key] = tuple(d[key])
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class Plan(Mapping[str, ParamSpec]):
+    """Immutable mapping FQN -> :class:`ParamSpec`, plus module-level forward multipliers.
+
+    ``input_multipliers``: module FQN -> factor applied to the module's first input (used for a
+    readout tied to an embedding, where the readout multiplier cannot be absorbed).
+    """
+
+    parametrization: str
+    specs: Mapping[str, ParamSpec]
+    input_multipliers: Mapping[str, float] = field(default_factory=dict)
+    sizes: Mapping[str, Any] = field(default_factory=dict)
+
+    def __getitem__(self, name: str) -> ParamSpec:
+        return self.specs[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.specs)
+
+    def __len__(self) -> int:
+        return len(self.specs)
+
+    @property
+    def at_base(self) -> bool:
+        """True when every width multiplier is 1 (the target is the base model)."""
+        return all(m == 1.0 for s in self.specs.values() for m in s.multipliers)
+
+    def scales(self, name: str, family: str) -> Scales:
+        return self.specs[name].scales[family]
+
+    def to_json(self, path: str | None = None) -> str:
+        """Serialize (``sizes`` values that JSON cannot hold are stored as their ``repr``)."""
+        text = json.dumps({"format": "mupkit-plan/1", "parametrization": self.parametrization,
+                           "sizes": self.sizes, "input_multipliers": dict(self.input_multipliers),
+                           "specs": [s.to_dict() for s in self.specs.values()]}, indent=1, default=repr)
+        if path is not None:
+            with open(path, "w") as f:
+                f.write(text)
+        return text
+
+    @classmethod
+    def from_json(cls, text_or_path: str) -> "Plan":
+        text = text_or_path
+        if not text_or_path.lstrip().startswith("{"):
+            with open(text_or_path) as f:
+                text = f.read()
+        d = json.loads(text)
+        if d.get("format") != "mupkit-plan/1":
+            raise ValueError(f"not a mupkit plan file (format {d.get('format')!r}, expected 'mupkit-plan/1')")
+        specs = {s["name"]: ParamSpec.from_dict(s) for s in d["specs"]}
+        return cls(d["parametrization"], specs, d["input_multipliers"], d["sizes"])
+
+
+_WRAPPER_ATTRS = ("module", "_orig_mod")  # DDP / DataParallel, torch.compile
+
+
+def plan_owner(model: nn.Module) -> nn.Module:
+    """The module that carries the plan, looking through DDP, DataParallel and torch.compile."""
+    seen = model
+    while not hasattr(seen, PLAN_ATTR) or getattr(seen, PLAN_ATTR) is None:
+        inner = next((getattr(seen, a) for a in _WRAPPER_ATTRS if isinstance(getattr(seen, a, None), nn.Module)),
+                     None)
+        if inner is None:
+            raise ValueError(f"{type(model).__name__} has no mupkit plan. Create the model with "
+                             f"mupkit.build(...), or call mupkit.parametrize(model, plan) on it first.")
+        seen = inner
+    return seen
+
+
+def plan_of(model: nn.Module) -> Plan:
+    """The plan attached to ``model`` (through DDP ``module.``, ``torch.compile`` and FSDP2)."""
+    return getattr(plan_owner(model), PLAN_ATTR)
+
+
+def has_plan(model: nn.Module) -> bool:
+    try:
+        plan_owner(model)
+    except ValueError:
+        return False
+    return True
