@@ -130,7 +130,7 @@ _WRAPPER_ATTRS = ("module", "_orig_mod")  # DDP / DataParallel, torch.compile
 def plan_owner(model: nn.Module) -> nn.Module:
     """The module that carries the plan, looking through DDP, DataParallel and torch.compile."""
     seen = model
-    while not hasattr(seen, PLAN_ATTR) or getattr(seen, PLAN_ATTR) is None:
+    while vars(seen).get(PLAN_ATTR) is None:  # not getattr: torch.compile forwards attribute lookups
         inner = next((getattr(seen, a) for a in _WRAPPER_ATTRS if isinstance(getattr(seen, a, None), nn.Module)),
                      None)
         if inner is None:
