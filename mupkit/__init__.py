@@ -6,7 +6,7 @@ the target model per muP (Tensor Programs V) and attaches a :class:`Plan`;
 ``mupkit.optim.Adam``/``AdamW``/``SGD`` apply each step.
 """
 
-from . import nn, optim
+from . import models, nn, optim
 from .bsh import load_bsh, save_bsh
 from .build import build, infer_plan, parametrize, plan_from_base_shapes
 from .explain import explain
@@ -18,5 +18,5 @@ from .rules import FAMILIES, PARAMETRIZATIONS
 __version__ = "0.1.0"
 
 __all__ = ["FAMILIES", "PARAMETRIZATIONS", "ParamSpec", "Plan", "Role", "build", "explain", "infer_plan",
-           "load_bsh", "nn", "optim", "param_groups", "parametrize", "plan_from_base_shapes", "plan_of",
+           "load_bsh", "models", "nn", "optim", "param_groups", "parametrize", "plan_from_base_shapes", "plan_of",
            "save_bsh"]

@@ -16,6 +16,7 @@ from torch import nn
 
 from .roles import Role
 from .rules import Scales
+from .shapes import width_multipliers
 
 PLAN_ATTR = "_mupkit_plan"
 
@@ -52,8 +53,7 @@ class ParamSpec:
 
     @property
     def multipliers(self) -> tuple[float, ...]:
-        """Per-dim width multipliers ``target / base`` (1.0 for finite dims)."""
-        return tuple(t / b if inf else 1.0 for b, t, inf in zip(self.base, self.target, self.infinite))
+        return width_multipliers(self.base, self.target, self.infinite)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

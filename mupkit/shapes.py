@@ -33,8 +33,12 @@ class ParamShapes:
 
     @property
     def multipliers(self) -> tuple[float, ...]:
-        """Per dim: ``target / base`` for infinite dims, 1.0 for finite ones."""
-        return tuple(t / b if inf else 1.0 for b, t, inf in zip(self.base, self.target, self.infinite))
+        return width_multipliers(self.base, self.target, self.infinite)
+
+
+def width_multipliers(base: tuple[int, ...], target: tuple[int, ...], infinite: tuple[bool, ...]) -> tuple[float, ...]:
+    """Per dim: ``m = target / base`` for infinite dims, 1.0 for finite ones (TP5, App. J)."""
+    return tuple(t / b if inf else 1.0 for b, t, inf in zip(base, target, infinite))
 
 
 @dataclass(frozen=True)

@@ -110,7 +110,7 @@ def test_absorbed_readout_trains_identically_to_mureadout(family, norm, opt, lr,
     worst = 0.0
     for _ in range(10):
         out_ref, out = ref(x), model(x)
-        worst = max(worst, float(((out - out_ref).detach().abs() / out_ref.abs().clamp_min(1e-3)).max()))
+        worst = max(worst, float(((out - out_ref).abs() / out_ref.abs().clamp_min(1e-3)).max().detach()))
         for net, o, optim in ((ref, out_ref, ref_opt), (model, out, our_opt)):
             optim.zero_grad()
             nn.functional.cross_entropy(o, y).backward()
