@@ -93,6 +93,7 @@ def _worker(rank: int, world: int, path: str, mode: str, out: str) -> None:
                 for n, p in model.named_parameters()}
         if rank == 0:
             torch.save({"params": full, "scales": {strip(n): v for n, v in scales(model).items()}}, out)
+        dist.barrier()  # no rank tears gloo down while another still uses it
     finally:
         dist.destroy_process_group()
 
