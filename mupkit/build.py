@@ -12,7 +12,7 @@ from torch import nn
 from .nn.multipliers import install_input_scale
 from .plan import PLAN_ATTR, ParamSpec, Plan, has_plan
 from .roles import Role, RoleInfo, assign_roles
-from .rules import FAMILIES, Parametrization, get_parametrization, scales_for
+from .rules import FAMILIES, Parametrization, absorbed_init_scale, get_parametrization, scales_for
 from .bsh import load_bsh
 from .shapes import Constructor, ParamShapes, build_on_meta, matches, param_sites, resolve_delta, zip_shapes
 
@@ -88,7 +88,7 @@ def _spec(name: str, shp: ParamShapes, info: RoleInfo, param: Parametrization, b
     c = rule.forward(info.m_in, info.m_out)
     return ParamSpec(
         name=name, role=info.role, base=shp.base, target=shp.target, infinite=shp.infinite,
-        m_in=info.m_in, m_out=info.m_out, init_scale=rule.init(info.m_in, info.m_out) * c,
+        m_in=info.m_in, m_out=info.m_out, init_scale=absorbed_init_scale(rule, info.m_in, info.m_out),
         scales={f: scales_for(rule, fam, info.m_in, info.m_out, absorbed=c) for f, fam in FAMILIES.items()},
         base_init_std=base_std, fan_out_axis=info.fan_out_axis, fan_in_axis=info.fan_in_axis,
         aliases=tuple(s.name for s in sites if s.name != name), tied_readouts=info.tied_readouts)

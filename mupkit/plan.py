@@ -98,9 +98,6 @@ class Plan(Mapping[str, ParamSpec]):
         """True when every width multiplier is 1 (the target is the base model)."""
         return all(m == 1.0 for s in self.specs.values() for m in s.multipliers)
 
-    def scales(self, name: str, family: str) -> Scales:
-        return self.specs[name].scales[family]
-
     def to_json(self, path: str | None = None) -> str:
         """Serialize (``sizes`` values that JSON cannot hold are stored as their ``repr``)."""
         text = json.dumps({"format": "mupkit-plan/1", "parametrization": self.parametrization,

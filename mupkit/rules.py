@@ -118,6 +118,11 @@ class Scales:
     eps: float
 
 
+def absorbed_init_scale(rule: RoleRule, m_in: float, m_out: float) -> float:
+    """Init std relative to the base with the forward multiplier ``c`` absorbed (``W' = c W``)."""
+    return rule.init(m_in, m_out) * rule.forward(m_in, m_out)
+
+
 def scales_for(rule: RoleRule, family: Family, m_in: float, m_out: float, absorbed: float = 1.0) -> Scales:
     """LR, coupled-WD and eps multipliers of one parameter, with forward mult ``absorbed`` folded in."""
     lr = rule.lr[family.update](m_in, m_out)
