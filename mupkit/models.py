@@ -42,6 +42,32 @@ def cnn(width: int = 16, *, in_channels: int = 3, n_classes: int = 10, batch_nor
                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2 * width, n_classes))
 
 
+class ResidualMLP(nn.Module):
+    """Pre-LN residual MLP: ``x + W2 relu(W1 LN(x))`` per block, between an input layer and a readout.
+
+    The depth-scaling test bed (one linear pair per residual branch, like Bordelon et al. 2023).
+    """
+
+    def __init__(self, width: int = 128, *, depth: int = 4, d_in: int = 64, d_out: int = 10, expansion: int = 1):
+        super().__init__()
+        self.input = nn.Linear(d_in, width)
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.LayerNorm(width), nn.Linear(width, expansion * width), nn.ReLU(),
+                          nn.Linear(expansion * width, width)) for _ in range(depth))
+        self.norm = nn.LayerNorm(width)
+        self.readout = nn.Linear(width, d_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.input(x)
+        for block in self.blocks:
+            x = x + block(x)
+        return self.readout(self.norm(x))
+
+
+def resmlp(width: int = 128, **kwargs) -> ResidualMLP:
+    return ResidualMLP(width, **kwargs)
+
+
 class Attention(nn.Module):
     def __init__(self, width: int, n_head: int, scale: float):
         super().__init__()
@@ -72,13 +98,14 @@ class GPT(nn.Module):
 
     Attention logits use ``attention_scale(head_dim, base_head_dim)``: ``1/sqrt(d)`` when
     ``base_width`` is None (SP), muP's ``1/d`` law pinned to SP at ``base_width`` otherwise.
+    ``tie``: share the readout weight with the token embedding (GPT-2 style).
     ``emb_mult`` multiplies the embedding output (the width-independent input multiplier of
     Tensor Programs V, App. F.4; Cerebras-GPT uses 10). Init follows GPT-2: N(0, 0.02) for
     weights and embeddings, zero biases.
     """
 
     def __init__(self, width: int = 128, *, depth: int = 2, n_head: int = 4, vocab: int = 256,
-                 max_len: int = 128, base_width: int | None = None, emb_mult: float = 1.0):
+                 max_len: int = 128, base_width: int | None = None, emb_mult: float = 1.0, tie: bool = True):
         super().__init__()
         self.emb_mult = emb_mult
         if width % n_head:
@@ -90,7 +117,8 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(Block(width, n_head, scale) for _ in range(depth))
         self.ln_f = nn.LayerNorm(width)
         self.lm_head = nn.Linear(width, vocab, bias=False)
-        self.lm_head.weight = self.wte.weight
+        if tie:
+            self.lm_head.weight = self.wte.weight
         self.apply(self._init)
 
     @staticmethod

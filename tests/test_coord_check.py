@@ -1,12 +1,13 @@
-"""Minimal coordinate checks and "wider is better" (the full coord-check tool is a later issue).
+"""Coordinate checks: the library, the verdict, the CLI, and "wider is better".
 
 Pass: under muP every module's mean |output| after 1-4 steps has |slope| <= 0.1 in log-log
-against width over a 16x range (64..1024). Fail: SP shows a slope >= 0.5 on the same model.
-Step 0 (init) is not judged: the readout (tied or not) shrinks like 1/sqrt(width) there by
-design (Tensor Programs V, Table 8; mup README "Coord Check").
+against width over a 16x range. Fail: SP shows a slope >= 0.5 on the same model.
 """
 
 from __future__ import annotations
+
+import csv
+import pathlib
 
 import pytest
 import torch
@@ -14,46 +15,27 @@ import torch.nn.functional as F
 
 import mupkit
 from mupkit import models
+from mupkit.cli import main as cli
+from mupkit.zoo import BUILTIN
 
-from coord import slopes
-
-WIDTHS = [64, 128, 256, 512, 1024]
-
-
-def worst(s: dict, steps=range(1, 5)) -> tuple[float, tuple]:
-    return max((abs(v), k) for k, v in s.items() if k[1] in steps)
+HERE = pathlib.Path(__file__).parent
 
 
-@pytest.fixture(scope="module")
-def mlp_batch():
-    g = torch.Generator().manual_seed(123)
-    return torch.randn(32, 64, generator=g), torch.randint(0, 10, (32,), generator=g)
+def check(name: str, param: str, optim: str, seeds=2):
+    d = BUILTIN[name]
+    base = min(d.widths)
+    return mupkit.coord_check(d.constructor, list(d.widths), parametrization=param, optimizer=optim,
+                              lr=d.lr[optim], steps=4, seeds=seeds, batch=d.batch() if d.batch else None,
+                              kwargs=d.kwargs(param, base), show_progress=False)
 
 
-@pytest.mark.parametrize("optim,lr", [("adam", 1e-2), ("sgd", 1.0)])
-def test_mlp_coord_check_mup_flat_sp_grows(mlp_batch, optim, lr):
-    mup = slopes(models.mlp, WIDTHS, base=64, param="mup", optim=optim, lr=lr, batch=mlp_batch,
-                 loss_fn=F.cross_entropy)
-    sp = slopes(models.mlp, WIDTHS, base=64, param="sp", optim=optim, lr=lr, batch=mlp_batch,
-                loss_fn=F.cross_entropy)
-    assert worst(mup)[0] <= 0.1, worst(mup)
-    assert worst(sp)[0] >= 0.5, worst(sp)
-
-
-def lm_loss(logits, targets):
-    return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
-
-
-def test_transformer_coord_check_mup_flat_sp_grows():
-    """Pre-LN GPT, GELU, tied embeddings, 1/d attention (4 heads, head dim 16..256), Adam."""
-    g = torch.Generator().manual_seed(123)
-    idx = torch.randint(0, 256, (4, 17), generator=g)
-    batch = idx[:, :-1], idx[:, 1:]
-    common = dict(batch=batch, loss_fn=lm_loss, optim="adam", lr=1e-2, seeds=(0, 1, 2))
-    mup = slopes(models.gpt, WIDTHS, base=64, param="mup", base_width=64, max_len=16, emb_mult=10.0, **common)
-    sp = slopes(models.gpt, WIDTHS, base=64, param="sp", base_width=None, max_len=16, emb_mult=10.0, **common)
-    assert worst(mup)[0] <= 0.1, worst(mup)
-    assert worst(sp)[0] >= 0.5, worst(sp)
+@pytest.mark.parametrize("name", ["mlp", "cnn", "transformer"])
+@pytest.mark.parametrize("optim", ["adam", "sgd"])
+def test_builtin_models_pass_under_mup_and_fail_under_sp(name, optim):
+    mup = check(name, "mup", optim).verdict(steps=range(1, 5))
+    sp = check(name, "sp", optim).verdict(steps=range(1, 5))
+    assert mup.passed, str(mup)
+    assert max(abs(r.slope) for r in sp.rows if r.status in ("pass", "fail")) >= 0.5, str(sp)
 
 
 def test_wider_is_better_under_mup():
@@ -72,3 +54,69 @@ def test_wider_is_better_under_mup():
             opt.step()
         losses[width] = loss.item()
     assert losses[64] > losses[256] > losses[1024], losses
+
+
+def test_records_every_call_and_every_tensor_leaf_and_optional_kinds():
+    import user_model
+    c = mupkit.coord_check(user_model.make, [16, 32], steps=2, seeds=1, batch=user_model.batch(),
+                           loss=user_model.loss, inputs=True, params=True, updates=True, show_progress=False)
+    modules = {(r["module"], r["kind"]) for r in c.records}
+    assert {("shared", "out"), ("shared#1", "out"), ("shared[0]", "in")} <= modules  # second call, inputs
+    assert {("head", "out"), ("head.weight", "update"), ("embed.bias", "param")} <= modules
+    steps = {r["step"] for r in c.records if r["module"] == "shared#1"}
+    assert steps == {0, 1, 2}
+    # the readout is zero-initialized for the check, so step 1 moves only it; step 2 moves all
+    assert all(r["l1"] > 0 for r in c.records if r["kind"] == "update" and r["step"] == 2)
+    assert {r["module"] for r in c.records if r["kind"] == "update" and r["step"] == 1 and r["l1"] > 0} \
+        == {"head.bias"}
+    delta = [r["delta_rms"] for r in c.records if r["module"] == "shared" and r["kind"] == "out"]
+    assert delta[0] == delta[1] == 0.0 and delta[2] > 0  # step 1 changed only the readout
+
+
+def test_verdict_marks_zero_and_expected_readouts_and_fails_otherwise():
+    c = mupkit.coord_check(models.mlp, [64, 256], steps=1, seeds=1, show_progress=False, zero_init=("readout",),
+                           kwargs=dict(bias=False))
+    rows = {(r.module, r.step): r for r in c.verdict().rows}
+    assert rows[("4", 0)].status == "zero"  # zero readout, no bias: output exactly 0 at init
+    sp = mupkit.coord_check(models.mlp, [64, 256, 1024], parametrization="sp", steps=1, seeds=1,
+                            show_progress=False, zero_init=(), kwargs=dict(bias=False))
+    mup = mupkit.coord_check(models.mlp, [64, 256, 1024], steps=1, seeds=1, show_progress=False, zero_init=(),
+                             kwargs=dict(bias=False))
+    assert {r.status for r in mup.verdict().rows if r.module == "4" and r.step == 0} == {"expected"}
+    assert not sp.verdict(tolerance=0.1).passed
+
+
+def test_accepts_a_dataloader_and_a_torch_optimizer_class():
+    x, y = torch.randn(64, 64), torch.randint(0, 10, (64,))
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16)
+    c = mupkit.coord_check(models.mlp, [32, 64], optimizer=torch.optim.SGD, lr=0.1, steps=1, seeds=1,
+                           batch=loader, show_progress=False)
+    assert c.optimizer == "SGD" and {r["width"] for r in c.records} == {32, 64}
+
+
+def test_table_exports(tmp_path):
+    c = mupkit.coord_check(models.mlp, [32, 64], steps=1, seeds=1, show_progress=False)
+    c.to_csv(str(tmp_path / "t.csv"))
+    with open(tmp_path / "t.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == len(c.records) and {"width", "seed", "step", "module", "l1", "rms"} <= set(rows[0])
+
+
+def test_cli_user_model_passes_writes_figure_and_csv(tmp_path, capsys):
+    out, table = tmp_path / "cc.png", tmp_path / "cc.csv"
+    code = cli(["coord-check", "--model", f"{HERE / 'user_model.py'}:make", "--widths", "64", "128", "256", "512",
+                "1024", "--steps", "3", "--seeds", "3", "--lr", "0.01", "--out", str(out), "--csv", str(table), "--quiet",
+                "--compare", "sp"])
+    text = capsys.readouterr().out
+    assert code == 0, text
+    assert "PASS: mup" in text and "FAIL: sp" in text
+    assert out.stat().st_size > 20_000 and out.read_bytes()[:4] == b"\x89PNG"
+    assert table.exists() and (tmp_path / "cc.sp.csv").exists()
+
+
+def test_cli_exit_codes_for_failing_check_and_bad_input(tmp_path, capsys):
+    assert cli(["coord-check", "--model", "mlp", "--param", "sp", "--widths", "64", "256", "1024", "--steps", "2",
+                "--seeds", "1", "--out", "", "--quiet"]) == 1
+    assert cli(["coord-check", "--model", "nope.py:make", "--out", "", "--quiet"]) == 2
+    assert "no file nope.py" in capsys.readouterr().err
+    assert cli(["coord-check", "--model", "mlp", "--widths", "64", "--out", "", "--quiet"]) == 2

@@ -1,0 +1,95 @@
+"""``mupkit`` command line: ``mupkit coord-check --model mlp``.
+
+Exit code 0 when the check passes, 1 when it fails (so it can gate a CI job), 2 on bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import sys
+
+from .coord_check import METRICS, coord_check
+from .rules import PARAMETRIZATIONS
+from .zoo import BUILTIN, load_definition
+
+
+def _kwarg(text: str) -> tuple[str, object]:
+    key, sep, value = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"--kwargs expects key=value, got {text!r}")
+    try:
+        return key, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return key, value
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="mupkit", description="muP tools for PyTorch models")
+    sub = top.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("coord-check", help="check that activation sizes stay flat as width grows",
+                       description="Coordinate check: train each width a few steps on one batch, record every "
+                                   "module's output size, fit log-log slopes against width, pass when every "
+                                   "|slope| <= tolerance.")
+    p.add_argument("--model", default="mlp", help=f"{' | '.join(sorted(BUILTIN))} | PATH.py:FUNC (FUNC(width=...) "
+                                                  f"builds the model; the file may define batch() and loss())")
+    p.add_argument("--widths", type=int, nargs="+", help="target widths (default: the model's 16x range)")
+    p.add_argument("--base", type=int, help="base width (default: the smallest width)")
+    p.add_argument("--param", default="mup", choices=sorted(PARAMETRIZATIONS), help="parametrization")
+    p.add_argument("--compare", choices=sorted(PARAMETRIZATIONS), help="also run this one and draw it above")
+    p.add_argument("--optim", default="adam", help="adam | adamw | sgd")
+    p.add_argument("--lr", type=float, help="learning rate (default: a large per-model value)")
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--seeds", type=int, default=2)
+    p.add_argument("--metric", default="l1", choices=METRICS)
+    p.add_argument("--tolerance", type=float, default=0.1)
+    p.add_argument("--width-arg", default="width", help="the constructor kwarg that sets the width")
+    p.add_argument("--kwargs", type=_kwarg, nargs="*", default=[], help="fixed constructor kwargs: key=value")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", default="coord_check.png", help="figure path ('' for none)")
+    p.add_argument("--csv", help="write the records table here")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return top
+
+
+def run_coord_check(args: argparse.Namespace) -> int:
+    definition = load_definition(args.model)
+    widths = args.widths or list(definition.widths)
+    base = args.base or min(widths)
+    lr = args.lr if args.lr is not None else definition.lr.get(args.optim, 1e-2)
+    batch = definition.batch() if definition.batch else None
+    checks = []
+    for param in [p for p in (args.compare, args.param) if p]:
+        kwargs = {**definition.kwargs(param, base), **dict(args.kwargs)}
+        checks.append(coord_check(definition.constructor, widths, base=base, parametrization=param,
+                                  optimizer=args.optim, lr=lr, steps=args.steps, seeds=args.seeds, batch=batch,
+                                  loss=definition.loss, width_arg=args.width_arg, kwargs=kwargs, device=args.device,
+                                  show_progress=not args.quiet))
+    main = checks[-1]
+    for check in checks:
+        print(check.verdict(metric=args.metric, tolerance=args.tolerance), end="\n\n")
+    if args.out:
+        main.plot(args.out, compare=checks[0] if len(checks) > 1 else None, metric=args.metric,
+                  tolerance=args.tolerance)
+        print(f"figure: {args.out}")
+    if args.csv:
+        for check in checks:
+            path = args.csv if check is main else args.csv.replace(".csv", f".{check.parametrization}.csv")
+            check.to_csv(path)
+            print(f"table: {path}")
+    return 0 if main.verdict(metric=args.metric, tolerance=args.tolerance).passed else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        if args.command == "coord-check":
+            return run_coord_check(args)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"mupkit: error: {err}", file=sys.stderr)
+        return 2
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,245 @@
+"""Coordinate checks: do activation sizes stay constant as width grows?
+
+For every width and seed, the model is built by :func:`mupkit.build`, trained a few steps on
+one fixed batch, and forward hooks record, for every module call (a module called twice is
+recorded twice, as ``name#1``), at step 0 (init) and after each step:
+
+* ``l1``: mean |x| (microsoft/mup's statistic), ``rms``: sqrt(mean x^2), and
+* ``delta_rms``: RMS of (x_t - x_0) on the same batch, the change since init, which hides
+  the init-time transients (readout and attention logits shrink like width^-1/2 at step 0).
+
+Tensor leaves of tuple/list/dict outputs are recorded as ``name[i]`` / ``name[key]``; ``None``
+is skipped. Optionally module inputs (``inputs=True``), parameters (``params=True``) and the
+relative update ``||dW|| / ||W||`` (``updates=True``). See :mod:`mupkit.verdict` for the fit
+and :mod:`mupkit.plotting` for the figure.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from . import optim as mupkit_optim
+from .build import build, infer_plan
+from .data import Batch, synthetic_batch
+from .groups import param_groups
+from .plan import Plan
+from .progress import progress
+from .roles import Role
+from .shapes import Constructor, matches
+
+OPTIMIZERS = {"adam": mupkit_optim.Adam, "adamw": mupkit_optim.AdamW, "sgd": mupkit_optim.SGD}
+METRICS = ("l1", "rms", "delta_rms")
+
+
+@dataclass
+class CoordCheck:
+    """The records of one coordinate check (a tidy table: one dict per measurement)."""
+
+    records: list[dict[str, Any]]
+    widths: list[int]
+    parametrization: str
+    optimizer: str
+    lr: float
+    expected_at_init: list[str] = field(default_factory=list)  # readout / attention-logit modules
+
+    def to_pandas(self):
+        import pandas as pd  # optional
+        return pd.DataFrame(self.records)
+
+    def to_csv(self, path: str) -> None:
+        keys = list(dict.fromkeys(k for r in self.records for k in r))
+        with open(path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=keys)
+            writer.writeheader()
+            writer.writerows(self.records)
+
+    def verdict(self, **kwargs):
+        """Fit and judge the slopes; see :func:`mupkit.verdict.verdict`."""
+        from .verdict import verdict
+        return verdict(self, **kwargs)
+
+    def plot(self, path: str, *, compare: "CoordCheck | None" = None, **kwargs) -> None:
+        """Write the figure; ``compare``: a second check (e.g. SP) drawn as another row."""
+        from .plotting import plot
+        plot([c for c in (compare, self) if c is not None], path, **kwargs)
+
+
+def _tensor_leaves(out: Any, prefix: str = "") -> Iterable[tuple[str, torch.Tensor]]:
+    if isinstance(out, torch.Tensor):
+        if out.is_floating_point() and out.numel():
+            yield prefix, out
+    elif isinstance(out, (tuple, list)):
+        for i, item in enumerate(out):
+            yield from _tensor_leaves(item, f"{prefix}[{i}]")
+    elif isinstance(out, Mapping):
+        for key, item in out.items():
+            yield from _tensor_leaves(item, f"{prefix}[{key}]")
+
+
+def _stats(x: torch.Tensor) -> dict[str, float]:
+    x = x.detach().to(torch.float32)
+    return {"l1": x.abs().mean().item(), "rms": x.square().mean().sqrt().item()}
+
+
+class _Recorder:
+    """Forward hooks on every named module (root excluded) recording output statistics."""
+
+    def __init__(self, model: nn.Module, inputs: bool, include: Sequence[str] | None):
+        self.rows: list[dict[str, Any]] = []
+        self.step = 0
+        self.inputs = inputs
+        self.initial: dict[str, torch.Tensor] = {}
+        self.calls: dict[str, int] = {}
+        modules = [(n, m) for n, m in model.named_modules() if n and (include is None or matches(n, include))]
+        self.types = {n: type(m).__name__ for n, m in modules}
+        self.handles = [m.register_forward_hook(self._hook(n)) for n, m in modules]
+
+    def _hook(self, name: str) -> Callable:
+        def hook(module, args, out):
+            call = self.calls.get(name, 0)
+            self.calls[name] = call + 1
+            base = name if call == 0 else f"{name}#{call}"
+            self._record(base, self.types[name], "out", out)
+            if self.inputs:
+                self._record(base, self.types[name], "in", args)
+        return hook
+
+    def _record(self, base: str, type_name: str, kind: str, value: Any) -> None:
+        for suffix, x in _tensor_leaves(value):
+            key = f"{kind}:{base}{suffix}"
+            row = {"module": base + suffix, "type": type_name, "kind": kind, "step": self.step, **_stats(x)}
+            if self.step == 0:
+                self.initial[key] = x.detach().clone()
+            first = self.initial.get(key)
+            if first is not None and first.shape == x.shape:
+                row["delta_rms"] = (x.detach() - first).to(torch.float32).square().mean().sqrt().item()
+            self.rows.append(row)
+
+    def new_step(self, step: int) -> None:
+        self.step = step
+        self.calls.clear()
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def _optimizer(model: nn.Module, optimizer: Any, lr: float, kwargs: Mapping[str, Any]) -> torch.optim.Optimizer:
+    cls = OPTIMIZERS.get(optimizer, optimizer) if isinstance(optimizer, str) else optimizer
+    if isinstance(cls, str):
+        raise ValueError(f"unknown optimizer {optimizer!r}; use one of {sorted(OPTIMIZERS)}, a mupkit.optim class "
+                         f"or a torch.optim class")
+    if hasattr(cls, "family"):  # mupkit optimizer: reads the per-family scales itself
+        return cls(param_groups(model), lr=lr, **kwargs)
+    return cls(param_groups(model, optimizer=cls, lr=lr), **kwargs)
+
+
+def _expected_at_init(plan: Plan, patterns: Sequence[str]) -> list[str]:
+    """Modules whose outputs may shrink like width^-1/2 at init: readouts, plus user globs."""
+    owners = {name.rsplit(".", 1)[0] for name, s in plan.items() if s.role is Role.OUTPUT and "." in name}
+    owners |= {m for s in plan.values() for m in s.tied_readouts}
+    return sorted(owners) + list(patterns)
+
+
+def coord_check(constructor: Constructor, widths: Sequence[int], *, base: int | None = None,
+                parametrization: str = "mup", optimizer: Any = "adam", lr: float = 1e-2, steps: int = 4,
+                seeds: Sequence[int] | int = 2, batch: Batch | Iterable[Batch] | None = None,
+                loss: Callable[[Any, Any], torch.Tensor] | None = None, width_arg: str = "width",
+                kwargs: Mapping[str, Any] | None = None, optimizer_kwargs: Mapping[str, Any] | None = None,
+                device: str | torch.device = "cpu", inputs: bool = False, params: bool = False,
+                updates: bool = False, include: Sequence[str] | None = None,
+                expected_at_init: Sequence[str] = ("*attn_score*", "*attn_logits*"),
+                zero_init: Sequence[str] | str = "auto", show_progress: bool = True) -> CoordCheck:
+    """Run a width coordinate check of ``constructor``.
+
+    ``widths``: target widths (the constructor kwarg ``width_arg``); ``base``: the base width
+    (default: the smallest), with delta ``2 * base``; ``kwargs``: fixed constructor kwargs.
+    ``batch``: ``(inputs, targets)``, or a dataloader (its first batch is used, as in mup), or
+    None for a synthetic batch inferred from the model's first layer (:mod:`mupkit.data`);
+    ``loss(output, targets)``: default cross-entropy for class/token logits, else MSE to the
+    targets. ``optimizer``: ``"adam" | "adamw" | "sgd"``, a mupkit optimizer class, or any
+    ``torch.optim`` class (groups with concrete LRs are made for it). ``zero_init``: passed to
+    :func:`mupkit.build`; ``"auto"`` zero-initializes an untied readout, as microsoft/mup's
+    own coord checks do (TP5 App. D.2), so the readout's init transient (``width^-1/2``) does
+    not mask the step-1 behaviour; a readout tied to an embedding keeps its init.
+    """
+    widths = sorted(widths)
+    if len(widths) < 2:
+        raise ValueError(f"a coordinate check needs at least two widths, got {widths}")
+    seeds = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
+    base = widths[0] if base is None else base
+    fixed = dict(kwargs or {})
+    sizes = {"base": {width_arg: base, **fixed}, "delta": {width_arg: 2 * base, **fixed}}
+    probe = infer_plan(constructor, target={width_arg: widths[0], **fixed}, parametrization=parametrization,
+                       **sizes)
+    expected = _expected_at_init(probe, expected_at_init)
+    if zero_init == "auto":
+        zero_init = ("readout",) if any(s.role is Role.OUTPUT for s in probe.values()) else ()
+    records: list[dict[str, Any]] = []
+    runs = [(w, s) for s in seeds for w in widths]
+    for width, seed in progress(runs, "coord-check", enabled=show_progress,
+                                label=lambda r: f"width {r[0]} seed {r[1]}"):
+        torch.manual_seed(seed)
+        model = build(constructor, target={width_arg: width, **fixed}, parametrization=parametrization,
+                      device=device, zero_init=zero_init, **sizes)
+        model.train()
+        if batch is None:
+            x, y = synthetic_batch(model, seed=1234, device=device)
+        else:
+            x, y = _first_batch(batch, device)
+        loss_fn = loss or default_loss
+        opt = _optimizer(model, optimizer, lr, optimizer_kwargs or {})
+        rows = _run(model, opt, x, y, loss_fn, steps, inputs, params, updates, include)
+        records.extend({"width": width, "seed": seed, **row} for row in rows)
+    name = optimizer if isinstance(optimizer, str) else optimizer.__name__
+    return CoordCheck(records, widths, parametrization, name, lr, expected)
+
+
+def _run(model, opt, x, y, loss_fn, steps, inputs, params, updates, include) -> list[dict[str, Any]]:
+    recorder = _Recorder(model, inputs, include)
+    rows: list[dict[str, Any]] = []
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    try:
+        for step in range(steps + 1):
+            recorder.new_step(step)
+            if params:
+                rows.extend({"module": n, "kind": "param", "step": step, **_stats(p)} for n, p in named)
+            out = model(x)
+            if step == steps:
+                break
+            value = loss_fn(out, y)
+            if not torch.isfinite(value):
+                raise FloatingPointError(f"loss is {value.item()} at step {step}; lower lr={opt.defaults['lr']}")
+            opt.zero_grad(set_to_none=True)
+            value.backward()
+            before = [p.detach().clone() for _, p in named] if updates else []
+            opt.step()
+            for (n, p), old in zip(named, before):
+                norm = old.norm().item()
+                rows.append({"module": n, "kind": "update", "step": step + 1,
+                             "l1": (p.detach() - old).norm().item() / norm if norm > 0 else math.nan})
+    finally:
+        recorder.close()
+    return recorder.rows + rows
+
+
+def default_loss(out: Any, target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy for integer targets (classes or tokens), MSE otherwise."""
+    out = next(t for _, t in _tensor_leaves(out))
+    if not target.is_floating_point():
+        return nn.functional.cross_entropy(out.flatten(0, -2), target.flatten())
+    return nn.functional.mse_loss(out, target)
+
+
+def _first_batch(batch, device) -> tuple[Any, Any]:
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:
+        x, y = batch
+    else:
+        x, y = next(iter(batch))
+    return (x.to(device), y.to(device)) if isinstance(x, torch.Tensor) else (x, y)

@@ -1,0 +1,107 @@
+"""Numeric verdict for a coordinate check: log-log slopes of activation size against width.
+
+For each (module, step) the slope of ``log(size)`` against ``log(width)`` is fitted per seed
+by least squares and averaged over seeds. Under muP every slope should be ~0 (Tensor Programs
+V, Sec. 5 and Fig. 5); SP's grow after one step. A (module, step) passes when ``|slope| <=
+tolerance``; exceptions are judged explicitly, never silently dropped:
+
+* ``expected``: readout (and attention-logit) outputs at step 0 may shrink like width^-1/2
+  (a slope in ``[-0.5 - tolerance, tolerance]``), as the readout init has constant variance and
+  a ``1/width`` multiplier (TP5 Table 8; mup README "Coord Check");
+* ``zero``: the size is exactly 0 at some width (e.g. a zero-initialized readout at step 0),
+  so there is no slope to fit.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .shapes import matches
+
+if TYPE_CHECKING:
+    from .coord_check import CoordCheck
+
+
+@dataclass(frozen=True)
+class Slope:
+    module: str
+    step: int
+    slope: float
+    status: str  # "pass" | "fail" | "expected" | "zero"
+
+
+@dataclass(frozen=True)
+class Verdict:
+    rows: tuple[Slope, ...]
+    tolerance: float
+    metric: str
+    title: str
+
+    @property
+    def passed(self) -> bool:
+        return all(r.status != "fail" for r in self.rows)
+
+    def worst(self, n: int = 8) -> list[Slope]:
+        judged = [r for r in self.rows if r.status in ("pass", "fail")]
+        return sorted(judged, key=lambda r: -abs(r.slope))[:n]
+
+    def summary(self) -> str:
+        worst = self.worst(1)
+        tail = f"worst slope {worst[0].slope:+.3f} ({worst[0].module}, step {worst[0].step})" if worst else ""
+        return f"{'PASS' if self.passed else 'FAIL'}: {self.title}; {tail}; tolerance {self.tolerance}"
+
+    def __str__(self) -> str:
+        lines = [self.summary(), f"{'module':40s} {'step':>4s} {'slope':>8s}  status"]
+        lines += [f"{r.module:40s} {r.step:4d} {r.slope:+8.3f}  {r.status}" for r in self.worst()]
+        other = [r for r in self.rows if r.status in ("expected", "zero")]
+        lines += [f"{r.module:40s} {r.step:4d} {r.slope:+8.3f}  {r.status}" for r in other[:8]]
+        return "\n".join(lines)
+
+
+def fit_slopes(check: "CoordCheck", metric: str = "l1", kind: str = "out") -> dict[tuple[str, int], float]:
+    """(module, step) -> seed-averaged slope of log(metric) vs log(width); NaN if a value is 0."""
+    series: dict[tuple[str, int, int], dict[int, float]] = {}
+    for r in check.records:
+        if r["kind"] == kind and metric in r:
+            series.setdefault((r["module"], r["step"], r["seed"]), {})[r["width"]] = r[metric]
+    per_key: dict[tuple[str, int], list[float]] = {}
+    for (module, step, _seed), by_width in series.items():
+        if len(by_width) < 2:
+            continue
+        widths = sorted(by_width)
+        values = [by_width[w] for w in widths]
+        slope = math.nan if min(values) <= 0 else float(np.polyfit(np.log(widths), np.log(values), 1)[0])
+        per_key.setdefault((module, step), []).append(slope)
+    return {key: float(np.mean(v)) for key, v in per_key.items()}
+
+
+def _base_name(module: str) -> str:
+    return module.split("#", 1)[0].split("[", 1)[0]
+
+
+def verdict(check: "CoordCheck", *, tolerance: float = 0.1, metric: str = "l1", steps=None,
+            kind: str = "out") -> Verdict:
+    """Judge every (module, step); ``steps``: which steps to judge (default all recorded)."""
+    slopes = fit_slopes(check, metric, kind)
+    rows = []
+    for (module, step), slope in sorted(slopes.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        if steps is not None and step not in steps:
+            continue
+        if metric == "delta_rms" and step == 0:
+            continue  # no change yet at init
+        if math.isnan(slope):
+            status = "zero"
+        elif abs(slope) <= tolerance:
+            status = "pass"
+        elif step == 0 and matches(_base_name(module), check.expected_at_init) and -0.5 - tolerance <= slope:
+            status = "expected"
+        else:
+            status = "fail"
+        rows.append(Slope(module, step, slope, status))
+    widths = f"widths {check.widths[0]}..{check.widths[-1]}"
+    title = f"{check.parametrization} {check.optimizer} lr={check.lr:g}, {metric}, {widths}"
+    return Verdict(tuple(rows), tolerance, metric, title)
