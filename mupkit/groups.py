@@ -19,6 +19,20 @@ TORCH_FAMILIES = {
 WEIGHT_DECAY_POLICIES = ("coupled", "independent")
 
 
+def effective_weight_decay(weight_decay: float, policy: str, *, wd_scale: float, lr_scale: float,
+                           reference_lr: float) -> float:
+    """The coefficient to hand a torch optimizer whose per-step decay is ``lr * lr_scale * coefficient``.
+
+    ``coupled``: ``weight_decay * wd_scale`` (mup semantics; ``wd_scale = 1 / lr_scale`` keeps
+    ``lr * wd`` width-invariant). ``independent``: ``weight_decay / (reference_lr * lr_scale)``,
+    so the per-step decay is ``weight_decay * lr_t / reference_lr`` at every width (Wortsman
+    et al. 2023).
+    """
+    if policy == "coupled":
+        return weight_decay * wd_scale
+    return weight_decay / (reference_lr * lr_scale)
+
+
 def resolve_family(optimizer: Any) -> Family:
     """A family from its name, a mupkit optimizer class (``family`` attribute) or a torch class."""
     if isinstance(optimizer, str):
@@ -106,7 +120,8 @@ def _new_group(spec, family: Family | None, lr, weight_decay, eps, policy: str) 
     group.update(lr_scale=s.lr, wd_scale=s.wd, eps_scale=s.eps, mupkit_family=family.name, mupkit_concrete=True)
     group["lr"] = lr * s.lr
     if weight_decay is not None:
-        group["weight_decay"] = weight_decay * s.wd if policy == "coupled" else weight_decay / group["lr"]
+        group["weight_decay"] = effective_weight_decay(weight_decay, policy, wd_scale=s.wd, lr_scale=s.lr,
+                                                       reference_lr=lr)
     if eps is not None and family.has_eps:
         group["eps"] = eps * s.eps
     return group

@@ -25,6 +25,10 @@ from .shapes import matches
 if TYPE_CHECKING:
     from .coord_check import CoordCheck
 
+#: slope of a readout's output against width at init under muP: constant-variance readout
+#: weights times the 1/width multiplier give logits ~ width^-1/2 (TP5 Table 8)
+INIT_READOUT_SLOPE = -0.5
+
 
 @dataclass(frozen=True)
 class Slope:
@@ -97,7 +101,7 @@ def verdict(check: "CoordCheck", *, tolerance: float = 0.1, metric: str = "l1", 
             status = "zero"
         elif abs(slope) <= tolerance:
             status = "pass"
-        elif step == 0 and matches(_base_name(module), check.expected_at_init) and -0.5 - tolerance <= slope:
+        elif step == 0 and matches(_base_name(module), check.expected_at_init) and INIT_READOUT_SLOPE - tolerance <= slope:
             status = "expected"
         else:
             status = "fail"

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 from typing import Any, Iterable
 
-from ..groups import WEIGHT_DECAY_POLICIES
+from ..groups import WEIGHT_DECAY_POLICIES, effective_weight_decay
 from ..rules import Family
 
 SCALE_KEYS = ("lr_scale", "wd_scale", "eps_scale")
@@ -33,8 +33,9 @@ def resolve_groups(params: Iterable[Any], family: Family) -> list[Any]:
         scales = params[i].get("mupkit_scales")
         if scales is not None:
             if family.name not in scales:
-                raise ValueError(f"param group {i} has no muP scales for family {family.name!r} "
-                                 f"(it has {sorted(scales)}).")
+                raise ValueError(f"param group {i} has no muP scales for family {family.name!r} (it has "
+                                 f"{sorted(scales)}); rebuild the groups with mupkit.param_groups(model) from this "
+                                 f"mupkit version.")
             group.update(scales[family.name])
         out.append(group)
     return out
@@ -74,10 +75,9 @@ class ScaledGroups:
             for group in self.param_groups:
                 lr = group["lr"] * group["lr_scale"]
                 if group.get("weight_decay"):
-                    if group["weight_decay_policy"] == "independent":
-                        group["weight_decay"] = group["weight_decay"] / (group["wd_reference_lr"] * group["lr_scale"])
-                    else:
-                        group["weight_decay"] = group["weight_decay"] * group["wd_scale"]
+                    group["weight_decay"] = effective_weight_decay(
+                        group["weight_decay"], group["weight_decay_policy"], wd_scale=group["wd_scale"],
+                        lr_scale=group["lr_scale"], reference_lr=group["wd_reference_lr"])
                 if "eps" in group:
                     group["eps"] = group["eps"] * group["eps_scale"]
                 group["lr"] = lr
