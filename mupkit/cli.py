@@ -57,7 +57,7 @@ def run_coord_check(args: argparse.Namespace) -> int:
     widths = args.widths or list(definition.widths)
     base = args.base or min(widths)
     lr = args.lr if args.lr is not None else definition.lr.get(args.optim, 1e-2)
-    batch = definition.batch() if definition.batch else None
+    batch = definition.batch_for(args.optim)
     checks = []
     for param in [p for p in (args.compare, args.param) if p]:
         kwargs = {**definition.kwargs(param, base), **dict(args.kwargs)}

@@ -83,8 +83,12 @@ def plot(checks: Sequence["CoordCheck"], path: str, *, metric: str = "l1", max_l
             ax.grid(True, which="major", alpha=0.3)
             if col == 0:
                 ax.set_ylabel(f"{check.parametrization}: {LABELS.get(metric, metric)}", fontsize=8)
-        handles, names = axes[0].get_legend_handles_labels()
-        subfig.legend(handles, names, loc="outside right upper", fontsize=7, frameon=False)
+        legend = {}  # every line, also those absent at step 0 (a zero-initialized readout)
+        for ax in axes:
+            for handle, name in zip(*ax.get_legend_handles_labels()):
+                legend.setdefault(name, handle)
+        names = sorted(legend)
+        subfig.legend([legend[n] for n in names], names, loc="outside right upper", fontsize=7, frameon=False)
         subfig.suptitle(judged.summary(), fontsize=9, color="tab:green" if judged.passed else "tab:red")
     fig.savefig(path, dpi=120)
 

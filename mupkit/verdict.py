@@ -10,6 +10,11 @@ tolerance``; exceptions are judged explicitly, never silently dropped:
   a ``1/width`` multiplier (TP5 Table 8; mup README "Coord Check");
 * ``zero``: the size is exactly 0 at some width (e.g. a zero-initialized readout at step 0),
   so there is no slope to fit.
+
+A module whose step-0 size shrinks as expected is judged at later steps by its change since
+init, ``RMS(x_t - x_0)``: under muP every activation's change is Theta(1) (TP5 Sec. 5), while
+``x_0`` of a readout tends to 0 with width, so ``|x_t| = |x_0 + Delta x_t|`` mixes a vanishing
+init term into the slope at finite width. Such rows carry ``metric="delta_rms"``.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ class Slope:
     step: int
     slope: float
     status: str  # "pass" | "fail" | "expected" | "zero"
+    metric: str = "l1"  # the size whose slope this row judges
 
 
 @dataclass(frozen=True)
@@ -59,10 +65,10 @@ class Verdict:
         return f"{'PASS' if self.passed else 'FAIL'}: {self.title}; {tail}; tolerance {self.tolerance}"
 
     def __str__(self) -> str:
-        lines = [self.summary(), f"{'module':40s} {'step':>4s} {'slope':>8s}  status"]
-        lines += [f"{r.module:40s} {r.step:4d} {r.slope:+8.3f}  {r.status}" for r in self.worst()]
+        lines = [self.summary(), f"{'module':40s} {'step':>4s} {'slope':>8s}  {'status':8s}  of"]
         other = [r for r in self.rows if r.status in ("expected", "zero")]
-        lines += [f"{r.module:40s} {r.step:4d} {r.slope:+8.3f}  {r.status}" for r in other[:8]]
+        lines += [f"{r.module:40s} {r.step:4d} {r.slope:+8.3f}  {r.status:8s}  {r.metric}"
+                  for r in self.worst() + other[:8]]
         return "\n".join(lines)
 
 
@@ -87,25 +93,40 @@ def _base_name(module: str) -> str:
     return module.split("#", 1)[0].split("[", 1)[0]
 
 
+def _init_transient(check: "CoordCheck", module: str, slope: float, tolerance: float) -> bool:
+    """Readout-like module whose init size falls with width, within the expected law."""
+    return (matches(_base_name(module), check.expected_at_init) and not math.isnan(slope)
+            and INIT_READOUT_SLOPE - tolerance <= slope < -tolerance)
+
+
 def verdict(check: "CoordCheck", *, tolerance: float = 0.1, metric: str = "l1", steps=None,
             kind: str = "out") -> Verdict:
-    """Judge every (module, step); ``steps``: which steps to judge (default all recorded)."""
+    """Judge every (module, step); ``steps``: which steps to judge (default all recorded).
+
+    Modules whose step-0 row is ``expected`` are judged on ``delta_rms`` at later steps.
+    """
     slopes = fit_slopes(check, metric, kind)
+    changes = fit_slopes(check, "delta_rms", kind)
+    transient = {module for (module, step), slope in slopes.items()
+                 if step == 0 and _init_transient(check, module, slope, tolerance)}
     rows = []
     for (module, step), slope in sorted(slopes.items(), key=lambda kv: (kv[0][1], kv[0][0])):
         if steps is not None and step not in steps:
             continue
         if metric == "delta_rms" and step == 0:
             continue  # no change yet at init
+        judged = metric
+        if step > 0 and module in transient and (module, step) in changes:
+            judged, slope = "delta_rms", changes[module, step]
         if math.isnan(slope):
             status = "zero"
         elif abs(slope) <= tolerance:
             status = "pass"
-        elif step == 0 and matches(_base_name(module), check.expected_at_init) and INIT_READOUT_SLOPE - tolerance <= slope:
+        elif step == 0 and module in transient:
             status = "expected"
         else:
             status = "fail"
-        rows.append(Slope(module, step, slope, status))
+        rows.append(Slope(module, step, slope, status, judged))
     widths = f"widths {check.widths[0]}..{check.widths[-1]}"
     title = f"{check.parametrization} {check.optimizer} lr={check.lr:g}, {metric}, {widths}"
     return Verdict(tuple(rows), tolerance, metric, title)

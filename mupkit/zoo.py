@@ -3,7 +3,7 @@
 Each definition fixes what a check of that model needs besides the widths: the constructor,
 its fixed kwargs (which may depend on the parametrization and base width, e.g. the GPT's
 attention scale), a default width range spanning 16x, default LRs per optimizer family
-("large", so SP visibly fails), and optionally a batch.
+("large", so SP visibly fails), and optionally a batch per optimizer family.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import torch
 
 from . import models
 from .data import Batch
+from .groups import resolve_family
 
 
 @dataclass(frozen=True)
@@ -25,25 +26,46 @@ class CheckDefinition:
     widths: tuple[int, ...]
     lr: Mapping[str, float] = field(default_factory=lambda: {"adam": 1e-2, "adamw": 1e-2, "sgd": 0.3})
     kwargs: Callable[[str, int], dict[str, Any]] = lambda parametrization, base: {}
-    batch: Callable[[], Batch] | None = None
+    batch: Callable[[str], Batch] | None = None  # optimizer family name -> (inputs, targets)
     loss: Callable | None = None
 
+    def batch_for(self, optimizer: Any) -> Batch | None:
+        """The definition's batch for ``optimizer`` (a name or class), or None for a synthetic one."""
+        return self.batch(resolve_family(optimizer).name) if self.batch else None
 
-def _token_batch() -> Batch:
-    idx = torch.randint(0, 256, (4, 17), generator=torch.Generator().manual_seed(123))
+
+def _token_batch(family: str) -> Batch:
+    """Random byte tokens: 2 x 16 for entrywise-normalized optimizers, 1 x 4 for SGD.
+
+    SGD's readout update for token i is a kernel sum over the batch, ``sum_j g_j <h_i, h_j> / m``.
+    Random tokens have nearly orthogonal features, so the cross-token terms are noise of relative
+    size ``~ tokens / sqrt(width)`` that fades with width (measured: slope -0.2 at 64 tokens,
+    -0.02 at 4, widths 64..1024). Few tokens keep that finite-width term below the tolerance.
+    """
+    rows, length = (1, 4) if family == "sgd" else (2, 16)
+    idx = torch.randint(0, 256, (rows, length + 1), generator=torch.Generator().manual_seed(123))
     return idx[:, :-1], idx[:, 1:]
 
 
 def _gpt_kwargs(parametrization: str, base: int) -> dict[str, Any]:
-    """1/d attention pinned to SP at the base width under muP; plain 1/sqrt(d) under SP."""
-    return {"base_width": None if parametrization == "sp" else base, "max_len": 16, "emb_mult": 10.0}
+    """1/d attention pinned to SP at the base width under muP; plain 1/sqrt(d) under SP.
+
+    The readout is untied so that it can be zero-initialized, as in microsoft/mup's own coordinate
+    checks (TP5 App. D.2): a readout tied to the embedding keeps its init, whose output term
+    ``W_0 h / m`` (and ``W_0 dh / m``) falls like ``width^-1/2`` and masks the first steps at
+    CPU-sized widths. The rules checked are the same for both.
+    """
+    return {"base_width": None if parametrization == "sp" else base, "max_len": 16, "emb_mult": 10.0,
+            "tie": False}
 
 
 BUILTIN: dict[str, CheckDefinition] = {
     "mlp": CheckDefinition(models.mlp, (64, 128, 256, 512, 1024), lr={"adam": 1e-2, "adamw": 1e-2, "sgd": 1.0}),
     "cnn": CheckDefinition(models.cnn, (32, 64, 128, 256, 512), lr={"adam": 3e-3, "adamw": 3e-3, "sgd": 0.3}),
     "resmlp": CheckDefinition(models.resmlp, (64, 128, 256, 512, 1024)),
-    "transformer": CheckDefinition(models.gpt, (64, 128, 256, 512, 1024), kwargs=_gpt_kwargs, batch=_token_batch),
+    "transformer": CheckDefinition(models.gpt, (64, 128, 256, 512, 1024),
+                                   lr={"adam": 3e-3, "adamw": 3e-3, "sgd": 0.3}, kwargs=_gpt_kwargs,
+                                   batch=_token_batch),
 }
 BUILTIN["resnet"] = BUILTIN["resmlp"]
 BUILTIN["gpt"] = BUILTIN["transformer"]
@@ -68,5 +90,7 @@ def load_definition(spec: str) -> CheckDefinition:
     module_spec.loader.exec_module(module)
     if not callable(getattr(module, func, None)):
         raise ValueError(f"--model {spec!r}: {file} has no function {func!r}")
-    return CheckDefinition(getattr(module, func), (64, 128, 256, 512, 1024), batch=getattr(module, "batch", None),
+    user_batch = getattr(module, "batch", None)
+    return CheckDefinition(getattr(module, func), (64, 128, 256, 512, 1024),
+                           batch=(lambda family: user_batch()) if user_batch else None,
                            loss=getattr(module, "loss", None))

@@ -25,14 +25,12 @@ def check(name: str, param: str, optim: str, seeds=2):
     d = BUILTIN[name]
     base = min(d.widths)
     return mupkit.coord_check(d.constructor, list(d.widths), parametrization=param, optimizer=optim,
-                              lr=d.lr[optim], steps=4, seeds=seeds, batch=d.batch() if d.batch else None,
+                              lr=d.lr[optim], steps=4, seeds=seeds, batch=d.batch_for(optim),
                               kwargs=d.kwargs(param, base), show_progress=False)
 
 
-# transformer + SGD is not here: its readout still shrinks with width at 64..1024 (slope about -0.2 at
-# step 1, converging as width grows; see coord_checks/README.md), so it does not pass yet.
 @pytest.mark.parametrize("name,optim", [("mlp", "adam"), ("mlp", "sgd"), ("cnn", "adam"), ("cnn", "sgd"),
-                                        ("transformer", "adam")])
+                                        ("transformer", "adam"), ("transformer", "sgd")])
 def test_builtin_models_pass_under_mup_and_fail_under_sp(name, optim):
     mup = check(name, "mup", optim).verdict(steps=range(1, 5))
     sp = check(name, "sp", optim).verdict(steps=range(1, 5))
@@ -122,3 +120,40 @@ def test_cli_exit_codes_for_failing_check_and_bad_input(tmp_path, capsys):
     assert cli(["coord-check", "--model", "nope.py:make", "--out", "", "--quiet"]) == 2
     assert "no file nope.py" in capsys.readouterr().err
     assert cli(["coord-check", "--model", "mlp", "--widths", "64", "--out", "", "--quiet"]) == 2
+
+
+def _synthetic_check(change_slope: float) -> mupkit.CoordCheck:
+    """A readout whose init output falls like width^-1/2 and whose change since init goes like width^s."""
+    records = []
+    for width in (64, 256, 1024):
+        for step in (0, 1):
+            init = width ** -0.5
+            change = 0.0 if step == 0 else 0.3 * (width / 64) ** change_slope
+            records.append(dict(module="head", kind="out", width=width, seed=0, step=step, l1=init + change,
+                                rms=init + change, delta_rms=change))
+    return mupkit.CoordCheck(records, [64, 256, 1024], "mup", "adam", 0.01, ["head"])
+
+
+def test_verdict_judges_an_init_transient_readout_by_its_change_since_init():
+    flat = {r.step: r for r in _synthetic_check(0.0).verdict().rows}
+    assert flat[0].status == "expected" and flat[0].metric == "l1"
+    assert flat[1].metric == "delta_rms" and flat[1].status == "pass" and abs(flat[1].slope) < 1e-9
+    shrinking = {r.step: r for r in _synthetic_check(-0.3).verdict().rows}
+    assert shrinking[1].status == "fail" and shrinking[1].slope == pytest.approx(-0.3)
+
+
+def test_plot_legend_names_lines_absent_at_init(tmp_path, monkeypatch):
+    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib.use("Agg")
+    c = mupkit.coord_check(models.mlp, [32, 64], steps=1, seeds=1, show_progress=False, kwargs=dict(bias=False))
+    from matplotlib.figure import Figure
+    seen = {}
+    original = Figure.savefig
+
+    def capture(fig, *args, **kwargs):
+        seen["labels"] = {t.get_text() for sub in fig.subfigs for leg in sub.legends for t in leg.get_texts()}
+        return original(fig, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", capture)
+    c.plot(str(tmp_path / "cc.png"))
+    assert any(label.startswith("4") for label in seen["labels"]), seen  # the zero-init readout
