@@ -10,6 +10,7 @@ import ast
 import sys
 
 from .coord_check import METRICS, coord_check
+from .optim import BY_NAME
 from .rules import PARAMETRIZATIONS
 from .zoo import BUILTIN, load_definition
 
@@ -37,7 +38,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--base", type=int, help="base width (default: the smallest width)")
     p.add_argument("--param", default="mup", choices=sorted(PARAMETRIZATIONS), help="parametrization")
     p.add_argument("--compare", choices=sorted(PARAMETRIZATIONS), help="also run this one and draw it above")
-    p.add_argument("--optim", default="adam", help="adam | adamw | sgd")
+    p.add_argument("--optim", default="adam", help=" | ".join(BY_NAME))
     p.add_argument("--lr", type=float, help="learning rate (default: a large per-model value)")
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--seeds", type=int, default=2)
@@ -56,7 +57,7 @@ def run_coord_check(args: argparse.Namespace) -> int:
     definition = load_definition(args.model)
     widths = args.widths or list(definition.widths)
     base = args.base or min(widths)
-    lr = args.lr if args.lr is not None else definition.lr.get(args.optim, 1e-2)
+    lr = args.lr if args.lr is not None else definition.lr_for(args.optim)
     batch = definition.batch_for(args.optim)
     checks = []
     for param in [p for p in (args.compare, args.param) if p]:

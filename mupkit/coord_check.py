@@ -33,7 +33,6 @@ from .progress import progress
 from .roles import Role
 from .shapes import Constructor, matches
 
-OPTIMIZERS = {"adam": mupkit_optim.Adam, "adamw": mupkit_optim.AdamW, "sgd": mupkit_optim.SGD}
 METRICS = ("l1", "rms", "delta_rms")
 
 
@@ -131,10 +130,7 @@ class _Recorder:
 
 
 def _optimizer(model: nn.Module, optimizer: Any, lr: float, kwargs: Mapping[str, Any]) -> torch.optim.Optimizer:
-    cls = OPTIMIZERS.get(optimizer, optimizer) if isinstance(optimizer, str) else optimizer
-    if isinstance(cls, str):
-        raise ValueError(f"unknown optimizer {optimizer!r}; use one of {sorted(OPTIMIZERS)}, a mupkit.optim class "
-                         f"or a torch.optim class")
+    cls = mupkit_optim.get_optimizer(optimizer) if isinstance(optimizer, str) else optimizer
     if hasattr(cls, "family"):  # mupkit optimizer: reads the per-family scales itself
         return cls(param_groups(model), lr=lr, **kwargs)
     return cls(param_groups(model, optimizer=cls, lr=lr), **kwargs)

@@ -43,6 +43,10 @@ def resolve_family(optimizer: Any) -> Family:
         key = TORCH_FAMILIES.get(optimizer.__name__, "")
     else:
         key = ""
+    if key not in FAMILIES and getattr(optimizer, "__name__", "") == "Adafactor":
+        raise ValueError(f"{optimizer!r} takes its group lr only as the cap of its relative step, so a muP LR "
+                         f"multiplier would vanish after 1/lr^2 steps; use mupkit.optim.Adafactor (mode='torch' or "
+                         f"mode='hf'), which applies it to every step.")
     if key not in FAMILIES:
         raise ValueError(f"cannot tell the optimizer family of {optimizer!r}; pass optimizer= one of "
                          f"{sorted(FAMILIES)} (entrywise-normalized updates like Adam/RMSprop/Lion are 'adam', "

@@ -5,15 +5,20 @@ multipliers (``m = dim / base_dim``), so it equals 1 at the base size: muP and S
 there exactly. Tables are written in the Table 8 form of Tensor Programs V (Yang et al. 2022,
 App. J: "alternative (equivalent) muP formulation", the one microsoft/mup implements):
 
-=========  ===========  ==============  ==========  ================
-role       init std     forward mult    Adam LR     SGD LR
-=========  ===========  ==============  ==========  ================
-input      1            1               1           m_out
-vector     1            1               1           m_out
-hidden     m_in^-1/2    1               m_in^-1     m_out / m_in
-output     1            m_in^-1         1           m_in
-scalar     1            1               1           1
-=========  ===========  ==============  ==========  ================
+=========  ===========  ==============  ==========  ================  ==============
+role       init std     forward mult    Adam LR     SGD LR            Adafactor LR
+=========  ===========  ==============  ==========  ================  ==============
+input      1            1               1           m_out             1
+vector     1            1               1           m_out             1
+hidden     m_in^-1/2    1               m_in^-1     m_out / m_in      m_in^-1/2
+output     1            m_in^-1         1           m_in              1
+scalar     1            1               1           1                 1
+=========  ===========  ==============  ==========  ================  ==============
+
+The Adafactor column (parameter scaling on) is derived, not tabulated in TP5: its step is
+``rho * RMS(W)`` times a gradient-scale-free direction, so its LR exponent is Adam's minus the
+init-scale exponent (Everett et al. 2024, Sec. 3; abc-parametrization algebra): hidden
+``m_in^-1 / m_in^-1/2``; input and output ``1``. A test checks this identity on every row.
 
 Init stds are relative to the user's own init at the base size. With the *coupled* weight-
 decay policy the WD multiplier is ``1 / lr_mult`` so the per-step decay ``lr * wd`` is
@@ -57,7 +62,13 @@ class Family:
     Lion), ``"sgd"`` for updates proportional to the gradient. ``lr_power`` and ``wd_power``:
     absorbing ``c`` maps ``lr -> lr * c**lr_power`` and ``wd -> wd * c**-wd_power``.
     ``decoupled_wd``: decay ``W -= lr * wd * W`` outside the gradient (AdamW) rather than an L2
-    term added to the gradient (torch Adam, SGD).
+    term added to the gradient (torch Adam, SGD). ``eps_power``: absorbing ``c`` maps ``eps ->
+    eps * c**eps_power`` (Adam's eps sits in gradient units, ``-1``; Adafactor's ``eps2`` is a
+    floor on the parameter RMS, in parameter units, ``+1``).
+
+    ``"adafactor"`` updates are relative to the parameter's RMS (Adafactor with parameter
+    scaling; Shazeer & Stern 2018, Sec. 8): ``W' = c W`` steps ``c`` times further by itself, so
+    ``lr_power = 0``, and its decay ``W *= 1 - rho wd`` does not involve ``lr``, so ``wd_power = 0``.
     """
 
     name: str
@@ -66,12 +77,15 @@ class Family:
     wd_power: int
     has_eps: bool
     decoupled_wd: bool
+    eps_power: int = -1
 
 
 FAMILIES: dict[str, Family] = {
     "adam": Family("adam", "adam", lr_power=1, wd_power=2, has_eps=True, decoupled_wd=False),
     "adamw": Family("adamw", "adam", lr_power=1, wd_power=1, has_eps=True, decoupled_wd=True),
-    "sgd": Family("sgd", "sgd", lr_power=2, wd_power=2, has_eps=False, decoupled_wd=False),
+    "sgd": Family("sgd", "sgd", lr_power=2, wd_power=2, has_eps=False, decoupled_wd=False, eps_power=0),
+    "adafactor": Family("adafactor", "adafactor", lr_power=0, wd_power=0, has_eps=True, decoupled_wd=True,
+                        eps_power=1),
 }
 
 
@@ -81,7 +95,7 @@ class RoleRule:
 
     init: Power = ONE
     forward: Power = ONE
-    lr: Mapping[str, Power] = field(default_factory=lambda: {"adam": ONE, "sgd": ONE})
+    lr: Mapping[str, Power] = field(default_factory=lambda: {"adam": ONE, "sgd": ONE, "adafactor": ONE})
     eps: Power = ONE
 
 
@@ -94,13 +108,14 @@ class Parametrization:
     rescales: bool = True  # False (SP): keep the user's init at every size; no width dim required
 
 
-_VECTOR_LIKE = RoleRule(lr={"adam": ONE, "sgd": Power(b=1)})
+_VECTOR_LIKE = RoleRule(lr={"adam": ONE, "sgd": Power(b=1), "adafactor": ONE})
 
 MUP = Parametrization("mup", {
     Role.INPUT: _VECTOR_LIKE,
     Role.VECTOR: _VECTOR_LIKE,
-    Role.HIDDEN: RoleRule(init=Power(a=-0.5), lr={"adam": Power(a=-1), "sgd": Power(a=-1, b=1)}),
-    Role.OUTPUT: RoleRule(forward=Power(a=-1), lr={"adam": ONE, "sgd": Power(a=1)}),
+    Role.HIDDEN: RoleRule(init=Power(a=-0.5), lr={"adam": Power(a=-1), "sgd": Power(a=-1, b=1),
+                                                  "adafactor": Power(a=-0.5)}),
+    Role.OUTPUT: RoleRule(forward=Power(a=-1), lr={"adam": ONE, "sgd": Power(a=1), "adafactor": ONE}),
     Role.SCALAR: RoleRule(),
 })
 
@@ -124,9 +139,14 @@ def absorbed_init_scale(rule: RoleRule, m_in: float, m_out: float) -> float:
 
 
 def scales_for(rule: RoleRule, family: Family, m_in: float, m_out: float, absorbed: float = 1.0) -> Scales:
-    """LR, coupled-WD and eps multipliers of one parameter, with forward mult ``absorbed`` folded in."""
+    """LR, coupled-WD and eps multipliers of one parameter, with forward mult ``absorbed`` folded in.
+
+    For the ``adafactor`` family, ``eps`` scales the RMS floor ``eps2`` and follows the init
+    scale, so a zero-initialized tensor steps as its muP init would.
+    """
     lr = rule.lr[family.update](m_in, m_out)
-    return absorb(Scales(lr=lr, wd=1.0 / lr, eps=rule.eps(m_in, m_out)), family, absorbed)
+    eps = rule.init(m_in, m_out) if family.update == "adafactor" else rule.eps(m_in, m_out)
+    return absorb(Scales(lr=lr, wd=1.0 / lr, eps=eps), family, absorbed)
 
 
 def absorb(scales: Scales, family: Family, c: float) -> Scales:
@@ -137,7 +157,9 @@ def absorb(scales: Scales, family: Family, c: float) -> Scales:
     * SGD with L2: ``W' <- W' - c^2 lr g' - lr wd W'``: lr ``* c^2``, wd ``* c^-2``;
     * Adam with L2 (``g += wd W``): moments of ``W`` are ``c`` (resp. ``c^2``) times those of
       ``W'`` on ``g' + wd c^-2 W'``, so lr ``* c``, eps ``/ c``, wd ``* c^-2``;
-    * AdamW (decay outside the gradient): lr ``* c``, eps ``/ c``, wd ``/ c`` (same ``lr * wd``).
+    * AdamW (decay outside the gradient): lr ``* c``, eps ``/ c``, wd ``/ c`` (same ``lr * wd``);
+    * Adafactor (step ``rho * RMS(W) * U`` with ``U`` invariant to the gradient's scale): lr and
+      wd unchanged, the RMS floor ``eps2 * c``.
 
     The init std is multiplied by ``c`` separately (``W' = c W``).
     """
@@ -145,7 +167,7 @@ def absorb(scales: Scales, family: Family, c: float) -> Scales:
         return scales
     return Scales(lr=scales.lr * c ** family.lr_power,
                   wd=scales.wd * c ** -family.wd_power,
-                  eps=scales.eps / c if family.has_eps else scales.eps)
+                  eps=scales.eps * c ** family.eps_power)
 
 
 def get_parametrization(name: str | Parametrization) -> Parametrization:

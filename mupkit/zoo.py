@@ -18,6 +18,8 @@ import torch
 from . import models
 from .data import Batch
 from .groups import resolve_family
+from .optim import get_optimizer
+from .rules import FAMILIES
 
 
 @dataclass(frozen=True)
@@ -31,7 +33,21 @@ class CheckDefinition:
 
     def batch_for(self, optimizer: Any) -> Batch | None:
         """The definition's batch for ``optimizer`` (a name or class), or None for a synthetic one."""
-        return self.batch(resolve_family(optimizer).name) if self.batch else None
+        return self.batch(family_name(optimizer)) if self.batch else None
+
+    def lr_for(self, optimizer: Any) -> float:
+        """The definition's default LR for ``optimizer``'s family."""
+        family = family_name(optimizer)
+        if family not in self.lr:
+            raise ValueError(f"no default LR for optimizer family {family!r} here; pass lr= (--lr)")
+        return self.lr[family]
+
+
+def family_name(optimizer: Any) -> str:
+    """The muP family of an optimizer given by name (mupkit's or a family's) or class."""
+    if isinstance(optimizer, str) and optimizer.lower() not in FAMILIES:
+        optimizer = get_optimizer(optimizer)
+    return resolve_family(optimizer).name
 
 
 def _token_batch(family: str) -> Batch:

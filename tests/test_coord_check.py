@@ -25,7 +25,7 @@ def check(name: str, param: str, optim: str, seeds=2):
     d = BUILTIN[name]
     base = min(d.widths)
     return mupkit.coord_check(d.constructor, list(d.widths), parametrization=param, optimizer=optim,
-                              lr=d.lr[optim], steps=4, seeds=seeds, batch=d.batch_for(optim),
+                              lr=d.lr_for(optim), steps=4, seeds=seeds, batch=d.batch_for(optim),
                               kwargs=d.kwargs(param, base), show_progress=False)
 
 

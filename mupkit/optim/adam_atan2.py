@@ -1,0 +1,193 @@
+"""Adam-atan2: epsilon-free, scale-invariant Adam (Everett et al. 2024, "Scaling Exponents
+Across Parameterizations and Optimizers", Sec. 4.4), with muP group scales.
+
+Per parameter, with ``t`` the step and ``bc_k = 1 - beta_k^t``::
+
+    m <- lerp(m, g, 1 - beta1);   v <- lerp(v, g*g, 1 - beta2)
+    p <- p * (1 - lr * wd)                                   (decoupled weight decay)
+    p <- p - lr * a * atan2(m / bc1, b * sqrt(v / bc2))      (formulation "lucidrains")
+    p <- p - (lr * a / bc1) * atan2(m, b * sqrt(v / bc2))    (formulation "fused")
+
+``atan2`` replaces ``m / (sqrt(v) + eps)``: no epsilon, invariant to the gradient's scale, and
+bounded by ``a * pi / 2``. With ``|m| << sqrt(v)`` the step is ``(a / b) m / sqrt(v)``, Adam's.
+The "lucidrains" formulation (default; ``a = 1.27, b = 1``, betas ``(0.9, 0.99)``) follows
+``adam-atan2-pytorch`` 0.4.1 op for op, so its single-tensor path is bitwise equal to it. The
+"fused" formulation is the CUDA ``adam-atan2`` package's (bias correction 1 outside atan2;
+use ``a = b = 1`` and betas ``(0.9, 0.999)`` to match it).
+
+muP family: ``adamw`` (entrywise-normalized, decoupled decay). Implementations: single-tensor,
+foreach (torch has no ``_foreach_atan2``; since the denominator is >= 0, ``atan2(y, x) =
+atan(y / max(x, tiny))`` is done with foreach ops, within a few ulp of ``atan2``), and compiled
+(``torch.compile`` of the single-tensor math over the whole list). bf16/fp16 parameters keep
+fp32 state.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+
+from ..rules import FAMILIES
+from .scaled import ScaledGroups
+from .tensors import by_device_and_dtype, default_foreach, state_dtype, working_copy, write_back
+
+FORMULATIONS = ("lucidrains", "fused")
+
+
+class AdamAtan2(ScaledGroups, torch.optim.Optimizer):
+    """Adam-atan2 with muP group scales; a drop-in for ``adam_atan2_pytorch.AdamAtan2``.
+
+    ``weight_decay``: decoupled, ``p *= 1 - lr * weight_decay`` per step (the reference's
+    ``decoupled_wd=True``, decay independent of the LR, is ``weight_decay_policy="independent"``).
+    ``foreach``/``compiled``: the implementation (default: foreach on CUDA, single-tensor on CPU).
+    """
+
+    family = FAMILIES["adamw"]
+
+    def __init__(self, params, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.99),
+                 weight_decay: float = 0.0, *, a: float | None = None, b: float | None = None,
+                 formulation: str = "lucidrains", maximize: bool = False, foreach: bool | None = None,
+                 compiled: bool = False, weight_decay_policy: str = "coupled"):
+        if formulation not in FORMULATIONS:
+            raise ValueError(f"formulation={formulation!r}; use one of {FORMULATIONS}")
+        a = (1.27 if formulation == "lucidrains" else 1.0) if a is None else a
+        b = 1.0 if b is None else b
+        if not lr >= 0:
+            raise ValueError(f"lr={lr} must be >= 0")
+        if not all(0.0 <= beta < 1.0 for beta in betas):
+            raise ValueError(f"betas={betas} must lie in [0, 1)")
+        if not weight_decay >= 0:
+            raise ValueError(f"weight_decay={weight_decay} must be >= 0")
+        if not (a > 0 and b > 0):
+            raise ValueError(f"a={a} and b={b} must be > 0")
+        if foreach and compiled:
+            raise ValueError("choose one of foreach=True and compiled=True")
+        defaults = dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay, a=a, b=b, formulation=formulation,
+                        maximize=maximize, foreach=foreach, compiled=compiled)
+        super().__init__(params, defaults, weight_decay_policy=weight_decay_policy)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        with self._effective_hyperparameters():
+            for group in self.param_groups:
+                params, grads, exp_avgs, exp_avg_sqs, steps = self._gather(group)
+                if params:
+                    adam_atan2(params, grads, exp_avgs, exp_avg_sqs, steps, lr=group["lr"],
+                               beta1=group["betas"][0], beta2=group["betas"][1],
+                               weight_decay=group["weight_decay"], a=group["a"], b=group["b"],
+                               formulation=group["formulation"], maximize=group["maximize"],
+                               foreach=group["foreach"], compiled=group["compiled"])
+        return loss
+
+    def _gather(self, group: dict[str, Any]):
+        params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError("AdamAtan2 does not support sparse gradients")
+            state = self.state[p]
+            if not state:
+                state["step"] = torch.tensor(0.0)
+                state["exp_avg"] = torch.zeros_like(p, dtype=state_dtype(p), memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, dtype=state_dtype(p), memory_format=torch.preserve_format)
+            params.append(p)
+            grads.append(p.grad)
+            exp_avgs.append(state["exp_avg"])
+            exp_avg_sqs.append(state["exp_avg_sq"])
+            steps.append(state["step"])
+        return params, grads, exp_avgs, exp_avg_sqs, steps
+
+
+def adam_atan2(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
+               exp_avg_sqs: list[torch.Tensor], steps: list[torch.Tensor], *, lr: float, beta1: float,
+               beta2: float, weight_decay: float, a: float, b: float, formulation: str = "lucidrains",
+               maximize: bool = False, foreach: bool | None = None, compiled: bool = False) -> None:
+    """Functional Adam-atan2 over parallel lists (steps are 0-dim CPU tensors, incremented here)."""
+    if foreach is None:
+        foreach = not compiled and default_foreach(params)
+    for step in steps:
+        step += 1
+    coefs = [_coefficients(float(s), lr, beta1, beta2, a, b, formulation) for s in steps]
+    if maximize:
+        grads = torch._foreach_neg(grads) if foreach else [-g for g in grads]
+    impl = _compiled if compiled else _multi_tensor if foreach else _single_tensor
+    impl(params, grads, exp_avgs, exp_avg_sqs, coefs, lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay)
+
+
+def _coefficients(t: float, lr: float, beta1: float, beta2: float, a: float, b: float,
+                  formulation: str) -> tuple[float, float, float]:
+    """(numerator scale, v scale under the sqrt, step size) for step ``t``."""
+    bc1, bc2 = 1.0 - beta1 ** t, 1.0 - beta2 ** t
+    if formulation == "lucidrains":
+        return 1.0 / bc1, b * b / bc2, lr * a
+    return 1.0, b * b / bc2, lr * a / bc1
+
+
+def _single_tensor(params, grads, exp_avgs, exp_avg_sqs, coefs, *, lr, beta1, beta2, weight_decay):
+    for p, g, m, v, (num_scale, den_scale, step_size) in zip(params, grads, exp_avgs, exp_avg_sqs, coefs):
+        work, g = working_copy(p), g.to(m.dtype)
+        m.lerp_(g, 1.0 - beta1)
+        v.lerp_(g * g, 1.0 - beta2)
+        den = v.mul(den_scale).sqrt_()
+        update = m.mul(num_scale).atan2_(den)
+        if weight_decay > 0:
+            work.mul_(1.0 - lr * weight_decay)
+        work.add_(update, alpha=-step_size)
+        write_back(p, work)
+
+
+def _multi_tensor(params, grads, exp_avgs, exp_avg_sqs, coefs, *, lr, beta1, beta2, weight_decay):
+    tiny = {dtype: torch.finfo(dtype).tiny for dtype in {m.dtype for m in exp_avgs}}
+    for bucket in by_device_and_dtype(exp_avgs, exp_avg_sqs, params, grads, coefs):
+        ms, vs, ps, gs, cs = bucket
+        works = [working_copy(p) for p in ps]
+        gs = [g.to(ms[0].dtype) for g in gs]
+        torch._foreach_lerp_(ms, gs, 1.0 - beta1)
+        torch._foreach_lerp_(vs, torch._foreach_mul(gs, gs), 1.0 - beta2)
+        den = torch._foreach_mul(vs, [c[1] for c in cs])
+        torch._foreach_sqrt_(den)
+        torch._foreach_clamp_min_(den, tiny[ms[0].dtype])  # den >= 0: atan2(y, x) = atan(y / x)
+        update = torch._foreach_mul(ms, [c[0] for c in cs])
+        torch._foreach_div_(update, den)
+        torch._foreach_atan_(update)
+        if weight_decay > 0:
+            torch._foreach_mul_(works, 1.0 - lr * weight_decay)
+        torch._foreach_mul_(update, [-c[2] for c in cs])
+        torch._foreach_add_(works, update)
+        for p, work in zip(ps, works):
+            write_back(p, work)
+
+
+def _compiled_body(params: Sequence[torch.Tensor], grads, exp_avgs, exp_avg_sqs, coefs: torch.Tensor,
+                   lr_wd: torch.Tensor, beta1: float, beta2: float) -> None:
+    for i, (p, g, m, v) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs)):
+        g = g.to(m.dtype)
+        m.lerp_(g, 1.0 - beta1)
+        v.lerp_(g * g, 1.0 - beta2)
+        update = torch.atan2(m * coefs[i, 0], torch.sqrt(v * coefs[i, 1]))
+        p.copy_((p.to(m.dtype) * (1.0 - lr_wd) - coefs[i, 2] * update).to(p.dtype))
+
+
+_compiled_fn = None
+
+
+def _compiled(params, grads, exp_avgs, exp_avg_sqs, coefs, *, lr, beta1, beta2, weight_decay):
+    """One compiled graph for the whole list; per-step scalars are tensors, so nothing recompiles."""
+    global _compiled_fn
+    if _compiled_fn is None:
+        _compiled_fn = torch.compile(_compiled_body, fullgraph=True, dynamic=False)
+    for bucket in by_device_and_dtype(exp_avgs, exp_avg_sqs, params, grads, coefs):
+        ms, vs, ps, gs = ([t.view(1) if t.dim() == 0 else t for t in ts] for ts in bucket[:4])  # inductor
+        cs = bucket[4]  # mis-writes in-place updates of 0-dim inputs (torch 2.13); 1-element views are exact
+        table = torch.tensor(cs, dtype=ms[0].dtype, device=ms[0].device)
+        lr_wd = torch.tensor(lr * weight_decay, dtype=ms[0].dtype, device=ms[0].device)
+        _compiled_fn(ps, gs, ms, vs, table, lr_wd, beta1, beta2)
+
+
+__all__ = ["AdamAtan2", "FORMULATIONS", "adam_atan2"]

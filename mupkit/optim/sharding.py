@@ -1,0 +1,84 @@
+"""Reductions of per-tensor statistics over sharded parameters (FSDP2 ``fully_shard`` DTensors).
+
+Elementwise optimizers work on each rank's local shard unchanged. Optimizers that reduce over
+a tensor (Adafactor's column statistics, the RMS of a parameter or of its update) must sum the
+local partial sums over the ranks holding the other shards. :class:`ShardInfo` describes one
+parameter: its local tensor, which global dim is split (``None`` when the tensor is whole on
+this rank) and the process group to reduce over. Only ``Shard(d)`` or ``Replicate`` on a 1-D
+mesh (what ``fully_shard`` makes) is supported; anything else is refused with an error rather
+than silently reduced over the wrong ranks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # torch without distributed support
+    DTensor = None
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    shape: torch.Size  # global shape
+    dim: int | None  # the sharded global dim, or None when this rank holds the whole tensor
+    group: Any = None  # process group of the shards
+
+    @property
+    def numel(self) -> int:
+        return self.shape.numel()
+
+
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The rank-local storage of ``t`` (itself unless it is a DTensor); in-place updates reach ``t``."""
+    return t.to_local() if DTensor is not None and isinstance(t, DTensor) else t
+
+
+def shard_info(name: str, p: torch.Tensor) -> ShardInfo:
+    if DTensor is None or not isinstance(p, DTensor):
+        return ShardInfo(p.shape, None)
+    placements = p.placements
+    if p.device_mesh.ndim != 1 or len(placements) != 1:
+        raise NotImplementedError(f"parameter {name} (shape {tuple(p.shape)}) is a DTensor on a "
+                                  f"{p.device_mesh.ndim}-D mesh with placements {placements}; mupkit's reducing "
+                                  f"optimizers support 1-D meshes (fully_shard) only. Use an elementwise optimizer "
+                                  f"(Adam, AdamW, AdamAtan2) for this layout.")
+    placement = placements[0]
+    if placement.is_replicate():
+        return ShardInfo(p.shape, None)
+    if not placement.is_shard():
+        raise NotImplementedError(f"parameter {name} (shape {tuple(p.shape)}) has placement {placement}; "
+                                  f"expected Shard(d) or Replicate.")
+    return ShardInfo(p.shape, placement.dim % p.dim(), p.device_mesh.get_group())
+
+
+def all_sum(values: torch.Tensor, infos: Sequence[ShardInfo]) -> torch.Tensor:
+    """Sum row ``i`` of ``values`` over the ranks of ``infos[i]`` (rows of unsharded tensors untouched).
+
+    One collective per distinct process group, whatever the number of tensors.
+    """
+    groups = {id(i.group): i.group for i in infos if i.dim is not None}
+    if not groups:
+        return values
+    import torch.distributed as dist
+    values = values.clone()
+    for key, group in groups.items():
+        rows = [k for k, i in enumerate(infos) if i.dim is not None and id(i.group) == key]
+        index = torch.tensor(rows, device=values.device)
+        part = values.index_select(0, index)
+        dist.all_reduce(part, group=group)
+        values.index_copy_(0, index, part)
+    return values
+
+
+def sum_over(x: torch.Tensor, dim: int, info: ShardInfo) -> torch.Tensor:
+    """``x.sum(dim, keepdim=True)`` of the global tensor, from this rank's shard ``x``."""
+    total = x.sum(dim, keepdim=True)
+    if info.dim is not None and dim % len(info.shape) == info.dim:
+        import torch.distributed as dist
+        dist.all_reduce(total, group=info.group)
+    return total
