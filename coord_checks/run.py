@@ -24,7 +24,7 @@ def run(name: str, optim: str) -> tuple[str, str, str]:
     base = min(d.widths)
     batch = d.batch_for(optim)
     checks = [mupkit.coord_check(d.constructor, list(d.widths), parametrization=p, optimizer=optim,
-                                 lr=d.lr[optim], steps=4, seeds=3, batch=batch, kwargs=d.kwargs(p, base))
+                                 lr=d.lr_for(optim), steps=4, seeds=3, batch=batch, kwargs=d.kwargs(p, base))
               for p in ("sp", "mup")]
     checks[1].plot(str(HERE / f"{name}_{optim}.png"), compare=checks[0])
     return tuple(c.verdict().summary() for c in checks) + (f"{name}_{optim}.png",)

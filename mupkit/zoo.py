@@ -26,7 +26,8 @@ from .rules import FAMILIES
 class CheckDefinition:
     constructor: Callable[..., torch.nn.Module]
     widths: tuple[int, ...]
-    lr: Mapping[str, float] = field(default_factory=lambda: {"adam": 1e-2, "adamw": 1e-2, "sgd": 0.3})
+    lr: Mapping[str, float] = field(default_factory=lambda: {"adam": 1e-2, "adamw": 1e-2, "sgd": 0.3,
+                                                              "adafactor": 0.1})
     kwargs: Callable[[str, int], dict[str, Any]] = lambda parametrization, base: {}
     batch: Callable[[str], Batch] | None = None  # optimizer family name -> (inputs, targets)
     loss: Callable | None = None
@@ -76,11 +77,13 @@ def _gpt_kwargs(parametrization: str, base: int) -> dict[str, Any]:
 
 
 BUILTIN: dict[str, CheckDefinition] = {
-    "mlp": CheckDefinition(models.mlp, (64, 128, 256, 512, 1024), lr={"adam": 1e-2, "adamw": 1e-2, "sgd": 1.0}),
-    "cnn": CheckDefinition(models.cnn, (32, 64, 128, 256, 512), lr={"adam": 3e-3, "adamw": 3e-3, "sgd": 0.3}),
+    "mlp": CheckDefinition(models.mlp, (64, 128, 256, 512, 1024),
+                           lr={"adam": 1e-2, "adamw": 1e-2, "sgd": 1.0, "adafactor": 0.1}),
+    "cnn": CheckDefinition(models.cnn, (32, 64, 128, 256, 512),
+                           lr={"adam": 3e-3, "adamw": 3e-3, "sgd": 0.3, "adafactor": 0.03}),
     "resmlp": CheckDefinition(models.resmlp, (64, 128, 256, 512, 1024)),
     "transformer": CheckDefinition(models.gpt, (64, 128, 256, 512, 1024),
-                                   lr={"adam": 3e-3, "adamw": 3e-3, "sgd": 0.3}, kwargs=_gpt_kwargs,
+                                   lr={"adam": 3e-3, "adamw": 3e-3, "sgd": 0.3, "adafactor": 0.03}, kwargs=_gpt_kwargs,
                                    batch=_token_batch),
 }
 BUILTIN["resnet"] = BUILTIN["resmlp"]

@@ -39,6 +39,7 @@ scale (``eps_scale``), so zero-initialized tensors step like their muP init woul
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -46,7 +47,7 @@ import torch
 from ..rules import FAMILIES
 from .scaled import ScaledGroups
 from .sharding import ShardInfo, all_sum, local_tensor, shard_info, sum_over
-from .tensors import default_foreach, state_dtype, working_copy, write_back
+from .tensors import compile_safe, default_foreach, state_dtype, working_copy, write_back
 
 MODES = ("torch", "hf")
 
@@ -59,7 +60,9 @@ class Adafactor(ScaledGroups, torch.optim.Optimizer):
     ``(None, 1e-3)``, hf ``(1e-30, 1e-3)``), ``clip_threshold`` (torch's ``d``), ``beta2_decay``
     (hf's ``decay_rate``), ``weight_decay``, ``maximize``; hf only: ``scale_parameter``,
     ``relative_step``, ``warmup_init``. ``beta1``: optional first moment, on the clipped and
-    scaled update (as hf). ``foreach``: the multi-tensor path (default: on CUDA).
+    scaled update (as hf). ``foreach``: the multi-tensor path (default: on CUDA); ``compiled``:
+    ``torch.compile`` of the multi-tensor step (unsharded parameters; per-step scalars are tensors,
+    so it compiles once per bucket).
     """
 
     family = FAMILIES["adafactor"]
@@ -68,7 +71,7 @@ class Adafactor(ScaledGroups, torch.optim.Optimizer):
                  beta2_decay: float = -0.8, eps: tuple[float | None, float] | None = None,
                  clip_threshold: float = 1.0, weight_decay: float = 0.0, scale_parameter: bool = True,
                  relative_step: bool = True, warmup_init: bool = False, maximize: bool = False,
-                 foreach: bool | None = None):
+                 foreach: bool | None = None, compiled: bool = False):
         if mode not in MODES:
             raise ValueError(f"mode={mode!r}; use one of {MODES}")
         if mode == "torch":
@@ -98,11 +101,14 @@ class Adafactor(ScaledGroups, torch.optim.Optimizer):
             raise ValueError(f"clip_threshold={clip_threshold} must be >= 1 (torch's d)")
         if not weight_decay >= 0:
             raise ValueError(f"weight_decay={weight_decay} must be >= 0")
+        if foreach and compiled:
+            raise ValueError("choose one of foreach=True and compiled=True")
         if not scale_parameter:
             self.family = FAMILIES["adamw"]  # entrywise-normalized step: Adam's muP rules
         defaults = dict(lr=lr, mode=mode, beta1=beta1, beta2_decay=beta2_decay, eps=tuple(eps),
                         clip_threshold=clip_threshold, weight_decay=weight_decay, scale_parameter=scale_parameter,
-                        relative_step=relative_step, warmup_init=warmup_init, maximize=maximize, foreach=foreach)
+                        relative_step=relative_step, warmup_init=warmup_init, maximize=maximize, foreach=foreach,
+                        compiled=compiled)
         super().__init__(params, defaults)
 
     @torch.no_grad()
@@ -115,17 +121,21 @@ class Adafactor(ScaledGroups, torch.optim.Optimizer):
             tensors = [self._tensors(group, i, p) for i, p in enumerate(group["params"]) if p.grad is not None]
             if not tensors:
                 continue
-            foreach = group["foreach"]
+            cfg = {k: group[k] for k in ("mode", "eps", "clip_threshold", "scale_parameter", "beta1", "lr_scale",
+                                         "eps_scale")}
+            cfg["weight_decay"] = group["weight_decay"] * group["lr_scale"] * group["wd_scale"]  # 1 under muP
+            foreach, compiled = group["foreach"], group["compiled"]
             if foreach is None:
-                foreach = default_foreach([t["param"] for t in tensors])
-            if not foreach:
-                _single_tensor(tensors, group)
+                foreach = not compiled and default_foreach([t["param"] for t in tensors])
+            if not (foreach or compiled):
+                for t in tensors:
+                    _run([t], group, cfg, compiled=False)
                 continue
             buckets: dict[tuple, list[dict[str, Any]]] = {}
             for t in tensors:
                 buckets.setdefault((t["param"].device, state_dtype(t["param"])), []).append(t)
             for bucket in buckets.values():
-                _multi_tensor(bucket, group)
+                _run(bucket, group, cfg, compiled)
         return loss
 
     def _tensors(self, group: dict[str, Any], index: int, p: torch.Tensor) -> dict[str, Any]:
@@ -159,75 +169,86 @@ def _relative_step(group: dict[str, Any], t: float) -> float:
 
 def _rms(tensors: list[torch.Tensor], infos: list[ShardInfo]) -> torch.Tensor:
     """RMS of each global tensor, as one 1-D tensor (one reduction for all sharded ones)."""
-    sumsq = torch.stack([t.square().sum() for t in tensors]) if len(tensors) == 1 else \
-        torch.stack(torch._foreach_norm(tensors)).square()
-    numel = torch.tensor([i.numel for i in infos], dtype=sumsq.dtype, device=sumsq.device)
-    return (all_sum(sumsq, infos) / numel).sqrt()
+    norms = torch.stack(torch._foreach_norm(tensors))
+    if all(i.dim is None for i in infos):  # whole tensors: no reduction, no per-step host-to-device copy
+        if len(infos) == 1:
+            return norms / math.sqrt(infos[0].numel)
+        return norms / torch.tensor([math.sqrt(i.numel) for i in infos], dtype=norms.dtype, device=norms.device)
+    numel = torch.tensor([i.numel for i in infos], dtype=norms.dtype, device=norms.device)
+    return (all_sum(norms.square(), infos) / numel).sqrt()
 
 
-def _update_direction(g: torch.Tensor, state: dict[str, Any], info: ShardInfo, group: dict[str, Any],
-                      one_minus_beta2: float) -> torch.Tensor:
+def _update_direction(g: torch.Tensor, state: dict[str, Any], info: ShardInfo, cfg: dict[str, Any],
+                      one_minus_beta2: torch.Tensor) -> torch.Tensor:
     """``g / sqrt(V)`` with the second-moment statistics updated in place (either mode)."""
-    eps1 = group["eps"][0]
-    if group["mode"] == "hf":
-        g2 = g * g + eps1
-    else:
-        eps1 = torch.finfo(g.dtype).eps if eps1 is None else eps1
-        g2 = g * g
+    hf = cfg["mode"] == "hf"
+    eps1 = cfg["eps"][0]
+    if eps1 is None:
+        eps1 = torch.finfo(g.dtype).eps
     floor = max(eps1 * eps1, torch.finfo(g.dtype).tiny)  # eps1^2 must not underflow to 0: rsqrt(0) * 0 = NaN
     if "variance" in state:
         variance = state["variance"]
-        if group["mode"] == "hf":
-            variance.mul_(1.0 - one_minus_beta2).add_(g2, alpha=one_minus_beta2)
+        g2 = g * g + eps1 if hf else g * g
+        if hf:
+            variance.mul_(1.0 - one_minus_beta2).add_(g2 * one_minus_beta2)
             return variance.rsqrt().mul_(g)
         variance.lerp_(g2, one_minus_beta2)
         return variance.clamp(min=floor).rsqrt_().mul_(g)
     rows, cols = info.shape[-2], info.shape[-1]
     row_var, col_var = state["row_var"], state["col_var"]
-    row_mean = sum_over(g2, -1, info).div_(cols)
+    g2 = g * g
+    row_mean = sum_over(g2, -1, info).div_(cols)  # hf: mean(g^2 + eps1) = mean(g^2) + eps1
     col_mean = sum_over(g2, -2, info).div_(rows)
-    if group["mode"] == "hf":
-        row_var.mul_(1.0 - one_minus_beta2).add_(row_mean, alpha=one_minus_beta2)
-        col_var.mul_(1.0 - one_minus_beta2).add_(col_mean, alpha=one_minus_beta2)
+    if hf:
+        row_mean.add_(eps1)
+        col_mean.add_(eps1)
+        row_var.mul_(1.0 - one_minus_beta2).add_(row_mean * one_minus_beta2)
+        col_var.mul_(1.0 - one_minus_beta2).add_(col_mean * one_minus_beta2)
         row_factor = (row_var / sum_over(row_var, -2, info).div_(rows)).rsqrt_()
         return (row_factor * col_var.rsqrt()).mul_(g)
     row_var.lerp_(row_mean, one_minus_beta2)
     col_var.lerp_(col_mean, one_minus_beta2)
-    var = row_var @ col_var
-    var.div_(sum_over(row_var, -2, info).div_(rows).clamp_(min=eps1))
+    var = (row_var / sum_over(row_var, -2, info).div_(rows).clamp_(min=eps1)) * col_var  # R C / mean(R)
     return var.clamp_(min=floor).rsqrt_().mul_(g)
 
 
-def _step_sizes(works: list[torch.Tensor], infos: list[ShardInfo], group: dict[str, Any],
-                rhos: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(alpha_0 without the muP multiplier, alpha) per tensor, as 1-D tensors."""
-    rho = torch.tensor(rhos, dtype=works[0].dtype, device=works[0].device)
-    if not group["scale_parameter"]:
-        return rho, rho * group["lr_scale"]
-    floor = group["eps"][1] * group["eps_scale"]
-    alpha0 = _rms(works, infos).clamp_(min=floor) * rho
-    return alpha0, alpha0 * group["lr_scale"]
-
-
-def _decay(works: list[torch.Tensor], alpha0: torch.Tensor, group: dict[str, Any], foreach: bool) -> None:
-    """Decoupled weight decay; ``lr_scale * wd_scale`` is 1 under muP (width-invariant decay)."""
-    wd = group["weight_decay"] * group["lr_scale"] * group["wd_scale"]
-    if wd == 0:
-        return
-    if group["mode"] == "torch":
-        factors = [1.0 - group["lr"] * wd] * len(works)
+def _step(params: list[torch.Tensor], works: list[torch.Tensor], grads: list[torch.Tensor],
+          states: list[dict[str, Any]], infos: list[ShardInfo], rho, omb, decay, cfg: dict[str, Any]) -> None:
+    """One Adafactor step for parallel lists; ``rho``, ``omb`` (1 - beta2_t) and ``decay`` (torch
+    mode's ``1 - lr wd``) hold one value per tensor (floats, or a tensor when compiled)."""
+    rho = torch.as_tensor(rho, dtype=works[0].dtype, device=works[0].device)
+    alpha0 = _rms(works, infos).clamp_(min=cfg["eps"][1] * cfg["eps_scale"]) * rho if cfg["scale_parameter"] \
+        else rho
+    if cfg["weight_decay"]:
+        hf_decay = list((1.0 - cfg["weight_decay"] * alpha0).unbind())
+        torch._foreach_mul_(works, list(decay) if cfg["mode"] == "torch" else hf_decay)
+    updates = [_update_direction(g, s, i, cfg, omb[k]) for k, (g, s, i) in enumerate(zip(grads, states, infos))]
+    clip = (_rms(updates, infos) / cfg["clip_threshold"]).clamp_(min=1.0)
+    scales = list((alpha0 * cfg["lr_scale"] / clip).unbind())
+    if cfg["beta1"] is None:
+        torch._foreach_addcmul_(works, updates, scales, value=-1.0)  # p -= alpha U / clip, one pass
     else:
-        factors = list((1.0 - wd * alpha0).unbind())
-    if foreach:
-        torch._foreach_mul_(works, factors)
-    else:
-        for w, f in zip(works, factors):
-            w.mul_(f)
+        torch._foreach_mul_(updates, scales)
+        momenta = [s["exp_avg"] for s in states]
+        torch._foreach_mul_(momenta, cfg["beta1"])
+        torch._foreach_add_(momenta, updates, alpha=1.0 - cfg["beta1"])
+        torch._foreach_sub_(works, momenta)
+    for p, w in zip(params, works):
+        write_back(p, w)
 
 
-def _prepare(tensors: list[dict[str, Any]], group: dict[str, Any]):
-    works = [working_copy(t["param"]) for t in tensors]
-    grads = [t["grad"].to(state_dtype(t["param"])) for t in tensors]
+_compiled_step = None
+
+
+def _run(tensors: list[dict[str, Any]], group: dict[str, Any], cfg: dict[str, Any], compiled: bool) -> None:
+    """Advance the step counters, then :func:`_step` (eager, or one compiled graph per bucket).
+
+    Per-tensor scalars are Python floats when eager and tensors when compiled (so nothing recompiles).
+    """
+    global _compiled_step
+    params = [t["param"] for t in tensors]
+    works = [working_copy(p) for p in params]
+    grads = [t["grad"].to(state_dtype(p)) for t, p in zip(tensors, params)]
     if group["maximize"]:
         grads = [-g for g in grads]
     rhos, ombs = [], []
@@ -236,49 +257,23 @@ def _prepare(tensors: list[dict[str, Any]], group: dict[str, Any]):
         step = float(t["state"]["step"])
         rhos.append(_relative_step(group, step))
         ombs.append(step ** group["beta2_decay"])
-    return works, grads, rhos, ombs
-
-
-def _apply(tensors, works, updates, scales, group, foreach: bool) -> None:
-    """``update *= scale`` (alpha over the clip denominator), momentum, then ``p -= update``."""
-    if foreach:
-        torch._foreach_mul_(updates, list(scales.unbind()))
-    else:
-        for u, s in zip(updates, scales.unbind()):
-            u.mul_(s)
-    if group["beta1"] is not None:
-        momenta = [t["state"]["exp_avg"] for t in tensors]
-        for m, u in zip(momenta, updates):
-            m.mul_(group["beta1"]).add_(u, alpha=1.0 - group["beta1"])
-        updates = momenta
-    if foreach:
-        torch._foreach_sub_(works, updates)
-    else:
-        for w, u in zip(works, updates):
-            w.sub_(u)
-    for t, w in zip(tensors, works):
-        write_back(t["param"], w)
-
-
-def _single_tensor(tensors: list[dict[str, Any]], group: dict[str, Any]) -> None:
-    for t in tensors:
-        (work,), (g,), (rho,), (omb,) = _prepare([t], group)
-        alpha0, alpha = _step_sizes([work], [t["info"]], group, [rho])
-        _decay([work], alpha0, group, foreach=False)
-        update = _update_direction(g, t["state"], t["info"], group, omb)
-        clip = (_rms([update], [t["info"]]) / group["clip_threshold"]).clamp_(min=1.0)
-        _apply([t], [work], [update], alpha / clip, group, foreach=False)
-
-
-def _multi_tensor(tensors: list[dict[str, Any]], group: dict[str, Any]) -> None:
-    works, grads, rhos, ombs = _prepare(tensors, group)
-    infos = [t["info"] for t in tensors]
-    alpha0, alpha = _step_sizes(works, infos, group, rhos)
-    _decay(works, alpha0, group, foreach=True)
-    updates = [_update_direction(g, t["state"], t["info"], group, omb)
-               for g, t, omb in zip(grads, tensors, ombs)]
-    clip = (_rms(updates, infos) / group["clip_threshold"]).clamp_(min=1.0)
-    _apply(tensors, works, updates, alpha / clip, group, foreach=True)
+    decay = [1.0 - (group["lr"] or 0.0) * cfg["weight_decay"]] * len(works)
+    states, infos = [t["state"] for t in tensors], [t["info"] for t in tensors]
+    if not compiled:
+        _step(params, works, grads, states, infos, rhos, ombs, decay, cfg)
+        return
+    sharded = [i for i in infos if i.dim is not None]
+    if sharded:
+        raise ValueError(f"Adafactor(compiled=True) runs on whole tensors, but a parameter of shape "
+                         f"{tuple(sharded[0].shape)} is sharded; use foreach=True, which reduces over the shards.")
+    if _compiled_step is None:
+        _compiled_step = torch.compile(_step, dynamic=False)
+    like = dict(dtype=works[0].dtype, device=works[0].device)
+    states = [{k: compile_safe(v) for k, v in s.items() if k != "step"} for s in states]
+    infos = [ShardInfo(compile_safe(w).shape, None) for w in works]
+    _compiled_step([compile_safe(p) for p in params], [compile_safe(w) for w in works],
+                   [compile_safe(g) for g in grads], states, infos, torch.tensor(rhos, **like),
+                   torch.tensor(ombs, **like), torch.tensor(decay, **like), cfg)
 
 
 __all__ = ["Adafactor", "MODES"]

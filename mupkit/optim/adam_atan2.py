@@ -30,7 +30,7 @@ import torch
 
 from ..rules import FAMILIES
 from .scaled import ScaledGroups
-from .tensors import by_device_and_dtype, default_foreach, state_dtype, working_copy, write_back
+from .tensors import by_device_and_dtype, cache_sized, compile_safe, default_foreach, state_dtype, working_copy, write_back
 
 FORMULATIONS = ("lucidrains", "fused")
 
@@ -145,23 +145,28 @@ def _single_tensor(params, grads, exp_avgs, exp_avg_sqs, coefs, *, lr, beta1, be
 def _multi_tensor(params, grads, exp_avgs, exp_avg_sqs, coefs, *, lr, beta1, beta2, weight_decay):
     tiny = {dtype: torch.finfo(dtype).tiny for dtype in {m.dtype for m in exp_avgs}}
     for bucket in by_device_and_dtype(exp_avgs, exp_avg_sqs, params, grads, coefs):
-        ms, vs, ps, gs, cs = bucket
-        works = [working_copy(p) for p in ps]
-        gs = [g.to(ms[0].dtype) for g in gs]
-        torch._foreach_lerp_(ms, gs, 1.0 - beta1)
-        torch._foreach_lerp_(vs, torch._foreach_mul(gs, gs), 1.0 - beta2)
-        den = torch._foreach_mul(vs, [c[1] for c in cs])
-        torch._foreach_sqrt_(den)
-        torch._foreach_clamp_min_(den, tiny[ms[0].dtype])  # den >= 0: atan2(y, x) = atan(y / x)
-        update = torch._foreach_mul(ms, [c[0] for c in cs])
-        torch._foreach_div_(update, den)
-        torch._foreach_atan_(update)
-        if weight_decay > 0:
-            torch._foreach_mul_(works, 1.0 - lr * weight_decay)
-        torch._foreach_mul_(update, [-c[2] for c in cs])
-        torch._foreach_add_(works, update)
-        for p, work in zip(ps, works):
-            write_back(p, work)
+        for ms, vs, ps, gs, cs in cache_sized(bucket):
+            _multi_tensor_chunk(ms, vs, ps, gs, cs, tiny[ms[0].dtype], lr=lr, beta1=beta1, beta2=beta2,
+                                weight_decay=weight_decay)
+
+
+def _multi_tensor_chunk(ms, vs, ps, gs, cs, tiny: float, *, lr, beta1, beta2, weight_decay):
+    works = [working_copy(p) for p in ps]
+    gs = [g.to(ms[0].dtype) for g in gs]
+    torch._foreach_lerp_(ms, gs, 1.0 - beta1)
+    torch._foreach_lerp_(vs, torch._foreach_mul(gs, gs), 1.0 - beta2)
+    den = torch._foreach_mul(vs, [c[1] for c in cs])
+    torch._foreach_sqrt_(den)
+    torch._foreach_clamp_min_(den, tiny)  # den >= 0: atan2(y, x) = atan(y / x)
+    update = torch._foreach_mul(ms, [c[0] for c in cs])
+    torch._foreach_div_(update, den)
+    torch._foreach_atan_(update)
+    if weight_decay > 0:
+        torch._foreach_mul_(works, 1.0 - lr * weight_decay)
+    torch._foreach_mul_(update, [-c[2] for c in cs])
+    torch._foreach_add_(works, update)
+    for p, work in zip(ps, works):
+        write_back(p, work)
 
 
 def _compiled_body(params: Sequence[torch.Tensor], grads, exp_avgs, exp_avg_sqs, coefs: torch.Tensor,
@@ -183,8 +188,8 @@ def _compiled(params, grads, exp_avgs, exp_avg_sqs, coefs, *, lr, beta1, beta2, 
     if _compiled_fn is None:
         _compiled_fn = torch.compile(_compiled_body, fullgraph=True, dynamic=False)
     for bucket in by_device_and_dtype(exp_avgs, exp_avg_sqs, params, grads, coefs):
-        ms, vs, ps, gs = ([t.view(1) if t.dim() == 0 else t for t in ts] for ts in bucket[:4])  # inductor
-        cs = bucket[4]  # mis-writes in-place updates of 0-dim inputs (torch 2.13); 1-element views are exact
+        ms, vs, ps, gs = ([compile_safe(t) for t in ts] for ts in bucket[:4])
+        cs = bucket[4]
         table = torch.tensor(cs, dtype=ms[0].dtype, device=ms[0].device)
         lr_wd = torch.tensor(lr * weight_decay, dtype=ms[0].dtype, device=ms[0].device)
         _compiled_fn(ps, gs, ms, vs, table, lr_wd, beta1, beta2)

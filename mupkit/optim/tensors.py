@@ -5,6 +5,9 @@
   back, instead of one per op.
 * :func:`default_foreach` picks the multi-tensor path the way torch does (on CUDA when every
   tensor is a plain dense CUDA tensor), and :func:`by_device_and_dtype` buckets tensors for it.
+* :func:`cache_sized` cuts a CPU bucket into chunks of about :data:`CPU_CHUNK` elements: each
+  foreach op then sweeps data still in cache from the previous op, instead of streaming every
+  parameter through memory once per op (on CUDA one launch for all is what pays).
 """
 
 from __future__ import annotations
@@ -15,6 +18,9 @@ from typing import Sequence
 import torch
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+#: elements per CPU foreach chunk (x ~6 live fp32 arrays ~ a few MB: the size of an L2/L3 slice)
+CPU_CHUNK = 1 << 17
 
 
 def state_dtype(p: torch.Tensor) -> torch.dtype:
@@ -47,3 +53,26 @@ def by_device_and_dtype(*lists: Sequence[torch.Tensor]) -> list[tuple[list[torch
         for column, item in zip(bucket, items):
             column.append(item)
     return [tuple(b) for b in buckets.values()]
+
+
+def cache_sized(bucket: tuple[list, ...], chunk: int = CPU_CHUNK) -> list[tuple[list, ...]]:
+    """Split a bucket (parallel lists; the first holds tensors) into runs of about ``chunk``
+    elements when on the CPU; a CUDA bucket is returned whole."""
+    first = bucket[0]
+    if not first or first[0].is_cuda:
+        return [bucket]
+    runs, start, size = [], 0, 0
+    for i, t in enumerate(first):
+        size += t.numel()
+        if size >= chunk:
+            runs.append(tuple(column[start:i + 1] for column in bucket))
+            start, size = i + 1, 0
+    if start < len(first):
+        runs.append(tuple(column[start:] for column in bucket))
+    return runs
+
+
+def compile_safe(t: torch.Tensor) -> torch.Tensor:
+    """A 1-element view of a 0-dim tensor, else ``t``: torch 2.13's inductor loses in-place
+    updates (``lerp_``) of 0-dim graph inputs; the view shares storage, so results are exact."""
+    return t.view(1) if t.dim() == 0 else t

@@ -1,0 +1,99 @@
+"""Step time of mupkit's AdamAtan2 and Adafactor against their references and torch AdamW (CPU).
+
+Same parameters and gradients for every optimizer (a GPT from mupkit.models, ~25M params in
+~100 tensors), interleaved windows, medians. Ratios are against the reference implementation
+of the same algorithm measured in the same run:
+
+  AdamAtan2: adam-atan2-pytorch 0.4.1 (per-parameter class; its foreach class too), torch AdamW
+  Adafactor: torch.optim.Adafactor (single-tensor and foreach), torch AdamW (fused)
+
+    python benchmarks/bench_scale_invariant.py [--width 512] [--depth 8] [--repeats 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+import mupkit
+from mupkit import models
+
+
+def timed_steps(opt: torch.optim.Optimizer, steps: int) -> float:
+    start = time.perf_counter()
+    for _ in range(steps):
+        opt.step()
+    return (time.perf_counter() - start) / steps
+
+
+def compare(title: str, makers: dict[str, Callable[[], torch.optim.Optimizer]], reference: str, steps: int,
+            repeats: int) -> None:
+    opts = {name: make() for name, make in makers.items()}
+    for opt in opts.values():
+        timed_steps(opt, 2)  # state init, compilation, warm-up
+    samples: dict[str, list[float]] = {k: [] for k in opts}
+    for _ in range(repeats):  # interleaved windows: slow drifts of the machine hit all alike
+        for name, opt in opts.items():
+            samples[name].append(timed_steps(opt, steps))
+    med = {k: statistics.median(v) * 1e3 for k, v in samples.items()}
+    print(f"\n{title}  (ratio = {reference} time / this time; > 1 is faster than {reference})")
+    print(f"{'implementation':44s} {'ms/step':>9s} {'ratio':>7s}")
+    for name, ms in med.items():
+        print(f"{name:44s} {ms:9.2f} {med[reference] / ms:7.2f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--width", type=int, default=512)
+    parser.add_argument("--depth", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    sizes = dict(depth=args.depth, base_width=64, vocab=512)
+    model = mupkit.build(models.gpt, base=dict(width=64, **sizes), target=dict(width=args.width, **sizes))
+    params = list(model.parameters())
+    for p in params:
+        p.grad = torch.randn_like(p) * 1e-3
+    groups = mupkit.param_groups(model)
+    n = sum(p.numel() for p in params)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {n / 1e6:.1f}M params in {len(params)} "
+          f"tensors; muP groups: {len(groups)}")
+
+    atan2 = {"adam-atan2-pytorch AdamAtan2 (per-parameter)": None}
+    try:
+        import adam_atan2_pytorch
+        from adam_atan2_pytorch.foreach import AdamAtan2 as RefForeach
+        atan2 = {
+            "adam-atan2-pytorch AdamAtan2 (per-parameter)": lambda: adam_atan2_pytorch.AdamAtan2(params, lr=1e-3),
+            "adam-atan2-pytorch foreach.AdamAtan2": lambda: RefForeach(params, lr=1e-3),
+        }
+    except ImportError:
+        print("adam-atan2-pytorch is not installed (pip install '.[test]'); AdamAtan2 has no reference row")
+        atan2 = {}
+    atan2.update({
+        "mupkit AdamAtan2 single-tensor (muP groups)": lambda: mupkit.optim.AdamAtan2(groups, lr=1e-3, foreach=False),
+        "mupkit AdamAtan2 foreach (muP groups)": lambda: mupkit.optim.AdamAtan2(groups, lr=1e-3, foreach=True),
+        "mupkit AdamAtan2 compiled (muP groups)": lambda: mupkit.optim.AdamAtan2(groups, lr=1e-3, compiled=True),
+        "torch AdamW foreach": lambda: torch.optim.AdamW(params, lr=1e-3, foreach=True),
+        "torch AdamW fused": lambda: torch.optim.AdamW(params, lr=1e-3, fused=True),
+    })
+    if atan2.get("adam-atan2-pytorch AdamAtan2 (per-parameter)"):
+        compare("AdamAtan2", atan2, "adam-atan2-pytorch AdamAtan2 (per-parameter)", args.steps, args.repeats)
+
+    compare("Adafactor", {
+        "torch Adafactor single-tensor": lambda: torch.optim.Adafactor(params, foreach=False),
+        "torch Adafactor foreach": lambda: torch.optim.Adafactor(params, foreach=True),
+        "mupkit Adafactor single-tensor (muP groups)": lambda: mupkit.optim.Adafactor(groups, foreach=False),
+        "mupkit Adafactor foreach (muP groups)": lambda: mupkit.optim.Adafactor(groups, foreach=True),
+        "mupkit Adafactor compiled (muP groups)": lambda: mupkit.optim.Adafactor(groups, compiled=True),
+        "torch AdamW fused": lambda: torch.optim.AdamW(params, lr=1e-3, fused=True),
+    }, "torch Adafactor single-tensor", args.steps, args.repeats)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,255 @@
+"""AdamAtan2 and Adafactor: parity with their references, paths, state, precision and muP rules.
+
+Parity runs in float64 for 50 steps on shapes (8, 16), (16,), (3, 4, 5) and (), with fresh
+gradients per step from a seeded generator, against the real reference packages
+(``adam-atan2-pytorch`` 0.4.1, ``torch.optim.Adafactor``, ``transformers`` Adafactor); the
+tolerance is max |diff| <= 1e-12 on every parameter.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+import mupkit
+from mupkit import models
+from mupkit.optim import Adafactor, AdamAtan2
+from mupkit.roles import Role
+from mupkit.rules import FAMILIES, PARAMETRIZATIONS
+
+SHAPES = [(8, 16), (16,), (3, 4, 5), ()]
+
+
+def run(make_optimizer, steps=50, dtype=torch.float64, shapes=SHAPES, grad_scale=1.0):
+    g = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s, generator=g, dtype=torch.float64).to(dtype)) for s in shapes]
+    opt = make_optimizer(params)
+    for _ in range(steps):
+        for p in params:
+            p.grad = (torch.randn(p.shape, generator=g, dtype=torch.float64) * grad_scale).to(dtype)
+        opt.step()
+    return params, opt
+
+
+def max_diff(a, b) -> float:
+    return max((x.double() - y.double()).abs().max().item() for x, y in zip(a, b))
+
+
+# --- Adam-atan2 -------------------------------------------------------------------------------
+
+PATHS = [dict(foreach=False), dict(foreach=True)]
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("wd,decoupled", [(0.0, False), (0.1, False), (0.1, True)])
+def test_adam_atan2_matches_adam_atan2_pytorch(path, wd, decoupled):
+    ref_module = pytest.importorskip("adam_atan2_pytorch")
+    from adam_atan2_pytorch.foreach import AdamAtan2 as RefForeach
+    policy = "independent" if decoupled else "coupled"
+    ours, _ = run(lambda ps: AdamAtan2(ps, lr=1e-3, weight_decay=wd, weight_decay_policy=policy, **path))
+    for ref_cls in (ref_module.AdamAtan2, RefForeach):
+        ref, _ = run(lambda ps: ref_cls(ps, lr=1e-3, weight_decay=wd, decoupled_wd=decoupled))
+        assert max_diff(ours, ref) <= 1e-12
+    if path == dict(foreach=False):  # same ops in the same order as the reference's per-parameter loop
+        ref, _ = run(lambda ps: ref_module.AdamAtan2(ps, lr=1e-3, weight_decay=wd, decoupled_wd=decoupled))
+        assert max_diff(ours, ref) == 0.0
+
+
+def test_adam_atan2_compiled_path_matches_single_tensor():
+    single, _ = run(lambda ps: AdamAtan2(ps, lr=1e-3, weight_decay=0.1, foreach=False), steps=10)
+    compiled, _ = run(lambda ps: AdamAtan2(ps, lr=1e-3, weight_decay=0.1, compiled=True), steps=10)
+    assert max_diff(single, compiled) <= 1e-12
+
+
+def test_adam_atan2_fused_formulation_is_the_cuda_packages_formula():
+    """adam-atan2 0.0.3 (CUDA only): bias correction 1 outside atan2, a = b = 1."""
+    lr, b1, b2, wd = 1e-3, 0.9, 0.999, 0.01
+    ours, _ = run(lambda ps: AdamAtan2(ps, lr=lr, betas=(b1, b2), weight_decay=wd, formulation="fused"), steps=20)
+    g = torch.Generator().manual_seed(0)
+    params = [torch.randn(s, generator=g, dtype=torch.float64) for s in SHAPES]
+    m = [torch.zeros_like(p) for p in params]
+    v = [torch.zeros_like(p) for p in params]
+    for t in range(1, 21):
+        for i, p in enumerate(params):
+            grad = torch.randn(p.shape, generator=g, dtype=torch.float64)
+            p.mul_(1 - lr * wd)
+            m[i].lerp_(grad, 1 - b1)
+            v[i].lerp_(grad * grad, 1 - b2)
+            p.sub_(lr / (1 - b1 ** t) * torch.atan2(m[i], v[i].sqrt() / math.sqrt(1 - b2 ** t)))
+    assert max_diff(ours, params) <= 1e-12
+
+
+def test_adam_atan2_single_and_foreach_agree_in_float32_and_zero_gradients_stay_finite():
+    shapes = SHAPES + [(5, 7)]
+    single, _ = run(lambda ps: AdamAtan2(ps, lr=1e-2, foreach=False), dtype=torch.float32, shapes=shapes)
+    multi, _ = run(lambda ps: AdamAtan2(ps, lr=1e-2, foreach=True), dtype=torch.float32, shapes=shapes)
+    for a, b in zip(single, multi):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    p = torch.nn.Parameter(torch.ones(4))
+    opt = AdamAtan2([p], lr=1e-2, foreach=True)
+    p.grad = torch.zeros(4)
+    opt.step()  # atan2(0, 0) = 0: a never-used embedding row must not become NaN
+    assert torch.equal(p.detach(), torch.ones(4))
+
+
+# --- Adafactor ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("wd", [0.0, 0.1])
+@pytest.mark.parametrize("maximize", [False, True])
+def test_adafactor_torch_mode_matches_torch_optim_adafactor(path, wd, maximize):
+    ours, _ = run(lambda ps: Adafactor(ps, weight_decay=wd, maximize=maximize, **path))
+    for ref_foreach in (False, True):
+        ref, _ = run(lambda ps: torch.optim.Adafactor(ps, weight_decay=wd, maximize=maximize, foreach=ref_foreach))
+        assert max_diff(ours, ref) <= 1e-12
+
+
+HF_SETTINGS = [
+    dict(),  # relative step with parameter scaling (the default)
+    dict(relative_step=False, scale_parameter=False, lr=1e-3),  # the recommended external-LR mode
+    dict(relative_step=False, lr=1e-3),
+    dict(beta1=0.9),
+    dict(weight_decay=0.1),
+    dict(warmup_init=True),
+    dict(beta1=0.9, weight_decay=0.1, relative_step=False, lr=1e-2, clip_threshold=0.5),
+]
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("settings", HF_SETTINGS, ids=lambda s: ",".join(f"{k}={v}" for k, v in s.items()) or "default")
+def test_adafactor_hf_mode_matches_transformers(path, settings):
+    optimization = pytest.importorskip("transformers.optimization")
+    ours, _ = run(lambda ps: Adafactor(ps, mode="hf", **settings, **path))
+    ref, _ = run(lambda ps: optimization.Adafactor(ps, **settings))
+    assert max_diff(ours, ref) <= 1e-12
+
+
+@pytest.mark.parametrize("mode", ["torch", "hf"])
+def test_adafactor_single_and_foreach_agree_in_float32(mode):
+    kwargs = dict(mode=mode, beta1=0.9, weight_decay=0.1)
+    single, _ = run(lambda ps: Adafactor(ps, foreach=False, **kwargs), dtype=torch.float32)
+    multi, _ = run(lambda ps: Adafactor(ps, foreach=True, **kwargs), dtype=torch.float32)
+    for a, b in zip(single, multi):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_adafactor_muP_multiplier_is_not_just_a_cap():
+    """torch applies group lr as the cap in min(lr, t^-1/2), so a 0.5 multiplier on lr=0.5 is
+    gone after 4 steps; mupkit scales every step."""
+    def step_size(lr_scale, t_end=30):
+        p = torch.nn.Parameter(torch.ones(4, 4, dtype=torch.float64))
+        opt = Adafactor([{"params": [p], "lr_scale": lr_scale}], lr=0.5)
+        before = None
+        for _ in range(t_end):
+            before = p.detach().clone()
+            p.grad = torch.ones_like(p)
+            opt.step()
+        return (before - p.detach()).abs().mean().item() / before.abs().mean().item()
+    assert step_size(0.5) == pytest.approx(0.5 * step_size(1.0), rel=1e-9)
+
+
+def test_adafactor_tiny_eps1_and_zero_gradients_never_make_nan():
+    p = torch.nn.Parameter(torch.ones(3, 5))
+    for mode, eps in (("torch", (1e-30, 1e-3)), ("hf", (1e-30, 1e-3))):
+        opt = Adafactor([p], mode=mode, eps=eps)
+        p.grad = torch.zeros(3, 5)
+        opt.step()
+        assert torch.isfinite(p).all()
+
+
+@pytest.mark.parametrize("cls,kwargs", [(AdamAtan2, dict(lr=1e-2, weight_decay=0.1)),
+                                        (Adafactor, dict(beta1=0.9, weight_decay=0.1)),
+                                        (Adafactor, dict(mode="hf", beta1=0.9))])
+@pytest.mark.parametrize("foreach", [False, True])
+def test_state_dict_round_trip_continues_identically(cls, kwargs, foreach):
+    def fresh():
+        g = torch.Generator().manual_seed(0)
+        return [torch.nn.Parameter(torch.randn(s, generator=g, dtype=torch.float64)) for s in SHAPES]
+
+    def grads(k):
+        g = torch.Generator().manual_seed(100 + k)
+        return [torch.randn(s, generator=g, dtype=torch.float64) for s in SHAPES]
+
+    def steps(params, opt, ks):
+        for k in ks:
+            for p, grad in zip(params, grads(k)):
+                p.grad = grad
+            opt.step()
+
+    straight = fresh()
+    opt = cls(straight, foreach=foreach, **kwargs)
+    steps(straight, opt, range(10))
+    resumed = fresh()
+    first = cls(resumed, foreach=foreach, **kwargs)
+    steps(resumed, first, range(5))
+    saved = copy.deepcopy(first.state_dict())
+    second = cls(resumed, foreach=foreach, **kwargs)
+    second.load_state_dict(saved)
+    steps(resumed, second, range(5, 10))
+    assert max_diff(straight, resumed) == 0.0
+
+
+@pytest.mark.parametrize("cls", [AdamAtan2, Adafactor])
+def test_bf16_parameters_train_with_fp32_state(cls):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 1)).to(torch.bfloat16)
+    x, y = torch.randn(64, 16, dtype=torch.bfloat16), torch.randn(64, 1, dtype=torch.bfloat16)
+    opt = cls(model.parameters(), lr=3e-2, foreach=True)
+    losses = []
+    for _ in range(30):
+        opt.zero_grad()
+        loss = (model(x) - y).float().square().mean()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    states = [t for s in opt.state.values() for t in s.values() if torch.is_tensor(t) and t.dim() > 0]
+    assert states and all(t.dtype == torch.float32 for t in states)
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    assert losses[-1] < 0.8 * losses[0]
+
+
+# --- muP ---------------------------------------------------------------------------------------
+
+def test_adafactor_lr_rule_is_adams_over_the_init_scale_for_every_role():
+    """Adafactor's step is rho * RMS(W) * (scale-free direction): its LR exponent is Adam's minus
+    the init exponent, on every row of every parametrization (Everett et al. 2024)."""
+    for param in PARAMETRIZATIONS.values():
+        for role, rule in param.rules.items():
+            for m_in, m_out in ((4.0, 1.0), (1.0, 8.0), (2.0, 16.0)):
+                adam = rule.lr["adam"](m_in, m_out)
+                assert rule.lr["adafactor"](m_in, m_out) == pytest.approx(adam / rule.init(m_in, m_out)), (param, role)
+
+
+def test_param_groups_give_each_optimizer_its_family_scales():
+    torch.manual_seed(0)
+    model = mupkit.build(models.mlp, base=dict(width=32), target=dict(width=128))
+    hidden = "2.weight"
+    plan = mupkit.plan_of(model)
+    assert plan[hidden].role is Role.HIDDEN
+    groups = mupkit.param_groups(model)
+    for cls, family, lr_scale in ((AdamAtan2, "adamw", 1 / 4), (Adafactor, "adafactor", 1 / 2)):
+        opt = cls(groups)
+        assert cls.family is FAMILIES[family]
+        group = next(g for g in opt.param_groups if hidden in g["param_names"])
+        assert group["lr_scale"] == pytest.approx(lr_scale)
+    readout = next(g for g in Adafactor(groups).param_groups if "4.weight" in g["param_names"])
+    assert readout["lr_scale"] == 1.0 and readout["eps_scale"] == pytest.approx(1 / 4)  # RMS floor follows init
+    no_scaling = Adafactor(groups, mode="hf", relative_step=False, scale_parameter=False, lr=1e-3)
+    assert no_scaling.family is FAMILIES["adamw"]
+    with pytest.raises(ValueError, match="mupkit.optim.Adafactor"):
+        mupkit.param_groups(model, optimizer=torch.optim.Adafactor, lr=1e-2)
+
+
+def test_adafactor_argument_errors_name_the_fix():
+    p = [torch.nn.Parameter(torch.ones(2))]
+    with pytest.raises(ValueError, match="mode='hf' options"):
+        Adafactor(p, relative_step=False)
+    with pytest.raises(ValueError, match="relative_step=False"):
+        Adafactor(p, mode="hf", lr=1e-3)
+    with pytest.raises(ValueError, match="needs lr"):
+        Adafactor(p, mode="hf", relative_step=False)
+    with pytest.raises(ValueError, match="formulation"):
+        AdamAtan2(p, formulation="other")
