@@ -1,8 +1,9 @@
 """Regenerate the committed coordinate-check figures and coord_checks/README.md.
 
-Every built-in definition (mupkit.zoo) under muP with SP drawn above it, for Adam and SGD:
+Every built-in definition (mupkit.zoo) under muP with SP drawn above it, for Adam, SGD,
+AdamAtan2 and Adafactor:
 
-    python coord_checks/run.py            # all, ~5 minutes on 2 CPU cores
+    python coord_checks/run.py            # all, ~12 minutes on 2 CPU cores
     python coord_checks/run.py mlp cnn    # some
 """
 
@@ -16,7 +17,7 @@ from mupkit.zoo import BUILTIN
 
 HERE = pathlib.Path(__file__).parent
 MODELS = ["mlp", "cnn", "transformer", "resmlp"]
-OPTIMIZERS = ["adam", "sgd"]
+OPTIMIZERS = ["adam", "sgd", "adam-atan2", "adafactor"]
 
 
 def run(name: str, optim: str) -> tuple[str, str, str]:
@@ -48,6 +49,11 @@ def main(names: list[str]) -> None:
               "readout update for a token is a kernel sum over all batch tokens; random tokens have nearly",
               "orthogonal features, so cross-token terms add noise of relative size ~tokens/sqrt(width), which fades",
               "with width but dominates at CPU widths with many tokens (slope -0.2 at 64 tokens; see `mupkit/zoo.py`).",
+              "", "Known open item: the CNN with Adafactor under muP (slope -0.18 at step 2, conv layer 6 and its ReLU). It",
+              "passes with Adam, SGD and AdamAtan2 and the MLP, transformer and residual MLP pass with Adafactor. With",
+              "the zero-initialized readout the body's gradients are tiny and shrink with width; Adafactor's torch-mode",
+              "floor eps1 on the factored second moment then binds at the larger widths. A smaller eps1 removes that",
+              "bias but leaves the widths 32..512 noisy; the cause of the rest is not yet found.",
               ""] + [f"### {n}, {o}\n\n![{n} {o}]({fig})\n" for n, o, _, _, fig in rows]
     (HERE / "README.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
