@@ -12,7 +12,9 @@ from torch import nn
 from .nn.multipliers import install_input_scale
 from .plan import PLAN_ATTR, ParamSpec, Plan, has_plan
 from .roles import Role, RoleInfo, assign_roles
-from .rules import FAMILIES, Parametrization, absorbed_init_scale, get_parametrization, scales_for
+from .depth import ABSORBING, base_counterpart, block_counts, depth_kwargs, find_blocks
+from .depth import branch_outputs as branch_output_templates
+from .rules import FAMILIES, DepthRule, Parametrization, absorbed_init_scale, auto_depth, get_parametrization, scales_for
 from .bsh import load_bsh
 from .shapes import Constructor, ParamShapes, build_on_meta, matches, param_sites, resolve_delta, zip_shapes
 
@@ -21,34 +23,96 @@ Sizes = Mapping[str, Any]
 
 def infer_plan(constructor: Constructor, *, base: Sizes, target: Sizes, delta: Sizes | None = None,
                parametrization: str | Parametrization = "mup", readout: Sequence[str] | None = None,
-               layouts: Mapping[str, str] | None = None) -> Plan:
+               layouts: Mapping[str, str] | None = None, branch_outputs: Sequence[str] | None = None) -> Plan:
     """Infer the scaling plan for ``constructor(**target)`` relative to ``constructor(**base)``.
 
     Base, delta and target are built on the meta device; dims that differ between base and
-    delta scale with width. If ``delta`` is omitted, every int kwarg that differs between base
-    and target is doubled. The user's own init at the base size is measured (a few cheap CPU
-    builds of the base model, with the global RNG left untouched) and is the reference the
+    delta scale with width. If ``delta`` is omitted, every int width kwarg that differs between
+    base and target is doubled. The user's own init at the base size is measured (a few cheap
+    CPU builds of the base model, with the global RNG left untouched) and is the reference the
     plan's init stds are relative to.
+
+    Depth: a kwarg that changes the parameter names (``depth``, ``n_layer``, ...) may differ
+    between base and target; repeated blocks are matched by name (:mod:`mupkit.depth`) and a
+    depth parametrization (``"completep"``, ``"depth-mup"``, ``"mup+depth"``) applies its rules.
 
     ``readout``: glob patterns naming the readout module(s), when there is more than one.
     ``layouts``: glob -> ``"out_in"`` | ``"in_out"`` for parameters whose fan-in/fan-out axes
     mupkit cannot tell from the module type (e.g. HF ``Conv1D`` is known, a custom one is not).
+    ``branch_outputs``: globs of the layers ending each residual branch, when torch.fx cannot
+    trace a block to find them.
     """
     param = get_parametrization(parametrization)
-    delta = resolve_delta(base, target, delta)
-    metas = [build_on_meta(constructor, kw) for kw in (base, delta, target)]
-    shapes = zip_shapes(*metas)
-    if param.rescales and not any(any(s.infinite) for s in shapes.values()):
+    depth_keys = depth_kwargs(constructor, base, target)
+    if not depth_keys:
+        width_target = dict(target)
+    else:
+        width_target = {**target, **{k: base[k] for k in depth_keys}}
+    delta = resolve_delta(base, width_target, None if delta is None else {**delta, **{k: base[k] for k in depth_keys}})
+    metas = [build_on_meta(constructor, kw) for kw in (base, delta, width_target)]
+    width_shapes = zip_shapes(*metas)
+    if param.rescales and not any(any(s.infinite) for s in width_shapes.values()) and not depth_keys:
         raise ValueError(f"no parameter dim differs between base {dict(base)} and delta {dict(delta)}, so "
                          f"nothing scales with width and {param.name!r} would silently be SP. Make base and "
                          f"target differ in the width kwargs (or pass delta=...), or pass parametrization='sp'.")
-    sites = param_sites(metas[2])
+    deep = build_on_meta(constructor, target) if depth_keys else metas[2]
+    sites_in_blocks, counts = {}, {}
+    counterpart = {n: n for n in width_shapes}
+    if depth_keys:
+        base_names = list(width_shapes)
+        sites_in_blocks = find_blocks(base_names, [n for n, _ in deep.named_parameters()])
+        base_counts = block_counts({n: sites_in_blocks[n] for n in base_names if n in sites_in_blocks})
+        counts = {c: (base_counts[c], n) for c, n in block_counts(sites_in_blocks).items()}
+        counterpart = {n: base_counterpart(n, site, *counts[site.container]) if n in sites_in_blocks
+                       and n not in width_shapes else n for n, site in
+                       ((n, sites_in_blocks.get(n)) for n, _ in deep.named_parameters())}
+    target_shapes = {n: tuple(p.shape) for n, p in deep.named_parameters()}
+    same_depth = {n: tuple(p.shape) for n, p in metas[2].named_parameters()}
+    mismatched = [(n, target_shapes[n], counterpart[n], same_depth[counterpart[n]]) for n in target_shapes
+                  if same_depth[counterpart[n]] != target_shapes[n]]
+    if mismatched:
+        n, shape, other, other_shape = mismatched[0]
+        raise ValueError(f"depth kwargs {depth_keys} change the model, but its parameters do not form repeated "
+                         f"blocks: {n!r} has shape {shape} in the deeper model while its counterpart {other!r} has "
+                         f"{other_shape} at the base depth ({len(mismatched)} such parameters). mupkit matches blocks "
+                         f"by name; inserting layers into one nn.Sequential shifts the names. Put the repeated "
+                         f"blocks in an nn.ModuleList (or keep depth equal between base and target).")
+    shapes = {n: ParamShapes(width_shapes[counterpart[n]].base, target_shapes[n],
+                             width_shapes[counterpart[n]].infinite) for n in target_shapes}
+    sites = param_sites(deep)
     roles = assign_roles(shapes, sites, readout=readout, layouts=layouts)
+    rule, outputs = None, set()
+    if depth_keys and param.depth is not None:
+        outputs = branch_output_templates(deep, list(counts), branch_outputs)
+        rule = param.depth if not isinstance(param.depth, str) else auto_depth(_layers_per_branch(deep, counts, outputs))
     base_stds = measure_init_stds(constructor, base) if param.rescales else {}
-    specs = {name: _spec(name, shapes[name], roles[name], param, base_stds.get(name), sites[name])
-             for name in shapes}
+    specs = {}
+    for name in shapes:
+        site = sites_in_blocks.get(name)
+        in_block = site is not None and rule is not None
+        module = name.rsplit(".", 1)[0] if "." in name else ""
+        ends_branch = in_block and matches(module, sorted(outputs))
+        m_depth = counts[site.container][1] / counts[site.container][0] if site is not None else 1.0
+        specs[name] = _spec(name, shapes[name], roles[name], param, base_stds.get(counterpart[name]), sites[name],
+                            depth=rule if in_block else None, m_depth=m_depth, ends_branch=ends_branch,
+                            block=site.template if site is not None else None)
+    depth_info = {}
+    if depth_keys:
+        depth_info = {"kwargs": depth_keys, "blocks": {c: list(v) for c, v in counts.items()},
+                      "alpha": None if rule is None else rule.alpha, "branch_outputs": sorted(outputs)}
     return Plan(param.name, specs, _tied_readout_multipliers(specs, param),
-                {"base": dict(base), "delta": dict(delta), "target": dict(target)})
+                {"base": dict(base), "delta": dict(delta), "target": dict(target)}, depth_info)
+
+
+def _layers_per_branch(model: nn.Module, counts: Mapping[str, tuple[int, int]], outputs: set[str]) -> int:
+    """Weight layers per residual branch in block 0 of each container (the most of any container)."""
+    most = 1
+    for container in counts:
+        block = model.get_submodule(f"{container}.0")
+        layers = sum(isinstance(m, ABSORBING) for m in block.modules())
+        branches = sum(t.startswith(f"{container}.*.") for t in outputs)
+        most = max(most, -(-layers // max(branches, 1)))
+    return most
 
 
 def plan_from_base_shapes(model: nn.Module, base_shapes: Mapping[str, Sequence[int | None]] | str, *,
@@ -82,16 +146,21 @@ def plan_from_base_shapes(model: nn.Module, base_shapes: Mapping[str, Sequence[i
 
 
 def _spec(name: str, shp: ParamShapes, info: RoleInfo, param: Parametrization, base_std: float | None,
-          sites) -> ParamSpec:
-    """Apply the parametrization's rule to one parameter, absorbing its forward multiplier."""
+          sites, *, depth: DepthRule | None = None, m_depth: float = 1.0, ends_branch: bool = False,
+          block: str | None = None) -> ParamSpec:
+    """Apply the parametrization's rule to one parameter, absorbing its forward multiplier (and,
+    for the last layer of a residual branch, the branch multiplier ``m_L^-alpha``)."""
     rule = param.rules[info.role]
-    c = rule.forward(info.m_in, info.m_out)
+    branch = depth.branch_multiplier(m_depth) if ends_branch else 1.0
+    c = rule.forward(info.m_in, info.m_out) * branch
     return ParamSpec(
         name=name, role=info.role, base=shp.base, target=shp.target, infinite=shp.infinite,
-        m_in=info.m_in, m_out=info.m_out, init_scale=absorbed_init_scale(rule, info.m_in, info.m_out),
-        scales={f: scales_for(rule, fam, info.m_in, info.m_out, absorbed=c) for f, fam in FAMILIES.items()},
+        m_in=info.m_in, m_out=info.m_out, init_scale=absorbed_init_scale(rule, info.m_in, info.m_out) * branch,
+        scales={f: scales_for(rule, fam, info.m_in, info.m_out, absorbed=c, depth=depth, m_depth=m_depth)
+                for f, fam in FAMILIES.items()},
         base_init_std=base_std, fan_out_axis=info.fan_out_axis, fan_in_axis=info.fan_in_axis,
-        aliases=tuple(s.name for s in sites if s.name != name), tied_readouts=info.tied_readouts)
+        aliases=tuple(s.name for s in sites if s.name != name), tied_readouts=info.tied_readouts,
+        block=block, m_depth=m_depth if block is not None else 1.0, branch_output=ends_branch, absorbed=c)
 
 
 def _tied_readout_multipliers(specs: Mapping[str, ParamSpec], param: Parametrization) -> dict[str, float]:
@@ -185,14 +254,14 @@ def parametrize(model: nn.Module, plan: Plan, *, init: bool = True, zero_init: S
 def build(constructor: Constructor, *, base: Sizes, target: Sizes, delta: Sizes | None = None,
           parametrization: str | Parametrization = "mup", device: torch.device | str | None = None,
           readout: Sequence[str] | None = None, layouts: Mapping[str, str] | None = None,
-          zero_init: Sequence[str] = ()) -> nn.Module:
+          zero_init: Sequence[str] = (), branch_outputs: Sequence[str] | None = None) -> nn.Module:
     """Build ``constructor(**target)`` on ``device`` and initialize it per the inferred plan.
 
     The target consumes the global RNG exactly like ``constructor(**target)`` would, so at the
     base size ``build`` returns the same tensors as the plain constructor (SP == muP).
     """
     plan = infer_plan(constructor, base=base, target=target, delta=delta, parametrization=parametrization,
-                      readout=readout, layouts=layouts)
+                      readout=readout, layouts=layouts, branch_outputs=branch_outputs)
     with torch.device(device) if device is not None else contextlib.nullcontext():
         model = constructor(**target)
     return parametrize(model, plan, zero_init=zero_init)
@@ -216,12 +285,15 @@ def _std(p: torch.Tensor) -> float:
 
 
 def _rescale(p: torch.Tensor, spec: ParamSpec) -> None:
-    """Scale ``p``'s deviation from its mean so that its std becomes ``spec.init_std``."""
-    std = _std(p)
-    if spec.init_std is None or std == 0.0:
-        return
-    mean = p.detach().to(torch.float64).mean()
-    p.copy_(((p.to(torch.float64) - mean) * (spec.init_std / std) + mean).to(p.dtype))
+    """Give ``p`` the std ``spec.init_std``: the init-std rule scales the deviation from the mean
+    (a mean such as a gain's 1 is kept), an absorbed forward multiplier scales the whole tensor."""
+    std, c = _std(p), spec.absorbed
+    x = p.detach().to(torch.float64)
+    if spec.init_std is not None and std > 0.0:
+        mean = x.mean()
+        x = (x - mean) * (spec.init_std / c / std) + mean
+    if c != 1.0 or (spec.init_std is not None and std > 0.0):
+        p.copy_((x * c).to(p.dtype))
 
 
 def _zero(model: nn.Module, plan: Plan, params: Mapping[str, torch.Tensor], patterns: Sequence[str]) -> None:

@@ -11,7 +11,7 @@ import sys
 
 from .coord_check import METRICS, coord_check
 from .optim import BY_NAME
-from .rules import PARAMETRIZATIONS
+from .rules import DEPTH_RULES, PARAMETRIZATIONS, get_parametrization
 from .zoo import BUILTIN, load_definition
 
 
@@ -34,10 +34,16 @@ def parser() -> argparse.ArgumentParser:
                                    "|slope| <= tolerance.")
     p.add_argument("--model", default="mlp", help=f"{' | '.join(sorted(BUILTIN))} | PATH.py:FUNC (FUNC(width=...) "
                                                   f"builds the model; the file may define batch() and loss())")
-    p.add_argument("--widths", type=int, nargs="+", help="target widths (default: the model's 16x range)")
+    p.add_argument("--widths", type=int, nargs="+", help="target widths (default: the model's 16x range; with "
+                                                          "--depths: its smallest width)")
     p.add_argument("--base", type=int, help="base width (default: the smallest width)")
-    p.add_argument("--param", default="mup", choices=sorted(PARAMETRIZATIONS), help="parametrization")
-    p.add_argument("--compare", choices=sorted(PARAMETRIZATIONS), help="also run this one and draw it above")
+    p.add_argument("--depths", type=int, nargs="+", help="target depths: a depth check (width fixed), or joint "
+                                                          "with several --widths")
+    p.add_argument("--base-depth", type=int, help="base depth (default: the smallest depth)")
+    p.add_argument("--depth-arg", default="depth", help="the constructor kwarg that sets the depth")
+    params = f"{' | '.join(sorted(PARAMETRIZATIONS))} | {' | '.join(DEPTH_RULES)} | WIDTH+DEPTH (e.g. mup+completep)"
+    p.add_argument("--param", default="mup", help=f"parametrization: {params}")
+    p.add_argument("--compare", help="also run this parametrization and draw it above (e.g. sp, or mup for depth)")
     p.add_argument("--optim", default="adam", help=" | ".join(BY_NAME))
     p.add_argument("--lr", type=float, help="learning rate (default: a large per-model value)")
     p.add_argument("--steps", type=int, default=4)
@@ -55,8 +61,11 @@ def parser() -> argparse.ArgumentParser:
 
 def run_coord_check(args: argparse.Namespace) -> int:
     definition = load_definition(args.model)
-    widths = args.widths or list(definition.widths)
+    widths = args.widths or (list(definition.widths[:1]) if args.depths else list(definition.widths))
     base = args.base or min(widths)
+    for name in (args.param, args.compare):
+        if name:
+            get_parametrization(name)  # a bad name exits with 2 before any work
     lr = args.lr if args.lr is not None else definition.lr_for(args.optim)
     batch = definition.batch_for(args.optim)
     checks = []
@@ -65,10 +74,13 @@ def run_coord_check(args: argparse.Namespace) -> int:
         checks.append(coord_check(definition.constructor, widths, base=base, parametrization=param,
                                   optimizer=args.optim, lr=lr, steps=args.steps, seeds=args.seeds, batch=batch,
                                   loss=definition.loss, width_arg=args.width_arg, kwargs=kwargs, device=args.device,
-                                  show_progress=not args.quiet))
+                                  depths=args.depths, base_depth=args.base_depth, depth_arg=args.depth_arg,
+                                  updates=bool(args.depths), show_progress=not args.quiet))
     main = checks[-1]
     for check in checks:
         print(check.verdict(metric=args.metric, tolerance=args.tolerance), end="\n\n")
+        if check.axis == "depth":  # per-block relative update ||dW|| / ||W||, averaged over blocks
+            print(check.verdict(metric="l1", kind="update", tolerance=args.tolerance), end="\n\n")
     if args.out:
         main.plot(args.out, compare=checks[0] if len(checks) > 1 else None, metric=args.metric,
                   tolerance=args.tolerance)

@@ -1,6 +1,6 @@
-"""Coordinate checks: do activation sizes stay constant as width grows?
+"""Coordinate checks: do activation sizes stay constant as width (or depth) grows?
 
-For every width and seed, the model is built by :func:`mupkit.build`, trained a few steps on
+For every width (and/or depth) and seed, the model is built by :func:`mupkit.build`, trained a few steps on
 one fixed batch, and forward hooks record, for every module call (a module called twice is
 recorded twice, as ``name#1``), at step 0 (init) and after each step:
 
@@ -12,12 +12,19 @@ Tensor leaves of tuple/list/dict outputs are recorded as ``name[i]`` / ``name[ke
 is skipped. Optionally module inputs (``inputs=True``), parameters (``params=True``) and the
 relative update ``||dW|| / ||W||`` (``updates=True``). See :mod:`mupkit.verdict` for the fit
 and :mod:`mupkit.plotting` for the figure.
+
+Depth checks (``depths=[...]``): module names inside repeated blocks are made comparable across
+depths: block 0 keeps its name, the last block is named ``<container>.last``, the others are not
+compared; parameter updates are averaged over the blocks per template (``blocks.*.mlp.0.weight``),
+the per-block relative update size. Module inputs are recorded too (kind ``"in"``): the input of
+the first module after the blocks (a final norm, the readout) is the residual stream at the output.
 """
 
 from __future__ import annotations
 
 import csv
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -46,6 +53,20 @@ class CoordCheck:
     optimizer: str
     lr: float
     expected_at_init: list[str] = field(default_factory=list)  # readout / attention-logit modules
+    depths: list[int] = field(default_factory=list)
+    axis: str = "width"  # the size the verdict fits against: "width" or "depth"
+
+    @property
+    def sizes(self) -> list[int]:
+        """The values along :attr:`axis`."""
+        return self.depths if self.axis == "depth" else self.widths
+
+    @property
+    def judged_kind(self) -> str:
+        """What the verdict and plot use by default: module outputs for width, module inputs for
+        depth (the residual stream entering each branch and the head; a branch's own output
+        is scaled by ``m_L^-alpha`` by design)."""
+        return "in" if self.axis == "depth" else "out"
 
     def to_pandas(self):
         import pandas as pd  # optional
@@ -143,7 +164,8 @@ def _expected_at_init(plan: Plan, patterns: Sequence[str]) -> list[str]:
     return sorted(owners) + list(patterns)
 
 
-def coord_check(constructor: Constructor, widths: Sequence[int], *, base: int | None = None,
+def coord_check(constructor: Constructor, widths: Sequence[int] | int, *, base: int | None = None,
+                depths: Sequence[int] | None = None, base_depth: int | None = None, depth_arg: str = "depth",
                 parametrization: str = "mup", optimizer: Any = "adam", lr: float = 1e-2, steps: int = 4,
                 seeds: Sequence[int] | int = 2, batch: Batch | Iterable[Batch] | None = None,
                 loss: Callable[[Any, Any], torch.Tensor] | None = None, width_arg: str = "width",
@@ -152,37 +174,51 @@ def coord_check(constructor: Constructor, widths: Sequence[int], *, base: int | 
                 updates: bool = False, include: Sequence[str] | None = None,
                 expected_at_init: Sequence[str] = ("*attn_score*", "*attn_logits*"),
                 zero_init: Sequence[str] | str = "auto", show_progress: bool = True) -> CoordCheck:
-    """Run a width coordinate check of ``constructor``.
+    """Run a width (or depth, or joint) coordinate check of ``constructor``.
 
-    ``widths``: target widths (the constructor kwarg ``width_arg``); ``base``: the base width
-    (default: the smallest), with delta ``2 * base``; ``kwargs``: fixed constructor kwargs.
+    ``widths``: target widths (the constructor kwarg ``width_arg``), or one width for a depth
+    check; ``base``: the base width (default: the smallest), with delta ``2 * base``;
+    ``depths``/``base_depth``/``depth_arg``: the same along depth (base: the smallest); the
+    verdict then fits against depth (``axis="depth"``) unless several widths are given too.
+    ``kwargs``: fixed constructor kwargs.
     ``batch``: ``(inputs, targets)``, or a dataloader (its first batch is used, as in mup), or
     None for a synthetic batch inferred from the model's first layer (:mod:`mupkit.data`);
     ``loss(output, targets)``: default cross-entropy for class/token logits, else MSE to the
-    targets. ``optimizer``: ``"adam" | "adamw" | "sgd"``, a mupkit optimizer class, or any
-    ``torch.optim`` class (groups with concrete LRs are made for it). ``zero_init``: passed to
-    :func:`mupkit.build`; ``"auto"`` zero-initializes an untied readout, as microsoft/mup's
-    own coord checks do (TP5 App. D.2), so the readout's init transient (``width^-1/2``) does
-    not mask the step-1 behaviour; a readout tied to an embedding keeps its init.
+    targets. ``optimizer``: a mupkit optimizer name (``"adam" | "adamw" | "sgd" | "adam-atan2"
+    | "adafactor"``) or class, or any ``torch.optim`` class (groups with concrete LRs are made
+    for it). ``zero_init``: passed to :func:`mupkit.build`; ``"auto"`` zero-initializes an untied
+    readout, as microsoft/mup's own coord checks do (TP5 App. D.2), so the readout's init
+    transient (``width^-1/2``) does not mask the step-1 behaviour; a readout tied to an
+    embedding keeps its init.
     """
-    widths = sorted(widths)
-    if len(widths) < 2:
-        raise ValueError(f"a coordinate check needs at least two widths, got {widths}")
+    widths = sorted([widths] if isinstance(widths, int) else widths)
+    depths = sorted(depths or [])
+    if len(widths) < 2 and len(depths) < 2:
+        raise ValueError(f"a coordinate check needs at least two widths or two depths, got widths {widths} and "
+                         f"depths {depths}")
     seeds = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
     base = widths[0] if base is None else base
     fixed = dict(kwargs or {})
+    if depths:
+        fixed[depth_arg] = depths[0] if base_depth is None else base_depth
     sizes = {"base": {width_arg: base, **fixed}, "delta": {width_arg: 2 * base, **fixed}}
-    probe = infer_plan(constructor, target={width_arg: widths[0], **fixed}, parametrization=parametrization,
-                       **sizes)
+
+    def target(width: int, depth: int | None) -> dict[str, Any]:
+        return {width_arg: width, **fixed, **({depth_arg: depth} if depth is not None else {})}
+
+    probe = infer_plan(constructor, target=target(widths[-1], depths[-1] if depths else None),
+                       parametrization=parametrization, **sizes)
     expected = _expected_at_init(probe, expected_at_init)
+    containers = list(probe.depth.get("blocks", {}))
     if zero_init == "auto":
         zero_init = ("readout",) if any(s.role is Role.OUTPUT for s in probe.values()) else ()
     records: list[dict[str, Any]] = []
-    runs = [(w, s) for s in seeds for w in widths]
-    for width, seed in progress(runs, "coord-check", enabled=show_progress,
-                                label=lambda r: f"width {r[0]} seed {r[1]}"):
+    runs = [(w, d, s) for s in seeds for w in widths for d in (depths or [None])]
+    for width, depth, seed in progress(runs, "coord-check", enabled=show_progress,
+                                       label=lambda r: f"width {r[0]}" + (f" depth {r[1]}" if r[1] else "")
+                                       + f" seed {r[2]}"):
         torch.manual_seed(seed)
-        model = build(constructor, target={width_arg: width, **fixed}, parametrization=parametrization,
+        model = build(constructor, target=target(width, depth), parametrization=parametrization,
                       device=device, zero_init=zero_init, **sizes)
         model.train()
         if batch is None:
@@ -191,10 +227,42 @@ def coord_check(constructor: Constructor, widths: Sequence[int], *, base: int | 
             x, y = _first_batch(batch, device)
         loss_fn = loss or default_loss
         opt = _optimizer(model, optimizer, lr, optimizer_kwargs or {})
-        rows = _run(model, opt, x, y, loss_fn, steps, inputs, params, updates, include)
-        records.extend({"width": width, "seed": seed, **row} for row in rows)
+        rows = _run(model, opt, x, y, loss_fn, steps, inputs or bool(depths), params, updates, include)
+        if depths:
+            rows = _comparable_across_depth(rows, {c: len(model.get_submodule(c)) for c in containers})
+        records.extend({"width": width, **({"depth": depth} if depth else {}), "seed": seed, **row} for row in rows)
     name = optimizer if isinstance(optimizer, str) else optimizer.__name__
-    return CoordCheck(records, widths, parametrization, name, lr, expected)
+    axis = "depth" if len(depths) > 1 and len(widths) == 1 else "width"
+    return CoordCheck(records, widths, parametrization, name, lr, expected, depths, axis)
+
+
+def _comparable_across_depth(rows: list[dict[str, Any]], blocks: Mapping[str, int]) -> list[dict[str, Any]]:
+    """Rename block modules (block 0 kept, last block -> ``<container>.last``, others dropped) and
+    average parameter updates over the blocks per template (``<container>.*.<rest>``)."""
+    out, updates = [], {}
+    for row in rows:
+        name = row["module"]
+        hit = next(((c, name[len(c) + 1:]) for c in blocks if name.startswith(c + ".")), None)
+        if hit is None:
+            out.append(row)
+            continue
+        container, rest = hit
+        parsed = re.match(r"(\d+)(?:\.(.*)|([#\[].*))?$", rest)
+        if parsed is None:
+            out.append(row)
+            continue
+        index, tail = parsed.group(1), parsed.group(2) or ""
+        suffix = parsed.group(3) or ""
+        if row["kind"] == "update":
+            key = (f"{container}.*.{tail}", row["step"])
+            updates.setdefault(key, []).append(row["l1"])
+        elif int(index) == 0:
+            out.append(row)
+        elif int(index) == blocks[container] - 1:
+            out.append({**row, "module": f"{container}.last" + (f".{tail}" if tail else "") + suffix})
+    out.extend({"module": name, "kind": "update", "step": step, "l1": sum(v) / len(v)}
+               for (name, step), v in updates.items())
+    return out
 
 
 def _run(model, opt, x, y, loss_fn, steps, inputs, params, updates, include) -> list[dict[str, Any]]:

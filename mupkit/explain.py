@@ -6,8 +6,8 @@ from torch import nn
 
 from .plan import Plan, plan_of
 
-COLUMNS = ("name", "role", "shape", "m_in", "m_out", "init std", "fwd mult", "Adam LR x", "SGD LR x",
-           "AdamW WD x", "Adam eps x")
+COLUMNS = ("name", "role", "shape", "m_in", "m_out", "m_L", "init std", "fwd mult", "Adam LR x", "SGD LR x",
+           "Adafactor LR x", "AdamW WD x", "Adam eps x")
 
 
 def _fmt(x: float | None) -> str:
@@ -20,10 +20,13 @@ def explain_rows(plan: Plan) -> list[tuple[str, ...]]:
     for name, s in plan.items():
         fwd = "1" + "".join(f" (x{plan.input_multipliers[m]:.4g} at {m})" for m in s.tied_readouts
                             if m in plan.input_multipliers)
+        if s.branch_output:
+            fwd += f" (branch x{s.absorbed:.4g}, absorbed)"
         role = s.role.value + (" (tied readout)" if s.tied_readouts else "")
         rows.append((name, role, "x".join(map(str, s.target)) or "()", _fmt(s.m_in), _fmt(s.m_out),
-                     _fmt(s.init_std), fwd, _fmt(s.scales["adam"].lr), _fmt(s.scales["sgd"].lr),
-                     _fmt(s.scales["adamw"].wd), _fmt(s.scales["adam"].eps)))
+                     _fmt(s.m_depth) if s.block else "-", _fmt(s.init_std), fwd, _fmt(s.scales["adam"].lr),
+                     _fmt(s.scales["sgd"].lr), _fmt(s.scales["adafactor"].lr), _fmt(s.scales["adamw"].wd),
+                     _fmt(s.scales["adam"].eps)))
     return rows
 
 
@@ -34,7 +37,8 @@ def explain(model_or_plan: nn.Module | Plan) -> str:
     constant inits, e.g. norm gains, which are never rescaled). A readout's ``1/m_in`` forward
     multiplier is absorbed into its init and LR (shown in its row) unless the readout is tied to
     an embedding, in which case the multiplier is applied to the readout's input (shown as
-    ``x... at <module>``).
+    ``x... at <module>``). With depth scaling, ``m_L = L / L_base`` for parameters of repeated
+    blocks, and the last layer of each residual branch shows its absorbed branch multiplier.
     """
     plan = model_or_plan if isinstance(model_or_plan, Plan) else plan_of(model_or_plan)
     rows = [COLUMNS, *explain_rows(plan)]
@@ -45,4 +49,15 @@ def explain(model_or_plan: nn.Module | Plan) -> str:
     head = f"mupkit plan: {plan.parametrization}"
     if sizes:
         head += f"  base={sizes.get('base')}  target={sizes.get('target')}"
+    depth = plan.depth
+    if depth:
+        blocks = ", ".join(f"{c}: {lb} -> {l} blocks" for c, (lb, l) in depth["blocks"].items())
+        if depth.get("alpha") is None:
+            head += f"\ndepth: {blocks}; no depth rule (plain {plan.parametrization}): branches are not scaled"
+        else:
+            head += (f"\ndepth: {blocks}; alpha = {depth['alpha']:g} (branch x m_L^-alpha, LR x m_L^(alpha-1) "
+                     f"inside blocks); branch outputs {', '.join(depth['branch_outputs'])}")
+            if depth["alpha"] == 1.0:
+                head += ("\nCompleteP (Dey et al. 2025) is mupkit's default for blocks with multi-layer branches "
+                         "(transformer layers), where Depth-muP's theory breaks down (Yang et al. 2023).")
     return "\n".join([head, *lines])

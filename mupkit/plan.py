@@ -29,6 +29,12 @@ class ParamSpec:
     size (absorbed forward multipliers included); ``base_init_std``: that base std, measured
     from the user's constructor (``None`` when the init is constant, e.g. zeros or ones, or
     unknown); ``scales``: family -> LR/WD/eps multipliers (see :mod:`mupkit.rules`).
+    ``absorbed``: the forward multiplier folded into this parameter (``W' = c W``: a readout's
+    ``1/m_in``, a residual branch's ``m_L^-alpha``), part of ``init_scale``; it scales the whole
+    tensor, mean included, where the init-std rule scales only the deviation from the mean.
+    ``block``: the name template (``blocks.*.mlp.0.weight``) of a parameter in a repeated block,
+    ``m_depth = L / L_base`` of its container, ``branch_output``: it ends a residual branch and
+    carries the branch multiplier in its init and LR.
     """
 
     name: str
@@ -45,6 +51,10 @@ class ParamSpec:
     fan_in_axis: int | None = None
     aliases: tuple[str, ...] = ()
     tied_readouts: tuple[str, ...] = ()
+    block: str | None = None
+    m_depth: float = 1.0
+    branch_output: bool = False
+    absorbed: float = 1.0
 
     @property
     def init_std(self) -> float | None:
@@ -77,12 +87,15 @@ class Plan(Mapping[str, ParamSpec]):
 
     ``input_multipliers``: module FQN -> factor applied to the module's first input (used for a
     readout tied to an embedding, where the readout multiplier cannot be absorbed).
+    ``depth``: when base and target differ in depth, ``{"alpha": ..., "blocks": {container:
+    [L_base, L]}, "branch_outputs": [module templates]}``; empty otherwise.
     """
 
     parametrization: str
     specs: Mapping[str, ParamSpec]
     input_multipliers: Mapping[str, float] = field(default_factory=dict)
     sizes: Mapping[str, Any] = field(default_factory=dict)
+    depth: Mapping[str, Any] = field(default_factory=dict)
 
     def __getitem__(self, name: str) -> ParamSpec:
         return self.specs[name]
@@ -96,12 +109,14 @@ class Plan(Mapping[str, ParamSpec]):
     @property
     def at_base(self) -> bool:
         """True when every width multiplier is 1 (the target is the base model)."""
-        return all(m == 1.0 for s in self.specs.values() for m in s.multipliers)
+        return all(m == 1.0 for s in self.specs.values() for m in s.multipliers) and \
+            all(s.m_depth == 1.0 for s in self.specs.values())
 
     def to_json(self, path: str | None = None) -> str:
         """Serialize (``sizes`` values that JSON cannot hold are stored as their ``repr``)."""
         text = json.dumps({"format": "mupkit-plan/1", "parametrization": self.parametrization,
                            "sizes": self.sizes, "input_multipliers": dict(self.input_multipliers),
+                           "depth": dict(self.depth),
                            "specs": [s.to_dict() for s in self.specs.values()]}, indent=1, default=repr)
         if path is not None:
             with open(path, "w") as f:
@@ -118,7 +133,7 @@ class Plan(Mapping[str, ParamSpec]):
         if d.get("format") != "mupkit-plan/1":
             raise ValueError(f"not a mupkit plan file (format {d.get('format')!r}, expected 'mupkit-plan/1')")
         specs = {s["name"]: ParamSpec.from_dict(s) for s in d["specs"]}
-        return cls(d["parametrization"], specs, d["input_multipliers"], d["sizes"])
+        return cls(d["parametrization"], specs, d["input_multipliers"], d["sizes"], d.get("depth", {}))
 
 
 _WRAPPER_ATTRS = ("module", "_orig_mod")  # DDP / DataParallel, torch.compile

@@ -23,7 +23,7 @@ LABELS = {"l1": "mean |x|", "rms": "RMS(x)", "delta_rms": "RMS(x_t - x_0)"}
 
 def _groups(check: "CoordCheck", max_lines: int) -> dict[str, str]:
     """module -> line label."""
-    modules = {r["module"]: r.get("type", "") for r in check.records if r["kind"] == "out"}
+    modules = {r["module"]: r.get("type", "") for r in check.records if r["kind"] == check.judged_kind}
     if len(modules) <= max_lines:
         return {m: f"{m} ({t})" if t else m for m, t in modules.items()}
     pattern = {m: re.sub(r"(?<=\.)\d+(?=[.#\[]|$)|^\d+(?=[.#\[]|$)", "*", m) for m in modules}
@@ -36,8 +36,8 @@ def _series(check: "CoordCheck", metric: str, labels: dict[str, str]):
     """label -> step -> (widths, mean over seeds, min, max) of the group-mean metric."""
     acc: dict[tuple[str, int, int, int], list[float]] = {}
     for r in check.records:
-        if r["kind"] == "out" and r.get(metric, 0) > 0:
-            acc.setdefault((labels[r["module"]], r["step"], r["width"], r["seed"]), []).append(r[metric])
+        if r["kind"] == check.judged_kind and r.get(metric, 0) > 0:
+            acc.setdefault((labels[r["module"]], r["step"], r[check.axis], r["seed"]), []).append(r[metric])
     out: dict[str, dict[int, tuple]] = {}
     keys = {(lab, step) for lab, step, _, _ in acc}
     for lab, step in keys:
@@ -78,11 +78,12 @@ def plot(checks: Sequence["CoordCheck"], path: str, *, metric: str = "l1", max_l
             ax.set_yscale("log", base=2)
             _min_octaves(ax, 2.0)
             ax.set_title("step 0 (init)" if step == 0 else f"step {step}", fontsize=9)
-            ax.set_xlabel("width", fontsize=8)
+            ax.set_xlabel(check.axis, fontsize=8)
             ax.tick_params(labelsize=7)
             ax.grid(True, which="major", alpha=0.3)
             if col == 0:
-                ax.set_ylabel(f"{check.parametrization}: {LABELS.get(metric, metric)}", fontsize=8)
+                inputs = " of inputs" if check.judged_kind == "in" else ""
+                ax.set_ylabel(f"{check.parametrization}: {LABELS.get(metric, metric)}{inputs}", fontsize=8)
         legend = {}  # every line, also those absent at step 0 (a zero-initialized readout)
         for ax in axes:
             for handle, name in zip(*ax.get_legend_handles_labels()):

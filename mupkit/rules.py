@@ -100,12 +100,49 @@ class RoleRule:
 
 
 @dataclass(frozen=True)
+class DepthRule:
+    """The depth rules for parameters of repeated residual blocks, ``m_L = L / L_base``.
+
+    The alpha-family of CompleteP (Dey et al. 2025, Table 1), which contains Depth-muP (Yang et
+    al. 2023, TP VI; Bordelon et al. 2023) at ``alpha = 1/2`` and CompleteP at ``alpha = 1``:
+
+    * each residual branch is multiplied by ``m_L^-alpha`` (folded into the branch's last layer);
+    * LR of every parameter inside the blocks (weights, biases, norm gains): ``m_L^(alpha - 1)``
+      for entrywise-normalized and parameter-relative updates (Adam, AdamW, Adafactor); for SGD,
+      whose gradient already carries the branch multiplier, ``m_L^(2 alpha - 1)`` (the same
+      per-block contribution ``1/L``; TP VI: no depth factor at ``alpha = 1/2``);
+    * Adam eps inside the blocks: ``m_N^-1 m_L^-alpha`` (``m_N`` the parameter's width multiplier);
+    * no depth factor on init: the init is the user's, measured at the base depth;
+    * weight decay: mupkit's policies (coupled: ``lr * wd`` kept as at the base).
+    """
+
+    alpha: float
+
+    def branch_multiplier(self, m_depth: float) -> float:
+        return m_depth ** -self.alpha
+
+    def lr(self, update: str, m_depth: float) -> float:
+        return m_depth ** ((2 * self.alpha - 1) if update == "sgd" else (self.alpha - 1))
+
+    def eps(self, m_width: float, m_depth: float) -> float:
+        return m_width ** -1 * m_depth ** -self.alpha
+
+
+DEPTH_RULES: dict[str, DepthRule] = {"depth-mup": DepthRule(0.5), "completep": DepthRule(1.0)}
+
+
+@dataclass(frozen=True)
 class Parametrization:
-    """A named table ``role -> RoleRule``; new parametrizations are new tables."""
+    """A named table ``role -> RoleRule``; new parametrizations are new tables.
+
+    ``depth``: the rule for repeated residual blocks when base and target differ in depth
+    (``None``: depth is not scaled; ``"auto"`` is resolved per model, see :func:`auto_depth`).
+    """
 
     name: str
     rules: Mapping[Role, RoleRule]
     rescales: bool = True  # False (SP): keep the user's init at every size; no width dim required
+    depth: DepthRule | str | None = None
 
 
 _VECTOR_LIKE = RoleRule(lr={"adam": ONE, "sgd": Power(b=1), "adafactor": ONE})
@@ -138,14 +175,21 @@ def absorbed_init_scale(rule: RoleRule, m_in: float, m_out: float) -> float:
     return rule.init(m_in, m_out) * rule.forward(m_in, m_out)
 
 
-def scales_for(rule: RoleRule, family: Family, m_in: float, m_out: float, absorbed: float = 1.0) -> Scales:
+def scales_for(rule: RoleRule, family: Family, m_in: float, m_out: float, absorbed: float = 1.0,
+               depth: DepthRule | None = None, m_depth: float = 1.0) -> Scales:
     """LR, coupled-WD and eps multipliers of one parameter, with forward mult ``absorbed`` folded in.
 
     For the ``adafactor`` family, ``eps`` scales the RMS floor ``eps2`` and follows the init
-    scale, so a zero-initialized tensor steps as its muP init would.
+    scale, so a zero-initialized tensor steps as its muP init would. ``depth``/``m_depth``: the
+    depth rule of a parameter inside a repeated block (``absorbed`` then includes the branch
+    multiplier when the parameter ends a branch).
     """
     lr = rule.lr[family.update](m_in, m_out)
     eps = rule.init(m_in, m_out) if family.update == "adafactor" else rule.eps(m_in, m_out)
+    if depth is not None:
+        lr *= depth.lr(family.update, m_depth)
+        if family.update == "adam":
+            eps = depth.eps(max(m_in, m_out), m_depth)
     return absorb(Scales(lr=lr, wd=1.0 / lr, eps=eps), family, absorbed)
 
 
@@ -170,10 +214,34 @@ def absorb(scales: Scales, family: Family, c: float) -> Scales:
                   eps=scales.eps * c ** family.eps_power)
 
 
+#: accepted names: a width parametrization, a depth rule (with muP in width), or ``width+depth``;
+#: ``+depth`` picks the depth rule per model (:func:`auto_depth`)
+DEPTH_NAMES = (*DEPTH_RULES, "depth")
+
+
 def get_parametrization(name: str | Parametrization) -> Parametrization:
+    """``"sp"``, ``"mup"``, ``"depth-mup"``, ``"completep"``, or ``"<width>+<depth>"`` such as
+    ``"mup+completep"``; ``"mup+depth"`` chooses CompleteP or Depth-muP from the block structure."""
     if isinstance(name, Parametrization):
         return name
-    try:
-        return PARAMETRIZATIONS[name]
-    except KeyError:
-        raise ValueError(f"unknown parametrization {name!r}; choose one of {sorted(PARAMETRIZATIONS)}") from None
+    width, _, depth = name.partition("+")
+    if not depth and width in DEPTH_NAMES:
+        width, depth = "mup", width
+    if width not in PARAMETRIZATIONS or (depth and depth not in DEPTH_NAMES):
+        raise ValueError(f"unknown parametrization {name!r}; choose one of {sorted(PARAMETRIZATIONS)}, "
+                         f"{sorted(DEPTH_RULES)}, or '<width>+<depth>' with depth in {list(DEPTH_NAMES)} "
+                         f"(e.g. 'mup+completep').")
+    base = PARAMETRIZATIONS[width]
+    if not depth:
+        return base
+    if not base.rescales:
+        raise ValueError(f"{name!r}: depth rules build on muP's width rules; use 'mup+{depth}'.")
+    rule = "auto" if depth == "depth" else DEPTH_RULES[depth]
+    return Parametrization(f"{width}+{depth}", base.rules, base.rescales, rule)
+
+
+def auto_depth(layers_per_branch: int) -> DepthRule:
+    """CompleteP (``alpha = 1``) for branches with more than one weight layer, such as
+    transformer attention and MLP branches, where Depth-muP's theory breaks down (TP VI: a
+    unique optimal limit exists only for one-layer blocks); Depth-muP (``alpha = 1/2``) otherwise."""
+    return DEPTH_RULES["completep" if layers_per_branch > 1 else "depth-mup"]

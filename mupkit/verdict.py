@@ -73,14 +73,18 @@ class Verdict:
 
 
 def fit_slopes(check: "CoordCheck", metric: str = "l1", kind: str = "out") -> dict[tuple[str, int], float]:
-    """(module, step) -> seed-averaged slope of log(metric) vs log(width); NaN if a value is 0."""
-    series: dict[tuple[str, int, int], dict[int, float]] = {}
+    """(module, step) -> slope of log(metric) vs log(size along ``check.axis``), averaged over seeds
+    (and over the other size, in a joint check); NaN if a value is 0. Only modules recorded at
+    every size are fitted."""
+    axis = check.axis
+    other = "depth" if axis == "width" else "width"
+    series: dict[tuple, dict[int, float]] = {}
     for r in check.records:
         if r["kind"] == kind and metric in r:
-            series.setdefault((r["module"], r["step"], r["seed"]), {})[r["width"]] = r[metric]
+            series.setdefault((r["module"], r["step"], r["seed"], r.get(other)), {})[r[axis]] = r[metric]
     per_key: dict[tuple[str, int], list[float]] = {}
-    for (module, step, _seed), by_width in series.items():
-        if len(by_width) < 2:
+    for (module, step, _seed, _other), by_width in series.items():
+        if len(by_width) < max(2, len(check.sizes)):
             continue
         widths = sorted(by_width)
         values = [by_width[w] for w in widths]
@@ -100,15 +104,19 @@ def _init_transient(check: "CoordCheck", module: str, slope: float, tolerance: f
 
 
 def verdict(check: "CoordCheck", *, tolerance: float = 0.1, metric: str = "l1", steps=None,
-            kind: str = "out") -> Verdict:
+            kind: str | None = None) -> Verdict:
     """Judge every (module, step); ``steps``: which steps to judge (default all recorded).
 
     Modules whose step-0 row is ``expected`` are judged on ``delta_rms`` at later steps.
+    ``kind``: ``"out"``, ``"in"`` or ``"update"`` records (default: ``check.judged_kind``).
     """
+    kind = kind or check.judged_kind
     slopes = fit_slopes(check, metric, kind)
     changes = fit_slopes(check, "delta_rms", kind)
     transient = {module for (module, step), slope in slopes.items()
                  if step == 0 and _init_transient(check, module, slope, tolerance)}
+    moved = {(r["module"], r["step"]) for r in check.records if r["kind"] == kind and r.get("delta_rms", 0) > 0}
+    at_init = {key for key in slopes if key[1] == 0 or key not in moved}  # not changed by any step yet
     rows = []
     for (module, step), slope in sorted(slopes.items(), key=lambda kv: (kv[0][1], kv[0][0])):
         if steps is not None and step not in steps:
@@ -124,9 +132,12 @@ def verdict(check: "CoordCheck", *, tolerance: float = 0.1, metric: str = "l1", 
             status = "pass"
         elif step == 0 and module in transient:
             status = "expected"
+        elif check.axis == "depth" and (module, step) in at_init and INIT_READOUT_SLOPE - tolerance <= slope < 0:
+            status = "expected"  # CompleteP: the branches' init variance L * L^-2 fades (Dey et al. 2025, Fig. 3)
         else:
             status = "fail"
         rows.append(Slope(module, step, slope, status, judged))
-    widths = f"widths {check.widths[0]}..{check.widths[-1]}"
-    title = f"{check.parametrization} {check.optimizer} lr={check.lr:g}, {metric}, {widths}"
+    sizes = f"{check.axis}s {check.sizes[0]}..{check.sizes[-1]}"
+    what = metric if kind == check.judged_kind else f"{kind} {metric}"
+    title = f"{check.parametrization} {check.optimizer} lr={check.lr:g}, {what}, {sizes}"
     return Verdict(tuple(rows), tolerance, metric, title)

@@ -1,0 +1,169 @@
+"""Depth: repeated blocks inferred from the constructor, Depth-muP / CompleteP rules, depth checks.
+
+Rule oracle: CompleteP's Table 1 (Dey et al. 2025), alpha-family column, with m_N = width
+multiplier and m_L = depth multiplier (see shared reference umup_depth.md, Sec. 3.c and 6.6).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import mupkit
+from mupkit import models
+from mupkit.plan import Plan
+
+GPT = dict(base_width=64, max_len=16)
+
+
+def gpt_plan(parametrization, depth=8, width=128):
+    return mupkit.infer_plan(models.gpt, base=dict(width=64, depth=2, **GPT), target=dict(width=width, depth=depth, **GPT),
+                             parametrization=parametrization)
+
+
+@pytest.mark.parametrize("name,alpha", [("completep", 1.0), ("depth-mup", 0.5), ("mup+completep", 1.0)])
+def test_rules_follow_the_completep_table(name, alpha):
+    plan = gpt_plan(name)
+    m_n, m_l = 2.0, 4.0
+    assert plan.depth["blocks"] == {"blocks": [2, 8]} and plan.depth["alpha"] == alpha
+    assert set(plan.depth["branch_outputs"]) == {"blocks.*.attn.proj", "blocks.*.mlp.2"}
+    qkv, ln, bias = plan["blocks.5.attn.qkv.weight"], plan["blocks.5.ln1.weight"], plan["blocks.5.mlp.0.bias"]
+    assert qkv.m_depth == m_l and not qkv.branch_output
+    assert qkv.scales["adamw"].lr == pytest.approx(m_n ** -1 * m_l ** (alpha - 1))  # hidden LR
+    assert ln.scales["adamw"].lr == pytest.approx(m_l ** (alpha - 1))  # pre-LN gain LR
+    assert bias.scales["adamw"].lr == pytest.approx(m_l ** (alpha - 1))  # hidden bias LR
+    assert qkv.scales["adam"].eps == pytest.approx(m_n ** -1 * m_l ** -alpha)  # Adam eps in blocks
+    assert qkv.scales["adamw"].wd * qkv.scales["adamw"].lr == pytest.approx(1.0)  # lr * wd as at the base
+    assert qkv.init_scale == pytest.approx(m_n ** -0.5)  # no depth factor on init
+    for outside in ("wte.weight", "wpe.weight", "ln_f.weight"):  # embedding, final LN: lr x 1
+        assert plan[outside].scales["adamw"].lr == 1.0 and plan[outside].block is None
+    proj = plan["blocks.7.attn.proj.weight"]  # the branch multiplier m_L^-alpha, folded into the layer
+    c = m_l ** -alpha
+    assert proj.branch_output and proj.absorbed == pytest.approx(c)
+    assert proj.init_scale == pytest.approx(m_n ** -0.5 * c)
+    assert proj.scales["adamw"].lr == pytest.approx(m_n ** -1 * m_l ** (alpha - 1) * c)  # Adam: lr x c
+    assert proj.scales["sgd"].lr == pytest.approx(m_l ** (2 * alpha - 1) * c ** 2)  # SGD: lr x c^2
+    assert proj.scales["adafactor"].lr == pytest.approx(m_n ** -0.5 * m_l ** (alpha - 1))  # scale-relative
+
+
+def test_mup_plus_depth_picks_completep_for_multi_layer_branches_and_explain_says_so():
+    plan = gpt_plan("mup+depth")
+    assert plan.depth["alpha"] == 1.0
+    text = mupkit.explain(plan)
+    assert "CompleteP" in text and "Depth-muP's theory breaks down" in text and "branch x0.25" in text
+
+
+def test_plain_mup_maps_blocks_but_does_not_scale_depth():
+    plan = gpt_plan("mup")
+    assert plan.depth["alpha"] is None and not any(s.branch_output for s in plan.values())
+    assert plan["blocks.7.attn.proj.weight"].scales["adamw"].lr == pytest.approx(0.5)
+
+
+def test_branch_multiplier_is_absorbed_exactly():
+    """CompleteP's explicit branch multiplier x + m_L^-1 W2 relu(W1 LN x), trained with the un-absorbed
+    LRs, equals mupkit's absorbed model step for step (float64, Adam, 5 steps)."""
+    sizes = dict(base=dict(width=32, depth=2), target=dict(width=32, depth=8))
+    torch.manual_seed(0)
+    absorbed = mupkit.build(models.resmlp, parametrization="completep", **sizes).double()
+    plan = mupkit.plan_of(absorbed)
+    explicit = copy.deepcopy(absorbed)
+    c = 8 / 2
+    with torch.no_grad():
+        for block in explicit.blocks:
+            block[3].weight.div_(c ** -1)
+            block[3].bias.div_(c ** -1)
+            block.register_forward_hook(lambda module, args, out: out * c ** -1)
+    groups = []
+    for name, p in explicit.named_parameters():
+        s = plan[name].scales["adam"]
+        lr, eps = s.lr, s.eps
+        if plan[name].branch_output:  # undo the absorption: lr / c, eps * c (mupkit.rules.absorb)
+            lr, eps = lr / plan[name].absorbed, eps * plan[name].absorbed
+        groups.append({"params": [p], "lr": 1e-2 * lr, "eps": 1e-8 * eps})
+    opt_explicit = torch.optim.Adam(groups)
+    opt_absorbed = mupkit.optim.Adam(mupkit.param_groups(absorbed), lr=1e-2)
+    x, y = torch.randn(16, 64, dtype=torch.float64), torch.randn(16, 10, dtype=torch.float64)
+    for _ in range(5):
+        for model, opt in ((absorbed, opt_absorbed), (explicit, opt_explicit)):
+            opt.zero_grad()
+            (model(x) - y).square().mean().backward()
+            opt.step()
+    torch.testing.assert_close(absorbed(x), explicit(x), rtol=1e-10, atol=1e-12)
+
+
+def test_plan_with_depth_round_trips_json():
+    plan = gpt_plan("completep")
+    again = Plan.from_json(plan.to_json())
+    assert again.depth == plan.depth and again["blocks.7.mlp.2.weight"] == plan["blocks.7.mlp.2.weight"]
+
+
+class NoResidual(nn.Module):
+    def __init__(self, width=32, depth=2):
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(width, width), nn.ReLU()) for _ in range(depth))
+        self.head = nn.Linear(width, 4)
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x)
+
+
+def test_errors_name_what_to_do():
+    with pytest.raises(ValueError, match=r"feeds no residual add.*branch_outputs="):
+        mupkit.infer_plan(NoResidual, base=dict(depth=2), target=dict(depth=4), parametrization="completep")
+    plan = mupkit.infer_plan(NoResidual, base=dict(depth=2), target=dict(depth=4), parametrization="completep",
+                             branch_outputs=["blocks.*.0"])
+    assert plan["blocks.3.0.weight"].branch_output
+    with pytest.raises(ValueError, match="match no Linear/Conv layer"):
+        mupkit.infer_plan(NoResidual, base=dict(depth=2), target=dict(depth=4), parametrization="completep",
+                          branch_outputs=["blocks.*.nothing"])
+    with pytest.raises(ValueError, match="unknown parametrization 'mup\\+deep'"):
+        mupkit.infer_plan(NoResidual, base=dict(depth=2), target=dict(depth=4), parametrization="mup+deep")
+
+
+DEPTHS = [2, 4, 8, 16, 32]
+
+
+def depth_check(name, parametrization):
+    if name == "gpt":
+        make, kwargs, lr = models.gpt, dict(GPT, emb_mult=10.0, tie=False), 3e-3
+    else:
+        make, kwargs, lr = models.resmlp, {}, 1e-2
+    return mupkit.coord_check(make, 64, depths=DEPTHS, parametrization=parametrization, optimizer="adam", lr=lr,
+                              steps=4, seeds=2, kwargs=kwargs, updates=True, show_progress=False)
+
+
+def stream_slope(check, step=4):
+    """Slope of the residual stream entering the final norm, against depth."""
+    module = "ln_f[0]" if "ln_f[0]" in {r["module"] for r in check.records} else "norm[0]"
+    return next(r.slope for r in check.verdict().rows if r.module == module and r.step == step)
+
+
+@pytest.mark.parametrize("name", ["resmlp", "gpt"])
+def test_depth_coordinate_check(name):
+    """CompleteP and Depth-muP keep the residual stream flat across depths 2..32 after 1-4 Adam
+    steps; plain muP lets it grow. Per-block relative updates: flat under CompleteP, L^-1/2
+    under Depth-muP (its Adam LR is eta L^-1/2 on an init without depth factor, TP VI)."""
+    mup = depth_check(name, "mup")
+    assert stream_slope(mup) >= 0.3
+    for parametrization, update_slope in (("completep", 0.0), ("depth-mup", -0.5)):
+        check = depth_check(name, parametrization)
+        verdict = check.verdict(steps=range(1, 5))
+        assert verdict.passed, str(verdict)
+        updates = check.verdict(steps=range(2, 5), kind="update")
+        block_rows = [r for r in updates.rows if r.module.startswith("blocks.*") and r.module.endswith("weight")
+                      and r.status != "zero"]
+        assert block_rows and all(abs(r.slope - update_slope) <= 0.1 for r in block_rows), str(updates)
+
+
+def test_cli_depth_check(tmp_path, capsys):
+    from mupkit.cli import main as cli
+    code = cli(["coord-check", "--model", "resmlp", "--depths", "2", "4", "8", "--param", "completep", "--compare",
+                "mup", "--steps", "2", "--seeds", "1", "--quiet", "--out", str(tmp_path / "d.png")])
+    text = capsys.readouterr().out
+    assert code == 0 and "PASS: completep" in text and "depths 2..8" in text and "update l1" in text
+    assert (tmp_path / "d.png").stat().st_size > 20_000
