@@ -13,19 +13,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 
 import mupkit
-from mupkit import models
-
-
-def timed_steps(opt: torch.optim.Optimizer, steps: int) -> float:
-    start = time.perf_counter()
-    for _ in range(steps):
-        opt.step()
-    return (time.perf_counter() - start) / steps
+from common import gpt_parameters, timed_steps
 
 
 def main() -> None:
@@ -35,12 +27,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=7)
     args = parser.parse_args()
-    torch.manual_seed(0)
-    sizes = dict(depth=args.depth, base_width=64, vocab=512)
-    model = mupkit.build(models.gpt, base=dict(width=64, **sizes), target=dict(width=args.width, **sizes))
-    params = list(model.parameters())
-    for p in params:
-        p.grad = torch.randn_like(p) * 1e-3
+    model, params = gpt_parameters(args.width, args.depth)
     n = sum(p.numel() for p in params)
     groups = mupkit.param_groups(model)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {n / 1e6:.1f}M params in {len(params)} "

@@ -14,20 +14,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from typing import Callable
 
 import torch
 
 import mupkit
-from mupkit import models
-
-
-def timed_steps(opt: torch.optim.Optimizer, steps: int) -> float:
-    start = time.perf_counter()
-    for _ in range(steps):
-        opt.step()
-    return (time.perf_counter() - start) / steps
+from common import gpt_parameters, timed_steps
 
 
 def compare(title: str, makers: dict[str, Callable[[], torch.optim.Optimizer]], reference: str, steps: int,
@@ -53,12 +45,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
-    torch.manual_seed(0)
-    sizes = dict(depth=args.depth, base_width=64, vocab=512)
-    model = mupkit.build(models.gpt, base=dict(width=64, **sizes), target=dict(width=args.width, **sizes))
-    params = list(model.parameters())
-    for p in params:
-        p.grad = torch.randn_like(p) * 1e-3
+    model, params = gpt_parameters(args.width, args.depth)
     groups = mupkit.param_groups(model)
     n = sum(p.numel() for p in params)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {n / 1e6:.1f}M params in {len(params)} "

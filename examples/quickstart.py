@@ -11,8 +11,6 @@ model trains at least as well, under SP the same LR is too large for it.
 from __future__ import annotations
 
 import argparse
-import pathlib
-import sysconfig
 import time
 
 import torch
@@ -20,22 +18,10 @@ import torch.nn.functional as F
 
 import mupkit
 from mupkit import models
+from mupkit.data import stdlib_corpus
 
 CONTEXT = 8
 FIXED = dict(d_in=CONTEXT * 256, d_out=256)  # constructor kwargs that do not scale
-
-
-def stdlib_bytes(limit: int = 2_000_000) -> torch.Tensor:
-    """Bytes of the stdlib's .py files, sorted by path (deterministic)."""
-    root = pathlib.Path(sysconfig.get_paths()["stdlib"])
-    chunks, total = [], 0
-    for path in sorted(root.glob("*.py")):
-        data = path.read_bytes()
-        chunks.append(data)
-        total += len(data)
-        if total >= limit:
-            break
-    return torch.frombuffer(bytearray(b"".join(chunks)[:limit]), dtype=torch.uint8).long()
 
 
 def batches(data: torch.Tensor, batch: int, generator: torch.Generator):
@@ -68,7 +54,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--lr", type=float, default=1e-2)
     args = parser.parse_args()
-    data = stdlib_bytes()
+    data = stdlib_corpus(limit=2_000_000)
     print(f"data: {len(data):,} bytes of Python stdlib source; next-byte prediction from {CONTEXT} bytes")
     print(f"same lr={args.lr} for every width; loss = mean of the last 50 of {args.steps} steps\n")
     print(mupkit.explain(mupkit.infer_plan(models.mlp, base=dict(width=128, **FIXED),

@@ -1,7 +1,10 @@
-"""Synthetic data for checks when the user gives none: inferred from the model's first layer."""
+"""Data for checks and examples: synthetic batches inferred from a model's first layer, and a
+small real text corpus that needs no download (the Python standard library's own sources)."""
 
 from __future__ import annotations
 
+import pathlib
+import sysconfig
 from typing import Any
 
 import torch
@@ -52,3 +55,25 @@ def synthetic_batch(model: nn.Module, *, batch_size: int = 32, seq_len: int = 16
     y = torch.randn(out.shape, generator=gen) if classes == 1 else \
         torch.randint(0, classes, out.shape[:-1], generator=gen)
     return x, y.to(device)
+
+
+def stdlib_corpus(split: str = "train", *, limit: int = 4_000_000, val_fraction: float = 0.1) -> torch.Tensor:
+    """Bytes (int64 token ids 0..255) of the standard library's ``.py`` files, read in sorted path
+    order, so every machine with the same Python gets the same corpus. The first ``1 -
+    val_fraction`` of the bytes is ``"train"``, the rest ``"val"`` (a contiguous, deterministic split).
+    """
+    if split not in ("train", "val"):
+        raise ValueError(f"split={split!r}; use 'train' or 'val'")
+    root = pathlib.Path(sysconfig.get_paths()["stdlib"])
+    chunks, total = [], 0
+    for path in sorted(root.rglob("*.py")):
+        if "test" in path.relative_to(root).parts[0]:
+            continue
+        data = path.read_bytes()
+        chunks.append(data)
+        total += len(data)
+        if total >= limit:
+            break
+    data = torch.frombuffer(bytearray(b"".join(chunks)[:limit]), dtype=torch.uint8).long()
+    cut = int(len(data) * (1 - val_fraction))
+    return data[:cut] if split == "train" else data[cut:]

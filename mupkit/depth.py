@@ -119,7 +119,9 @@ def base_counterpart(name: str, site: BlockSite, base_depth: int, depth: int) ->
 def branch_outputs(model: nn.Module, containers: Sequence[str], patterns: Sequence[str] | None = None) -> set[str]:
     """Module FQN templates (``blocks.*.attn.proj``) of the layers that end a residual branch.
 
-    With ``patterns`` (globs over module templates or names), those are used as given. Otherwise
+    With ``patterns`` (globs over module templates or names), those are used as given; an empty
+    list means the model applies its branch multipliers itself (:func:`mupkit.nn.residual`), so
+    none is folded into a weight. Otherwise
     block 0 of each container runs once: for every ``a + b`` where ``a`` is the block input or
     an earlier residual sum, the layer producing ``b`` (through dropout or identity) ends a
     branch; it must be one of :data:`ABSORBING`.
@@ -133,7 +135,7 @@ def branch_outputs(model: nn.Module, containers: Sequence[str], patterns: Sequen
         else:
             chosen = _traced_branch_outputs(model, block, container)
         out.update(f"{container}.*.{n}" for n in chosen)
-    if patterns is not None and not out:
+    if patterns is not None and list(patterns) and not out:
         raise ValueError(f"branch_outputs={list(patterns)} match no Linear/Conv layer in the repeated blocks "
                          f"{list(containers)}; use templates like '{containers[0]}.*.mlp.fc2'.")
     return out
@@ -197,7 +199,8 @@ def _traced_branch_outputs(model: nn.Module, block: nn.Module, container: str) -
     handles.append(block.register_forward_pre_hook(lambda module, args: mode.enter_block(args[0])))
     handles.append(model.get_submodule(f"{container}.1").register_forward_pre_hook(stop))
     try:
-        x = synthetic_input(model, batch_size=2, seq_len=8).to(next(model.parameters()).device)
+        x = synthetic_input(model, batch_size=2, seq_len=8, generator=torch.Generator().manual_seed(0))  # not the
+        x = x.to(next(model.parameters()).device)  # global RNG: build() must draw exactly like the constructor
         with torch.no_grad(), mode:
             model(x)
     except Exception as err:

@@ -43,3 +43,16 @@ def attention_scale(head_dim: int, base_head_dim: int) -> float:
         raise ValueError(f"attention_scale needs positive head dims, got head_dim={head_dim}, "
                          f"base_head_dim={base_head_dim}")
     return math.sqrt(base_head_dim) / head_dim
+
+
+def residual_scale(depth: int, base_depth: int, alpha: float) -> float:
+    """The residual-branch multiplier ``(depth / base_depth)^-alpha`` (Depth-muP ``alpha = 1/2``,
+    TP VI; CompleteP ``alpha = 1``, Dey et al. 2025). 1 at the base depth."""
+    return (depth / base_depth) ** -alpha
+
+
+def residual(x, branch, scale: float):
+    """``x + scale * branch``: a residual add with an explicit depth multiplier, for branches that
+    do not end in a Linear/Conv layer (build such models with ``branch_outputs=[]`` so mupkit does
+    not also fold the multiplier into a weight)."""
+    return x + scale * branch

@@ -113,10 +113,7 @@ class Adafactor(ScaledGroups, torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = self._loss(closure)
         for group in self.param_groups:
             tensors = [self._tensors(group, i, p) for i, p in enumerate(group["params"]) if p.grad is not None]
             if not tensors:

@@ -69,10 +69,7 @@ class AdamAtan2(ScaledGroups, torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = self._loss(closure)
         with self._effective_hyperparameters():
             for group in self.param_groups:
                 params, grads, exp_avgs, exp_avg_sqs, steps = self._gather(group)

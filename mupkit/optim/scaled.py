@@ -12,6 +12,8 @@ from __future__ import annotations
 import contextlib
 from typing import Any, Iterable
 
+import torch
+
 from ..groups import WEIGHT_DECAY_POLICIES, effective_weight_decay
 from ..rules import Family
 
@@ -89,3 +91,11 @@ class ScaledGroups:
     def step(self, closure=None):
         with self._effective_hyperparameters():
             return super().step(closure)
+
+    @staticmethod
+    def _loss(closure):
+        """Re-evaluate the model with gradients on, as ``torch.optim`` does, when given a closure."""
+        if closure is None:
+            return None
+        with torch.enable_grad():
+            return closure()
