@@ -67,7 +67,7 @@ def run_coord_check(args: argparse.Namespace) -> int:
         if name:
             get_parametrization(name)  # a bad name exits with 2 before any work
     lr = args.lr if args.lr is not None else definition.lr_for(args.optim)
-    batch = definition.batch_for(args.optim)
+    batch = definition.batch_for(args.optim, depth=bool(args.depths))
     checks = []
     for param in [p for p in (args.compare, args.param) if p]:
         kwargs = {**definition.kwargs(param, base), **dict(args.kwargs)}

@@ -16,8 +16,9 @@ and :mod:`mupkit.plotting` for the figure.
 Depth checks (``depths=[...]``): module names inside repeated blocks are made comparable across
 depths: block 0 keeps its name, the last block is named ``<container>.last``, the others are not
 compared; parameter updates are averaged over the blocks per template (``blocks.*.mlp.0.weight``),
-the per-block relative update size. Module inputs are recorded too (kind ``"in"``): the input of
-the first module after the blocks (a final norm, the readout) is the residual stream at the output.
+the per-block relative update size. Module inputs are recorded too (kind ``"in"``; inside blocks
+only the blocks' own inputs): the residual stream entering the first and last block and the
+modules after the blocks (a final norm, the readout).
 """
 
 from __future__ import annotations
@@ -64,8 +65,8 @@ class CoordCheck:
     @property
     def judged_kind(self) -> str:
         """What the verdict and plot use by default: module outputs for width, module inputs for
-        depth (the residual stream entering each branch and the head; a branch's own output
-        is scaled by ``m_L^-alpha`` by design)."""
+        depth (recorded only where they are the residual stream; a branch's own output is
+        scaled by ``m_L^-alpha`` by design)."""
         return "in" if self.axis == "depth" else "out"
 
     def to_pandas(self):
@@ -256,6 +257,8 @@ def _comparable_across_depth(rows: list[dict[str, Any]], blocks: Mapping[str, in
         if row["kind"] == "update":
             key = (f"{container}.*.{tail}", row["step"])
             updates.setdefault(key, []).append(row["l1"])
+        elif row["kind"] == "in" and tail:
+            continue  # inside a branch; the stream is the input of the block itself
         elif int(index) == 0:
             out.append(row)
         elif int(index) == blocks[container] - 1:

@@ -115,8 +115,9 @@ def verdict(check: "CoordCheck", *, tolerance: float = 0.1, metric: str = "l1", 
     changes = fit_slopes(check, "delta_rms", kind)
     transient = {module for (module, step), slope in slopes.items()
                  if step == 0 and _init_transient(check, module, slope, tolerance)}
-    moved = {(r["module"], r["step"]) for r in check.records if r["kind"] == kind and r.get("delta_rms", 0) > 0}
-    at_init = {key for key in slopes if key[1] == 0 or key not in moved}  # not changed by any step yet
+    tracked = {(r["module"], r["step"]): r.get("delta_rms", 0) > 0 for r in check.records
+               if r["kind"] == kind and "delta_rms" in r}
+    at_init = {key for key in slopes if key[1] == 0 or tracked.get(key) is False}  # not changed by any step yet
     rows = []
     for (module, step), slope in sorted(slopes.items(), key=lambda kv: (kv[0][1], kv[0][0])):
         if steps is not None and step not in steps:

@@ -31,9 +31,13 @@ class CheckDefinition:
     kwargs: Callable[[str, int], dict[str, Any]] = lambda parametrization, base: {}
     batch: Callable[[str], Batch] | None = None  # optimizer family name -> (inputs, targets)
     loss: Callable | None = None
+    depth_batch: Callable[[], Batch] | None = None  # for depth checks (None: the synthetic batch)
 
-    def batch_for(self, optimizer: Any) -> Batch | None:
-        """The definition's batch for ``optimizer`` (a name or class), or None for a synthetic one."""
+    def batch_for(self, optimizer: Any, depth: bool = False) -> Batch | None:
+        """The definition's batch for ``optimizer`` (a name or class), or None for a synthetic one;
+        ``depth``: for a depth check."""
+        if depth:
+            return self.depth_batch() if self.depth_batch else None
         return self.batch(family_name(optimizer)) if self.batch else None
 
     def lr_for(self, optimizer: Any) -> float:
@@ -64,6 +68,14 @@ def _token_batch(family: str) -> Batch:
     return idx[:, :-1], idx[:, 1:]
 
 
+def _token_batch_for_depth() -> Batch:
+    """32 x 16 random byte tokens: a depth check follows a few steps of a model at depths up to 32,
+    and with fewer tokens the deep models fit the batch within those steps (CompleteP's stream
+    slope was +0.13 with 2 x 16 tokens, +0.01 with 32 x 16)."""
+    idx = torch.randint(0, 256, (32, 17), generator=torch.Generator().manual_seed(123))
+    return idx[:, :-1], idx[:, 1:]
+
+
 def _gpt_kwargs(parametrization: str, base: int) -> dict[str, Any]:
     """1/d attention pinned to SP at the base width under muP; plain 1/sqrt(d) under SP.
 
@@ -84,7 +96,7 @@ BUILTIN: dict[str, CheckDefinition] = {
     "resmlp": CheckDefinition(models.resmlp, (64, 128, 256, 512, 1024)),
     "transformer": CheckDefinition(models.gpt, (64, 128, 256, 512, 1024),
                                    lr={"adam": 3e-3, "adamw": 3e-3, "sgd": 0.3, "adafactor": 0.03}, kwargs=_gpt_kwargs,
-                                   batch=_token_batch),
+                                   batch=_token_batch, depth_batch=_token_batch_for_depth),
 }
 BUILTIN["resnet"] = BUILTIN["resmlp"]
 BUILTIN["gpt"] = BUILTIN["transformer"]
