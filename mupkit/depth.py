@@ -176,8 +176,10 @@ def _traced_branch_outputs(model: nn.Module, block: nn.Module, container: str) -
     """Run the (meta) model once on a synthetic batch and see which layer of block 0 feeds each
     residual add, whether the add is inside the block or in the container's own forward."""
     from .data import synthetic_input
-    hint = (f"Name the layer that ends each branch: branch_outputs=['{container}.*.attn.out_proj', "
-            f"'{container}.*.mlp.fc2'].")
+    layers = [n for n, m in block.named_modules() if n and isinstance(m, ABSORBING)]
+    hint = (f"Name the layer that ends each branch, e.g. branch_outputs=['{container}.*.{layers[-1] if layers else 'fc2'}'] "
+            f"(Linear/Conv layers of {container}.0: {', '.join(layers) or 'none'}), or pass branch_outputs=[] and "
+            f"scale the branches in forward with mupkit.nn.residual.")
     producers: dict[int, str] = {}
     keep = []
     mode = _ResidualAdds(producers)

@@ -179,3 +179,40 @@ def test_depth_build_draws_from_the_global_rng_like_the_constructor():
     torch.manual_seed(0)
     models.gpt(width=64, depth=4, **GPT)
     assert torch.equal(after_build, torch.rand(3))
+
+
+class TorchEncoder(nn.Module):
+    """torch's own pre-LN nn.TransformerEncoder: attention's output projection is applied inside
+    F.multi_head_attention_forward, so the branch end must be named."""
+
+    def __init__(self, width=64, depth=2):
+        super().__init__()
+        self.emb = nn.Embedding(100, width)
+        layer = nn.TransformerEncoderLayer(width, 4, 2 * width, dropout=0.0, batch_first=True, norm_first=True)
+        self.enc = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+        self.head = nn.Linear(width, 100)
+
+    def forward(self, x):
+        return self.head(self.enc(self.emb(x)))
+
+
+def test_torch_transformer_encoder_needs_and_accepts_named_branch_outputs():
+    sizes = dict(base=dict(width=64, depth=2), target=dict(width=128, depth=8), parametrization="completep")
+    with pytest.raises(ValueError, match=r"self_attn\.out_proj, linear1, linear2"):
+        mupkit.infer_plan(TorchEncoder, **sizes)
+    model = mupkit.build(TorchEncoder, branch_outputs=["enc.layers.*.self_attn.out_proj", "enc.layers.*.linear2"],
+                         **sizes)
+    plan = mupkit.plan_of(model)
+    ends = {n for n, s in plan.items() if s.branch_output}
+    assert ends == {f"enc.layers.{i}.{m}.{w}" for i in range(8) for m in ("self_attn.out_proj", "linear2")
+                    for w in ("weight", "bias")}
+    assert plan["enc.layers.3.linear2.weight"].absorbed == pytest.approx(0.25)
+    assert model(torch.randint(0, 100, (2, 8))).shape == (2, 8, 100)
+
+
+def test_joint_width_and_depth_grid_fits_against_width():
+    check = mupkit.coord_check(models.resmlp, [64, 256], depths=[2, 4], steps=1, seeds=1, show_progress=False)
+    assert check.axis == "width" and check.sizes == [64, 256]
+    assert {(r["width"], r["depth"]) for r in check.records} == {(64, 2), (64, 4), (256, 2), (256, 4)}
+    verdict = check.verdict()
+    assert verdict.rows and "widths 64..256" in verdict.summary()
