@@ -87,6 +87,8 @@ OPTIMIZERS = {
     "adam-atan2": lambda groups: mupkit.optim.AdamAtan2(groups, lr=1e-2, weight_decay=0.1, foreach=True),
     "adafactor": lambda groups: mupkit.optim.Adafactor(groups, lr=0.1, beta1=0.9, weight_decay=0.1, foreach=True),
     "adafactor-single": lambda groups: mupkit.optim.Adafactor(groups, mode="hf", weight_decay=0.1, foreach=False),
+    "dadapt-adam": lambda groups: mupkit.optim.DAdaptAdam(groups, decouple=True, weight_decay=0.1, d0=1e-3),
+    "prodigy": lambda groups: mupkit.optim.Prodigy(groups, weight_decay=0.1, d0=1e-3),
 }
 
 
@@ -139,10 +141,12 @@ def single_process_reference(world: int, arch: str, optim: str, dtype: torch.dty
 @pytest.mark.parametrize("mode,arch,optim,dtype", [
     ("ddp", "gpt", "adamw", torch.float64), ("fsdp2", "gpt", "adamw", torch.float64),
     ("fsdp2", "resmlp", "adam-atan2", torch.float32), ("fsdp2", "resmlp", "adafactor", torch.float32),
-    ("fsdp2", "resmlp", "adafactor-single", torch.float32)])
+    ("fsdp2", "resmlp", "adafactor-single", torch.float32), ("fsdp2", "resmlp", "dadapt-adam", torch.float32),
+    ("fsdp2", "resmlp", "prodigy", torch.float32)])
 def test_distributed_world_size_two_matches_single_process(mode, arch, optim, dtype):
     """float64: only the gradient all-reduce order differs (1e-9). float32 Adafactor: its column
-    statistics and RMS values are summed over the shards, in a different order (1e-5)."""
+    statistics and RMS values are summed over the shards, in a different order (1e-5); so are
+    D-Adaptation's and Prodigy's numerator and denominator of the global d."""
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "out.pt")
         mp.spawn(_worker, args=(2, os.path.join(tmp, "rdzv"), mode, arch, optim, dtype, out), nprocs=2, join=True)

@@ -1,0 +1,240 @@
+"""Learning-rate-free Adam: D-Adaptation (Defazio & Mishchenko 2023, Alg. "DAdaptAdam") and
+Prodigy (Mishchenko & Defazio 2023, Alg. 4), with muP group scales and sharded training.
+
+Both estimate one global step size ``d`` from a ratio of sums over all parameters, then take an
+Adam step with ``dlr = d * lr``. Per step, for each parameter with gradient ``g``:
+
+* DAdaptAdam: ``num += r dlr <g, s / (sqrt(v) + eps)>`` (old ``s``, ``v``);
+  ``m <- beta1 m + r dlr (1 - beta1) g``; ``v <- beta2 v + (1 - beta2) g^2``;
+  ``s <- sqrt(beta2) s + dlr (1 - sqrt(beta2)) g``; ``den += r ||s||_1``. Then
+  ``num_w <- sqrt(beta2) num_w + (1 - sqrt(beta2)) num``, ``d_hat = num_w / ((1 - sqrt(beta2)) den)``,
+  ``d <- max(d, min(d_hat, d * growth_rate))`` and ``p <- p - m / (sqrt(v) + eps)``.
+* Prodigy: ``num <- beta3 num + sum r (d / d0) dlr <g, p0 - p>``; ``m <- beta1 m + r d (1 - beta1) g``;
+  ``v <- beta2 v + d^2 (1 - beta2) g^2``; ``s <- beta3 s + (d / d0) dlr g`` (``d`` instead of ``dlr``
+  with ``safeguard_warmup``); ``den += r ||s||_1``; ``d_hat = d_coef num / den``; the step is
+  ``p <- p - dlr m / (sqrt(v) + d eps)`` (``beta1 = 0``: ``p <- p - r dlr d g / (...)``).
+
+muP: ``r`` is each group's ``lr_scale`` times its ``layer_scale`` (DAdaptAdam's own per-group
+scale, Sec. 6.2 of the reference notes): it scales the group's step and its weight in the
+numerator and denominator of ``d``, so all scales 1 is exactly the reference. Decoupled decay
+``p -= dlr wd (lr_scale wd_scale) p`` is the reference's ``dlr wd`` at every width (the scales
+cancel under muP's coupled policy); L2 decay adds ``wd wd_scale p`` to a *copy* of the gradient.
+
+Fixes of the references: the sums are device tensors reduced once per step (one host sync,
+not one ``.item()`` per tensor); sharded parameters (FSDP2 DTensors) all-reduce the numerator
+and denominator over their process group on every rank, also on a rank whose shard is empty or
+frozen (no deadlock), on any device; ``p.grad`` is never modified.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from ..rules import FAMILIES
+from .scaled import ScaledGroups
+from .sharding import DTensor, local_tensor
+
+
+
+class _GlobalStep(ScaledGroups, torch.optim.Optimizer):
+    """The parts DAdaptAdam and Prodigy share: groups, ``r``, the one reduction, state in groups."""
+
+    def __init__(self, params, defaults: dict[str, Any], decouple: bool):
+        if not decouple:
+            self.family = FAMILIES["adam"]
+        super().__init__(params, defaults)
+        lrs = {g["lr"] for g in self.param_groups} - {0.0}
+        if len(lrs) > 1:
+            raise ValueError(f"all param groups must share one lr (or 0 to freeze a group), got {sorted(lrs)}: d is a "
+                             f"global step size. Per-group multipliers belong in lr_scale/layer_scale "
+                             f"(mupkit.param_groups(model) sets them).")
+        self._sharded_groups = {id(p.device_mesh.get_group()): p.device_mesh.get_group()
+                                for g in self.param_groups for p in g["params"]
+                                if DTensor is not None and isinstance(p, DTensor)}
+
+    def _shared(self) -> dict[str, Any]:
+        return self.param_groups[0]
+
+    def _store(self, **values) -> None:
+        for group in self.param_groups:
+            group.update(values)
+
+    @staticmethod
+    def _r(group: dict[str, Any]) -> float:
+        return group["lr_scale"] * group.get("layer_scale", 1.0)
+
+    @staticmethod
+    def _grad(group: dict[str, Any], p: torch.Tensor, decouple: bool) -> torch.Tensor:
+        """The local gradient, with L2 decay added to a copy (never to ``p.grad``)."""
+        g = local_tensor(p.grad)
+        wd = group["weight_decay"] * group["wd_scale"]
+        return g.add(local_tensor(p), alpha=wd) if wd and not decouple else g
+
+    def _reduce(self, terms: list[torch.Tensor], like: torch.Tensor | None) -> tuple[float, float]:
+        """Sum ``[num, den]`` terms locally, then over every shard group: one collective, one sync."""
+        device = like.device if like is not None else "cpu"
+        total = torch.stack(terms).sum(0) if terms else torch.zeros(2, dtype=torch.float64, device=device)
+        if self._sharded_groups:
+            import torch.distributed as dist
+            for group in self._sharded_groups.values():
+                dist.all_reduce(total, group=group)
+        num, den = total.tolist()
+        return num, den
+
+    def _decay(self, group: dict[str, Any], p: torch.Tensor, dlr: float) -> None:
+        wd = group["weight_decay"] * group["lr_scale"] * group["wd_scale"]
+        if wd and group["decouple"]:
+            local = local_tensor(p)
+            local.add_(local, alpha=-wd * dlr)
+
+
+class DAdaptAdam(_GlobalStep):
+    """D-Adapted Adam (``dadaptation.DAdaptAdam`` 3.2 arguments and defaults) with muP group scales."""
+
+    family = FAMILIES["adamw"]
+
+    def __init__(self, params, lr: float = 1.0, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0, decouple: bool = False, use_bias_correction: bool = False,
+                 d0: float = 1e-6, growth_rate: float = math.inf):
+        if not lr > 0:
+            raise ValueError(f"lr={lr} must be > 0 (it multiplies the adapted d; 1.0 is the usual choice)")
+        if not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"betas={betas} must lie in [0, 1)")
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, decouple=decouple,
+                        use_bias_correction=use_bias_correction, growth_rate=growth_rate, d=d0, k=0,
+                        numerator=0.0, layer_scale=1.0)
+        super().__init__(params, defaults, decouple)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = self._loss(closure)
+        top = self._shared()
+        beta1, beta2 = top["betas"]
+        d, k, lr = top["d"], top["k"], top["lr"]
+        bias_correction = math.sqrt(1 - beta2 ** (k + 1)) / (1 - beta1 ** (k + 1)) if top["use_bias_correction"] else 1.0
+        dlr = d * lr * bias_correction
+        root = math.sqrt(beta2)
+        terms, like = [], None
+        for group in self.param_groups:
+            r, eps = self._r(group), group["eps"] * group["eps_scale"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g = self._grad(group, p, group["decouple"])
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    for key in ("s", "exp_avg", "exp_avg_sq"):
+                        state[key] = torch.zeros_like(g)
+                if group["lr"] == 0.0:
+                    continue
+                s, m, v = state["s"], state["exp_avg"], state["exp_avg_sq"]
+                num = torch.dot(g.flatten(), s.div(v.sqrt().add_(eps)).flatten()) * (r * dlr)
+                m.mul_(beta1).add_(g, alpha=r * dlr * (1 - beta1))
+                v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+                s.mul_(root).add_(g, alpha=dlr * (1 - root))
+                terms.append(torch.stack([num, s.abs().sum() * r]).to(torch.float64))
+                like = g
+        num, den = self._reduce(terms, like)
+        numerator = root * top["numerator"] + (1 - root) * num
+        if den == 0:  # nothing to adapt from yet (e.g. an all-zero first gradient): skip, as the reference
+            return loss
+        d = max(d, min(numerator / ((1 - root) * den), d * top["growth_rate"]))
+        self._store(numerator=numerator, d=d, k=k + 1)
+        for group in self.param_groups:
+            eps = group["eps"] * group["eps_scale"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                state["step"] += 1
+                self._decay(group, p, dlr)
+                local_tensor(p).addcdiv_(state["exp_avg"], state["exp_avg_sq"].sqrt().add_(eps), value=-1)
+        return loss
+
+
+class Prodigy(_GlobalStep):
+    """Prodigy (``prodigyopt.Prodigy`` 1.1.2 arguments and defaults) with muP group scales."""
+
+    family = FAMILIES["adamw"]
+
+    def __init__(self, params, lr: float = 1.0, betas: tuple[float, float] = (0.9, 0.999), beta3: float | None = None,
+                 eps: float = 1e-8, weight_decay: float = 0.0, decouple: bool = True, use_bias_correction: bool = False,
+                 safeguard_warmup: bool = False, d0: float = 1e-6, d_coef: float = 1.0, growth_rate: float = math.inf,
+                 slice_p: int = 1):
+        if not lr > 0:
+            raise ValueError(f"lr={lr} must be > 0 (it multiplies the adapted d; 1.0 is the usual choice)")
+        if slice_p < 1:
+            raise ValueError(f"slice_p={slice_p} must be >= 1")
+        defaults = dict(lr=lr, betas=tuple(betas), beta3=beta3, eps=eps, weight_decay=weight_decay, decouple=decouple,
+                        use_bias_correction=use_bias_correction, safeguard_warmup=safeguard_warmup, d=d0, d0=d0,
+                        d_max=d0, d_coef=d_coef, growth_rate=growth_rate, slice_p=slice_p, k=0, numerator=0.0,
+                        layer_scale=1.0)
+        super().__init__(params, defaults, decouple)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = self._loss(closure)
+        top = self._shared()
+        beta1, beta2 = top["betas"]
+        beta3 = top["beta3"] if top["beta3"] is not None else math.sqrt(beta2)
+        d, d0, k, lr = top["d"], top["d0"], top["k"], top["lr"]
+        bias_correction = math.sqrt(1 - beta2 ** (k + 1)) / (1 - beta1 ** (k + 1)) if top["use_bias_correction"] else 1.0
+        dlr = d * lr * bias_correction
+        terms, like = [], None
+        for group in self.param_groups:
+            r, step = self._r(group), group["slice_p"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g = self._grad(group, p, group["decouple"])
+                local = local_tensor(p)
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["s"] = torch.zeros_like(local.flatten()[::step])
+                    state["p0"] = local.flatten()[::step].clone() if local.any() else local.new_zeros(())
+                    if beta1 > 0:
+                        state["exp_avg"] = torch.zeros_like(local)
+                    state["exp_avg_sq"] = torch.zeros_like(local)
+                if group["lr"] == 0.0:
+                    continue
+                sliced = g.flatten()[::step]
+                num = torch.dot(sliced, state["p0"] - local.flatten()[::step]) * (r * (d / d0) * dlr)
+                if beta1 > 0:
+                    state["exp_avg"].mul_(beta1).add_(g, alpha=r * d * (1 - beta1))
+                state["exp_avg_sq"].mul_(beta2).addcmul_(g, g, value=d * d * (1 - beta2))
+                state["s"].mul_(beta3).add_(sliced, alpha=(d / d0) * (d if group["safeguard_warmup"] else dlr))
+                terms.append(torch.stack([num, state["s"].abs().sum() * r]).to(torch.float64))
+                like = g
+        delta, den = self._reduce(terms, like)
+        if den == 0:  # every rank saw the same zero (the reduction ran), so every rank skips alike
+            return loss
+        numerator = top["numerator"] * beta3 + delta
+        d_hat = top["d_coef"] * numerator / den
+        d_max = top["d_max"]
+        if d == d0:
+            d = max(d, d_hat)
+        d_max = max(d_max, d_hat)
+        d = min(d_max, d * top["growth_rate"])
+        self._store(numerator=numerator, d=d, d_max=d_max, d_hat=d_hat, d_denom=den, k=k + 1)
+        for group in self.param_groups:
+            r, eps = self._r(group), group["eps"] * group["eps_scale"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                state["step"] += 1
+                denom = state["exp_avg_sq"].sqrt().add_(d * eps)
+                self._decay(group, p, dlr)
+                if beta1 > 0:
+                    local_tensor(p).addcdiv_(state["exp_avg"], denom, value=-dlr)
+                else:
+                    local_tensor(p).addcdiv_(self._grad(group, p, group["decouple"]), denom, value=-r * dlr * d)
+        return loss
+
+
+__all__ = ["DAdaptAdam", "Prodigy"]

@@ -1,0 +1,93 @@
+"""DAdaptAdam and Prodigy: parity with dadaptation 3.2 / prodigyopt 1.1.2, muP scales, fixes.
+
+Parity: float64, 100 steps, shapes (8,16), (16,), (3,4,5), (), a second (8,16) and a frozen
+parameter, gradients ``(p - p*) + 0.1 noise`` (so d grows); ``d`` sequence to rtol 1e-12,
+parameters to 1e-10.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import mupkit
+from mupkit import models
+from mupkit.optim import DAdaptAdam, Prodigy
+
+SHAPES = [(8, 16), (16,), (3, 4, 5), (), (8, 16)]
+
+
+def run(make, steps=100, zero_first=False):
+    g = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s, generator=g, dtype=torch.float64)) for s in SHAPES]
+    frozen = torch.nn.Parameter(torch.randn(4, generator=g, dtype=torch.float64))
+    targets = [torch.randn(p.shape, generator=g, dtype=torch.float64) for p in params]
+    opt = make(params + [frozen])
+    ds = []
+    for step in range(steps):
+        for p, t in zip(params, targets):
+            p.grad = torch.zeros_like(p) if zero_first and step == 0 else \
+                (p.detach() - t) + 0.1 * torch.randn(p.shape, generator=g, dtype=torch.float64)
+        opt.step()
+        ds.append(opt.param_groups[0]["d"])
+    return params + [frozen], ds
+
+
+def assert_same(ours, ref):
+    (p1, d1), (p2, d2) = ours, ref
+    assert max((a - b).abs().max().item() for a, b in zip(p1, p2)) <= 1e-10
+    assert all(abs(x - y) <= 1e-12 * abs(y) for x, y in zip(d1, d2))
+    assert d1[-1] > 5 * d1[0]  # d adapted (growth_rate=1.02 caps it at 1.02^100 = 7.2x)
+
+
+@pytest.mark.parametrize("kwargs", [dict(), dict(decouple=True, weight_decay=0.1), dict(weight_decay=0.1),
+                                    dict(use_bias_correction=True), dict(growth_rate=1.02)])
+def test_dadapt_adam_matches_dadaptation(kwargs):
+    dadaptation = pytest.importorskip("dadaptation")
+    assert_same(run(lambda ps: DAdaptAdam(ps, **kwargs)), run(lambda ps: dadaptation.DAdaptAdam(ps, **kwargs)))
+
+
+@pytest.mark.parametrize("kwargs", [dict(), dict(decouple=False, weight_decay=0.1), dict(weight_decay=0.1),
+                                    dict(safeguard_warmup=True), dict(use_bias_correction=True), dict(d_coef=0.5),
+                                    dict(growth_rate=1.02), dict(slice_p=11), dict(betas=(0.0, 0.999))])
+def test_prodigy_matches_prodigyopt(kwargs):
+    prodigyopt = pytest.importorskip("prodigyopt")
+    assert_same(run(lambda ps: Prodigy(ps, **kwargs)), run(lambda ps: prodigyopt.Prodigy(ps, **kwargs)))
+
+
+def test_layer_scale_groups_and_a_frozen_group_match_the_reference():
+    dadaptation = pytest.importorskip("dadaptation")
+
+    def groups(ps):
+        return [{"params": ps[:2], "layer_scale": 1.0}, {"params": ps[2:5], "layer_scale": 0.5},
+                {"params": ps[5:], "lr": 0.0}]
+    assert_same(run(lambda ps: DAdaptAdam(groups(ps))), run(lambda ps: dadaptation.DAdaptAdam(groups(ps))))
+
+
+def test_lr_scale_acts_like_layer_scale():
+    """muP's lr_scale (from mupkit.param_groups) is DAdaptAdam's layer_scale."""
+    with_lr_scale = run(lambda ps: DAdaptAdam([{"params": ps[:2], "lr_scale": 0.5}, {"params": ps[2:]}]))
+    with_layer_scale = run(lambda ps: DAdaptAdam([{"params": ps[:2], "layer_scale": 0.5}, {"params": ps[2:]}]))
+    assert with_lr_scale[1] == with_layer_scale[1]
+
+
+@pytest.mark.parametrize("cls", [DAdaptAdam, Prodigy])
+def test_zero_first_gradient_skips_and_grads_are_not_mutated(cls):
+    params, ds = run(lambda ps: cls(ps), steps=5, zero_first=True)
+    assert all(torch.isfinite(p).all() for p in params) and ds[0] == ds[1] == 1e-6
+    p = torch.nn.Parameter(torch.ones(3, dtype=torch.float64))
+    p.grad = torch.full((3,), 0.5, dtype=torch.float64)
+    cls([p], weight_decay=0.1, decouple=False).step()
+    assert torch.equal(p.grad, torch.full((3,), 0.5, dtype=torch.float64))  # the references add wd * p in place
+
+
+def test_mup_groups_and_errors():
+    torch.manual_seed(0)
+    model = mupkit.build(models.mlp, base=dict(width=32), target=dict(width=128))
+    opt = Prodigy(mupkit.param_groups(model))
+    hidden = next(g for g in opt.param_groups if "2.weight" in g["param_names"])
+    assert hidden["lr_scale"] == pytest.approx(0.25) and Prodigy.family.name == "adamw"
+    assert DAdaptAdam(mupkit.param_groups(model)).family.name == "adam"  # L2 decay by default (decouple=False)
+    with pytest.raises(ValueError, match="share one lr"):
+        DAdaptAdam([{"params": [torch.nn.Parameter(torch.ones(2))], "lr": 1.0},
+                    {"params": [torch.nn.Parameter(torch.ones(2))], "lr": 0.5}])
