@@ -13,29 +13,10 @@ of the same algorithm measured in the same run:
 from __future__ import annotations
 
 import argparse
-import statistics
-from typing import Callable
-
 import torch
 
 import mupkit
-from common import gpt_parameters, timed_steps
-
-
-def compare(title: str, makers: dict[str, Callable[[], torch.optim.Optimizer]], reference: str, steps: int,
-            repeats: int) -> None:
-    opts = {name: make() for name, make in makers.items()}
-    for opt in opts.values():
-        timed_steps(opt, 2)  # state init, compilation, warm-up
-    samples: dict[str, list[float]] = {k: [] for k in opts}
-    for _ in range(repeats):  # interleaved windows: slow drifts of the machine hit all alike
-        for name, opt in opts.items():
-            samples[name].append(timed_steps(opt, steps))
-    med = {k: statistics.median(v) * 1e3 for k, v in samples.items()}
-    print(f"\n{title}  (ratio = {reference} time / this time; > 1 is faster than {reference})")
-    print(f"{'implementation':44s} {'ms/step':>9s} {'ratio':>7s}")
-    for name, ms in med.items():
-        print(f"{name:44s} {ms:9.2f} {med[reference] / ms:7.2f}")
+from common import compare, gpt_parameters
 
 
 def main() -> None:

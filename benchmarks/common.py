@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import statistics
 import time
+from typing import Callable
 
 import torch
 
@@ -27,3 +29,19 @@ def timed_steps(opt: torch.optim.Optimizer, steps: int) -> float:
     for _ in range(steps):
         opt.step()
     return (time.perf_counter() - start) / steps
+
+
+def compare(title: str, makers: dict[str, Callable[[], torch.optim.Optimizer]], reference: str, steps: int,
+            repeats: int) -> None:
+    opts = {name: make() for name, make in makers.items()}
+    for opt in opts.values():
+        timed_steps(opt, 2)  # state init, compilation, warm-up
+    samples: dict[str, list[float]] = {k: [] for k in opts}
+    for _ in range(repeats):  # interleaved windows: slow drifts of the machine hit all alike
+        for name, opt in opts.items():
+            samples[name].append(timed_steps(opt, steps))
+    med = {k: statistics.median(v) * 1e3 for k, v in samples.items()}
+    print(f"\n{title}  (ratio = {reference} time / this time; > 1 is faster than {reference})")
+    print(f"{'implementation':44s} {'ms/step':>9s} {'ratio':>7s}")
+    for name, ms in med.items():
+        print(f"{name:44s} {ms:9.2f} {med[reference] / ms:7.2f}")
