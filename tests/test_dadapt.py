@@ -1,4 +1,4 @@
-"""DAdaptAdam and Prodigy: parity with dadaptation 3.2 / prodigyopt 1.1.2, muP scales, fixes.
+"""DAdaptAdam, DAdaptSGD, DAdaptLion and Prodigy: parity with dadaptation 3.2 / prodigyopt 1.1.2, muP scales, fixes.
 
 Parity: float64, 100 steps, shapes (8,16), (16,), (3,4,5), (), a second (8,16) and a frozen
 parameter, gradients ``(p - p*) + 0.1 noise`` (so d grows); ``d`` sequence to rtol 1e-12,
@@ -12,7 +12,7 @@ import torch
 
 import mupkit
 from mupkit import models
-from mupkit.optim import DAdaptAdam, Prodigy
+from mupkit.optim import DAdaptAdam, DAdaptLion, DAdaptSGD, Prodigy
 
 SHAPES = [(8, 16), (16,), (3, 4, 5), (), (8, 16)]
 
@@ -55,6 +55,18 @@ def test_prodigy_matches_prodigyopt(kwargs):
     assert_same(run(lambda ps: Prodigy(ps, **kwargs)), run(lambda ps: prodigyopt.Prodigy(ps, **kwargs)))
 
 
+@pytest.mark.parametrize("kwargs", [dict(), dict(momentum=0.9), dict(weight_decay=1e-3), dict(growth_rate=1.02)])
+def test_dadapt_sgd_matches_dadaptation(kwargs):
+    dadaptation = pytest.importorskip("dadaptation")
+    assert_same(run(lambda ps: DAdaptSGD(ps, **kwargs)), run(lambda ps: dadaptation.DAdaptSGD(ps, **kwargs)))
+
+
+@pytest.mark.parametrize("kwargs", [dict(), dict(weight_decay=0.1)])
+def test_dadapt_lion_matches_dadaptation(kwargs):
+    dadaptation = pytest.importorskip("dadaptation")
+    assert_same(run(lambda ps: DAdaptLion(ps, **kwargs)), run(lambda ps: dadaptation.DAdaptLion(ps, **kwargs)))
+
+
 def test_layer_scale_groups_and_a_frozen_group_match_the_reference():
     dadaptation = pytest.importorskip("dadaptation")
 
@@ -71,13 +83,15 @@ def test_lr_scale_acts_like_layer_scale():
     assert with_lr_scale[1] == with_layer_scale[1]
 
 
-@pytest.mark.parametrize("cls", [DAdaptAdam, Prodigy])
+@pytest.mark.parametrize("cls", [DAdaptAdam, Prodigy, DAdaptSGD, DAdaptLion])
 def test_zero_first_gradient_skips_and_grads_are_not_mutated(cls):
+    """dadaptation's DAdaptSGD divides by the first gradient's norm: ZeroDivisionError on zeros."""
     params, ds = run(lambda ps: cls(ps), steps=5, zero_first=True)
-    assert all(torch.isfinite(p).all() for p in params) and ds[0] == ds[1] == 1e-6
+    assert all(torch.isfinite(p).all() for p in params) and ds[0] == ds[1] == 1e-6 and ds[-1] > 1e-6
     p = torch.nn.Parameter(torch.ones(3, dtype=torch.float64))
     p.grad = torch.full((3,), 0.5, dtype=torch.float64)
-    cls([p], weight_decay=0.1, decouple=False).step()
+    l2 = {} if cls in (DAdaptSGD, DAdaptLion) else dict(decouple=False)
+    cls([p], weight_decay=0.1, **l2).step()
     assert torch.equal(p.grad, torch.full((3,), 0.5, dtype=torch.float64))  # the references add wd * p in place
 
 

@@ -237,4 +237,117 @@ class Prodigy(_GlobalStep):
         return loss
 
 
-__all__ = ["DAdaptAdam", "Prodigy"]
+class DAdaptSGD(_GlobalStep):
+    """D-Adapted SGD by dual averaging (``dadaptation.DAdaptSGD`` 3.2) with muP group scales.
+
+    ``s <- s + dlr g`` with ``dlr = d lr / ||g_0||``, ``num += dlr <g, s_old>``, ``d_hat = 2 num /
+    sqrt(sum ||s||^2)``; the iterate is ``x0 - r s`` (mixed with ``p`` by ``momentum``). ``r``
+    scales each group's step and weighs its terms of ``d`` (all 1: the reference). Unlike the
+    reference, an all-zero first gradient does not divide by zero: the step waits for a nonzero
+    one. Weight decay and momentum are per group (the reference reads group 0's for all).
+    """
+
+    family = FAMILIES["sgd"]
+
+    def __init__(self, params, lr: float = 1.0, momentum: float = 0.0, weight_decay: float = 0.0,
+                 d0: float = 1e-6, growth_rate: float = math.inf):
+        if not lr > 0:
+            raise ValueError(f"lr={lr} must be > 0 (it multiplies the adapted d; 1.0 is the usual choice)")
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum={momentum} must lie in [0, 1)")
+        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, growth_rate=growth_rate, d=d0, k=0,
+                        numerator=0.0, g0_norm=0.0, layer_scale=1.0, decouple=False)
+        super().__init__(params, defaults, decouple=True)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = self._loss(closure)
+        top = self._shared()
+        d, k, lr = top["d"], top["k"], top["lr"]
+        live = [(group, p) for group in self.param_groups for p in group["params"] if p.grad is not None]
+        grads = {id(p): self._grad(group, p, decouple=False) for group, p in live}
+        if k == 0:  # the first gradient's norm fixes the scale of dlr (one reduction)
+            # of the raw gradient, without weight decay, as the reference effectively computes it
+            terms = [torch.stack([local_tensor(p.grad).square().sum(), torch.zeros((), dtype=p.dtype, device=p.device)])
+                     .to(torch.float64) for group, p in live if group["lr"] > 0]
+            g_sq, _ = self._reduce(terms, grads[id(live[0][1])] if live else None)
+            if g_sq == 0:
+                return loss
+            self._store(g0_norm=math.sqrt(g_sq))
+        dlr = d * lr / top["g0_norm"]
+        terms, like = [], None
+        for group, p in live:
+            state, g = self.state[p], grads[id(p)]
+            if not state:
+                state["z"], state["s"], state["x0"] = local_tensor(p).clone(), torch.zeros_like(g), local_tensor(p).clone()
+            if group["lr"] > 0.0:
+                r = self._r(group)
+                num = torch.dot(g.flatten(), state["s"].flatten()) * (r * dlr)
+                state["s"].add_(g, alpha=dlr)
+                terms.append(torch.stack([num, (state["s"] * state["s"]).sum() * r]).to(torch.float64))
+                like = g
+        delta, sk_sq = self._reduce(terms, like)
+        numerator = top["numerator"] + delta
+        if sk_sq == 0:
+            return loss
+        d = max(d, min(2 * numerator / math.sqrt(sk_sq), d * top["growth_rate"]))
+        self._store(numerator=numerator, d=d, k=k + 1)
+        for group, p in live:
+            state = self.state[p]
+            state["z"].copy_(state["x0"] - self._r(group) * state["s"])
+            local_tensor(p).mul_(group["momentum"]).add_(state["z"], alpha=1 - group["momentum"])
+        return loss
+
+
+class DAdaptLion(_GlobalStep):
+    """D-Adapted Lion (``dadaptation.DAdaptLion`` 3.2) with muP group scales.
+
+    ``u = sign(beta1 m + (1 - beta1) g)``; ``p <- p (1 - dlr wd) - r dlr u``; ``m <- beta2 m + (1 -
+    beta2) dlr g``; ``num += r dlr <u, s>``; ``s <- sqrt(beta2) s + (1 - sqrt(beta2)) dlr u``;
+    ``den += r ||s||_1``; ``d <- max(d, num_w / ((1 - sqrt(beta2)) den))``.
+    """
+
+    family = FAMILIES["adamw"]
+
+    def __init__(self, params, lr: float = 1.0, betas: tuple[float, float] = (0.9, 0.99), weight_decay: float = 0.0,
+                 d0: float = 1e-6):
+        if not lr > 0:
+            raise ValueError(f"lr={lr} must be > 0 (it multiplies the adapted d; 1.0 is the usual choice)")
+        defaults = dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay, d=d0, k=0, numerator=0.0,
+                        layer_scale=1.0, decouple=True)
+        super().__init__(params, defaults, decouple=True)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = self._loss(closure)
+        top = self._shared()
+        beta1, beta2 = top["betas"]
+        d, lr = top["d"], top["lr"]
+        dlr, root = d * lr, math.sqrt(beta2)
+        terms, like = [], None
+        for group in self.param_groups:
+            r = self._r(group)
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g, local, state = local_tensor(p.grad), local_tensor(p), self.state[p]
+                if not state:
+                    state["exp_avg"], state["s"] = torch.zeros_like(local), torch.zeros_like(local)
+                m, s = state["exp_avg"], state["s"]
+                self._decay(group, p, dlr)
+                update = m.mul(beta1).add_(g, alpha=1 - beta1).sign_()
+                local.add_(update, alpha=-r * dlr)
+                m.mul_(beta2).add_(g, alpha=(1 - beta2) * dlr)
+                num = torch.dot(update.flatten(), s.flatten()) * (r * dlr)
+                s.mul_(root).add_(update, alpha=(1 - root) * dlr)
+                terms.append(torch.stack([num, s.abs().sum() * r]).to(torch.float64))
+                like = g
+        num, den = self._reduce(terms, like)
+        numerator = root * top["numerator"] + (1 - root) * num
+        if den == 0:
+            return loss
+        self._store(numerator=numerator, d=max(d, numerator / ((1 - root) * den)), k=top["k"] + 1)
+        return loss
+
+
+__all__ = ["DAdaptAdam", "DAdaptLion", "DAdaptSGD", "Prodigy"]
