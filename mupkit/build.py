@@ -63,13 +63,12 @@ def infer_plan(constructor: Constructor, *, base: Sizes, target: Sizes, delta: S
         sites_in_blocks = find_blocks(base_names, [n for n, _ in deep.named_parameters()])
         base_counts = block_counts({n: sites_in_blocks[n] for n in base_names if n in sites_in_blocks})
         counts = {c: (base_counts[c], n) for c, n in block_counts(sites_in_blocks).items()}
-        counterpart = {n: base_counterpart(n, site, *counts[site.container]) if n in sites_in_blocks
-                       and n not in width_shapes else n for n, site in
-                       ((n, sites_in_blocks.get(n)) for n, _ in deep.named_parameters())}
+        counterpart = {n: base_counterpart(n, sites_in_blocks[n], *counts[sites_in_blocks[n].container])
+                       if n in sites_in_blocks else n for n, _ in deep.named_parameters()}
     target_shapes = {n: tuple(p.shape) for n, p in deep.named_parameters()}
     same_depth = {n: tuple(p.shape) for n, p in metas[2].named_parameters()}
-    mismatched = [(n, target_shapes[n], counterpart[n], same_depth[counterpart[n]]) for n in target_shapes
-                  if same_depth[counterpart[n]] != target_shapes[n]]
+    mismatched = [(n, target_shapes[n], counterpart[n], same_depth.get(counterpart[n], "no such parameter"))
+                  for n in target_shapes if same_depth.get(counterpart[n]) != target_shapes[n]]
     if mismatched:
         n, shape, other, other_shape = mismatched[0]
         raise ValueError(f"depth kwargs {depth_keys} change the model, but its parameters do not form repeated "

@@ -259,10 +259,11 @@ def _comparable_across_depth(rows: list[dict[str, Any]], blocks: Mapping[str, in
             updates.setdefault(key, []).append(row["l1"])
         elif row["kind"] == "in" and tail:
             continue  # inside a branch; the stream is the input of the block itself
-        elif int(index) == 0:
-            out.append(row)
-        elif int(index) == blocks[container] - 1:
-            out.append({**row, "module": f"{container}.last" + (f".{tail}" if tail else "") + suffix})
+        else:
+            if int(index) == 0:
+                out.append(row)
+            if int(index) == blocks[container] - 1:  # also block 0 when the depth is 1
+                out.append({**row, "module": f"{container}.last" + (f".{tail}" if tail else "") + suffix})
     out.extend({"module": name, "kind": "update", "step": step, "l1": sum(v) / len(v)}
                for (name, step), v in updates.items())
     return out

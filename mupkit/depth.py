@@ -86,7 +86,7 @@ def find_blocks(base_names: Sequence[str], target_names: Sequence[str]) -> dict[
         if not hits:
             unmatched.append(name)
             continue
-        j = hits[0]
+        j = hits[-1]  # the innermost index that repeats: stages.0.blocks.5.w -> container stages.0.blocks
         positions.setdefault(".".join(parts[:j]), j)
     if unmatched:
         raise ValueError(f"depth differs between base and target, but these parameters of the deeper model match "
@@ -152,6 +152,7 @@ class _ResidualAdds(TorchFunctionMode):
         super().__init__()
         self.producers, self.stream, self.keep = producers, set(), []
         self.active = False
+        self.next_input = None  # what block 1 receives: must be a residual sum of block 0
         self.branches: list[str | None] = []
 
     def enter_block(self, x: torch.Tensor) -> None:
@@ -195,11 +196,14 @@ def _traced_branch_outputs(model: nn.Module, block: nn.Module, container: str) -
 
     def stop(module, args):
         mode.active = False
+        mode.next_input = args[0]
 
     handles = [m.register_forward_hook(record(n, isinstance(m, PASS_THROUGH)))
                for n, m in block.named_modules() if n and isinstance(m, ABSORBING + PASS_THROUGH)]
     handles.append(block.register_forward_pre_hook(lambda module, args: mode.enter_block(args[0])))
-    handles.append(model.get_submodule(f"{container}.1").register_forward_pre_hook(stop))
+    following = dict(model.named_modules()).get(f"{container}.1")
+    if following is not None:
+        handles.append(following.register_forward_pre_hook(stop))
     try:
         x = synthetic_input(model, batch_size=2, seq_len=8, generator=torch.Generator().manual_seed(0))  # not the
         x = x.to(next(model.parameters()).device)  # global RNG: build() must draw exactly like the constructor
@@ -213,6 +217,10 @@ def _traced_branch_outputs(model: nn.Module, block: nn.Module, container: str) -
             h.remove()
     if not mode.branches:
         raise ValueError(f"{container}.0 ({type(block).__name__}) feeds no residual add 'x + f(x)'. {hint}")
+    if mode.next_input is not None and id(mode.next_input) not in mode.stream:
+        raise ValueError(f"the residual stream of {container}.0 ({type(block).__name__}) passes through another op "
+                         f"between branches (post-LN: norm(x + f(x))), so mupkit cannot tell every branch from the "
+                         f"adds it sees (found {mode.branches}). {hint}")
     if None in mode.branches:
         raise ValueError(f"a residual branch of {container}.0 ({type(block).__name__}) does not end with a Linear/Conv "
                          f"layer (or passes its output through another op before the add), so its depth multiplier "

@@ -53,7 +53,8 @@ class Verdict:
 
     @property
     def passed(self) -> bool:
-        return all(r.status != "fail" for r in self.rows)
+        judged = [r for r in self.rows if r.status in ("pass", "fail")]
+        return bool(judged) and all(r.status != "fail" for r in judged)  # nothing judged is no pass
 
     def worst(self, n: int = 8) -> list[Slope]:
         judged = [r for r in self.rows if r.status in ("pass", "fail")]
@@ -61,7 +62,8 @@ class Verdict:
 
     def summary(self) -> str:
         worst = self.worst(1)
-        tail = f"worst slope {worst[0].slope:+.3f} ({worst[0].module}, step {worst[0].step})" if worst else ""
+        tail = f"worst slope {worst[0].slope:+.3f} ({worst[0].module}, step {worst[0].step})" if worst else \
+            "no module to judge (check include= and kind=)"
         return f"{'PASS' if self.passed else 'FAIL'}: {self.title}; {tail}; tolerance {self.tolerance}"
 
     def __str__(self) -> str:

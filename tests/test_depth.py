@@ -216,3 +216,78 @@ def test_joint_width_and_depth_grid_fits_against_width():
     assert {(r["width"], r["depth"]) for r in check.records} == {(64, 2), (64, 4), (256, 2), (256, 4)}
     verdict = check.verdict()
     assert verdict.rows and "widths 64..256" in verdict.summary()
+
+
+class Block(nn.Module):
+    def __init__(self, width, post_ln=False):
+        super().__init__()
+        self.post_ln = post_ln
+        self.ln1, self.ln2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.fc1, self.fc2 = nn.Linear(width, width), nn.Linear(width, width)
+
+    def forward(self, x):
+        if self.post_ln:  # x = LN(x + f(x)) twice: the second add does not see the stream
+            x = self.ln1(x + self.fc1(x))
+            return self.ln2(x + self.fc2(x))
+        return x + self.fc2(torch.relu(self.fc1(self.ln1(x))))
+
+
+class Stages(nn.Module):
+    """Two stages of blocks, the first twice as deep (ResNet-like stage depths)."""
+
+    def __init__(self, width=32, depth=1, post_ln=False):
+        super().__init__()
+        self.inp = nn.Linear(16, width)
+        self.stages = nn.ModuleList(nn.ModuleList(Block(width, post_ln) for _ in range(n)) for n in (2 * depth, depth))
+        self.out = nn.Linear(width, 4)
+
+    def forward(self, x):
+        x = self.inp(x)
+        for stage in self.stages:
+            for block in stage:
+                x = block(x)
+        return self.out(x)
+
+
+def test_nested_containers_get_their_own_depths():
+    plan = mupkit.infer_plan(Stages, base=dict(depth=1), target=dict(depth=4), parametrization="completep")
+    assert plan.depth["blocks"] == {"stages.0": [2, 8], "stages.1": [1, 4]}
+    assert plan["stages.0.5.fc2.weight"].m_depth == 4 and plan["stages.1.3.fc2.weight"].branch_output
+
+
+def test_post_ln_blocks_ask_for_their_branch_outputs():
+    with pytest.raises(ValueError, match=r"post-LN.*branch_outputs=\['stages\.0\.\*\.fc2'\]"):
+        mupkit.infer_plan(Stages, base=dict(depth=1, post_ln=True), target=dict(depth=2, post_ln=True),
+                          parametrization="completep")
+    plan = mupkit.infer_plan(Stages, base=dict(depth=1, post_ln=True), target=dict(depth=2, post_ln=True),
+                             parametrization="completep", branch_outputs=["stages.*.*.fc1", "stages.*.*.fc2"])
+    assert plan["stages.0.3.fc1.weight"].branch_output and plan["stages.0.3.fc2.weight"].branch_output
+
+
+def test_sequential_growth_is_a_clear_error_at_any_depth():
+    with pytest.raises(ValueError, match="do not form repeated blocks"):
+        mupkit.infer_plan(models.mlp, base=dict(width=64, depth=3), target=dict(width=64, depth=5),
+                          parametrization="mup+depth")
+
+
+class DecayingInit(models.ResidualMLP):
+    """A block-index-dependent init: branch output std 0.02 / (i + 1)."""
+
+    def __init__(self, width=32, depth=2):
+        super().__init__(width, depth=depth)
+        with torch.no_grad():
+            for i, block in enumerate(self.blocks):
+                block[3].weight.normal_(0, 0.02 / (i + 1))
+
+
+def test_blocks_take_the_base_block_at_the_same_relative_position():
+    plan = mupkit.infer_plan(DecayingInit, base=dict(depth=2), target=dict(depth=8))
+    stds = [plan[f"blocks.{i}.3.weight"].base_init_std for i in range(8)]
+    assert stds[:4] == pytest.approx([0.02] * 4, rel=0.05) and stds[4:] == pytest.approx([0.01] * 4, rel=0.05)
+
+
+def test_a_verdict_with_nothing_to_judge_does_not_pass():
+    check = mupkit.coord_check(models.resmlp, 32, depths=[2, 4], include=["blocks.*.3"], steps=1, seeds=1,
+                               show_progress=False)
+    verdict = check.verdict()
+    assert not verdict.passed and "no module to judge" in verdict.summary()
