@@ -46,7 +46,7 @@ import torch
 
 from ..rules import FAMILIES
 from .scaled import ScaledGroups
-from .sharding import ShardInfo, all_sum, local_tensor, shard_info, sum_over
+from .sharding import ShardInfo, all_sum, local_tensor, shard_info, state_like, sum_over
 from .tensors import compile_safe, default_foreach, state_dtype, working_copy, write_back
 
 MODES = ("torch", "hf")
@@ -144,16 +144,19 @@ class Adafactor(ScaledGroups, torch.optim.Optimizer):
         state = self.state[p]
         local = local_tensor(p)
         if not state:
-            dtype = state_dtype(p)
+            dtype, shape = state_dtype(p), tuple(p.shape)
             state["step"] = torch.tensor(0.0)
             if p.dim() >= 2:
-                state["row_var"] = local.new_zeros(local.shape[:-1] + (1,), dtype=dtype)
-                state["col_var"] = local.new_zeros(local.shape[:-2] + (1,) + local.shape[-1:], dtype=dtype)
+                state["row_var"] = state_like(local.new_zeros(local.shape[:-1] + (1,), dtype=dtype), p, info,
+                                              shape[:-1] + (1,), reduced_dims=(-1,))
+                state["col_var"] = state_like(local.new_zeros(local.shape[:-2] + (1,) + local.shape[-1:], dtype=dtype),
+                                              p, info, shape[:-2] + (1,) + shape[-1:], reduced_dims=(-2,))
             else:
-                state["variance"] = torch.zeros_like(local, dtype=dtype)
+                state["variance"] = state_like(torch.zeros_like(local, dtype=dtype), p, info, shape)
             if group["beta1"] is not None:
-                state["exp_avg"] = torch.zeros_like(local, dtype=dtype)
-        return {"param": local, "grad": local_tensor(p.grad), "state": state, "info": info}
+                state["exp_avg"] = state_like(torch.zeros_like(local, dtype=dtype), p, info, shape)
+        local_state = {k: local_tensor(v) for k, v in state.items()}  # views: updates reach the DTensors
+        return {"param": local, "grad": local_tensor(p.grad), "state": local_state, "info": info}
 
 
 def _relative_step(group: dict[str, Any], t: float) -> float:

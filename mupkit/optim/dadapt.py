@@ -55,6 +55,10 @@ class _GlobalStep(ScaledGroups, torch.optim.Optimizer):
                                 for g in self.param_groups for p in g["params"]
                                 if DTensor is not None and isinstance(p, DTensor)}
 
+    def _view(self, p: torch.Tensor) -> dict[str, Any]:
+        """``p``'s state with rank-local views of DTensor entries (in-place updates reach them)."""
+        return {k: local_tensor(v) if isinstance(v, torch.Tensor) else v for k, v in self.state[p].items()}
+
     def _shared(self) -> dict[str, Any]:
         return self.param_groups[0]
 
@@ -89,6 +93,19 @@ class _GlobalStep(ScaledGroups, torch.optim.Optimizer):
         if wd and group["decouple"]:
             local = local_tensor(p)
             local.add_(local, alpha=-wd * dlr)
+
+
+def _flat_state(p: torch.Tensor, local_flat: torch.Tensor, slice_p: int) -> torch.Tensor:
+    """Prodigy's flattened per-parameter state: for a parameter sharded along dim 0, the local
+    slice is a contiguous block of the flattened tensor, i.e. a ``Shard(0)`` DTensor."""
+    if DTensor is None or not isinstance(p, DTensor):
+        return local_flat
+    from torch.distributed.tensor import Shard
+    if slice_p != 1 or list(p.placements) != [Shard(0)]:
+        raise NotImplementedError(f"Prodigy(slice_p={slice_p}) on a parameter of shape {tuple(p.shape)} with placements "
+                                  f"{p.placements}: only slice_p=1 with Shard(0) (fully_shard's layout) is supported.")
+    return DTensor.from_local(local_flat, p.device_mesh, [Shard(0)], run_check=False, shape=torch.Size((p.numel(),)),
+                              stride=(1,))
 
 
 class DAdaptAdam(_GlobalStep):
@@ -128,10 +145,11 @@ class DAdaptAdam(_GlobalStep):
                 if not state:
                     state["step"] = 0
                     for key in ("s", "exp_avg", "exp_avg_sq"):
-                        state[key] = torch.zeros_like(g)
+                        state[key] = torch.zeros_like(p.detach())  # a DTensor for a sharded p (checkpoints)
                 if group["lr"] == 0.0:
                     continue
-                s, m, v = state["s"], state["exp_avg"], state["exp_avg_sq"]
+                view = self._view(p)
+                s, m, v = view["s"], view["exp_avg"], view["exp_avg_sq"]
                 num = torch.dot(g.flatten(), s.div(v.sqrt().add_(eps)).flatten()) * (r * dlr)
                 m.mul_(beta1).add_(g, alpha=r * dlr * (1 - beta1))
                 v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
@@ -149,10 +167,10 @@ class DAdaptAdam(_GlobalStep):
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                state = self.state[p]
-                state["step"] += 1
+                self.state[p]["step"] += 1
+                view = self._view(p)
                 self._decay(group, p, dlr)
-                local_tensor(p).addcdiv_(state["exp_avg"], state["exp_avg_sq"].sqrt().add_(eps), value=-1)
+                local_tensor(p).addcdiv_(view["exp_avg"], view["exp_avg_sq"].sqrt().add_(eps), value=-1)
         return loss
 
 
@@ -195,20 +213,23 @@ class Prodigy(_GlobalStep):
                 state = self.state[p]
                 if not state:
                     state["step"] = 0
-                    state["s"] = torch.zeros_like(local.flatten()[::step])
-                    state["p0"] = local.flatten()[::step].clone() if local.any() else local.new_zeros(())
+                    state["s"] = _flat_state(p, torch.zeros_like(local.flatten()[::step]), step)
+                    unsharded_zero = not isinstance(p, DTensor or ()) and not local.any()  # the reference's 0-dim p0
+                    state["p0"] = local.new_zeros(()) if unsharded_zero else \
+                        _flat_state(p, local.flatten()[::step].clone(), step)
                     if beta1 > 0:
-                        state["exp_avg"] = torch.zeros_like(local)
-                    state["exp_avg_sq"] = torch.zeros_like(local)
+                        state["exp_avg"] = torch.zeros_like(p.detach())
+                    state["exp_avg_sq"] = torch.zeros_like(p.detach())
                 if group["lr"] == 0.0:
                     continue
+                view = self._view(p)
                 sliced = g.flatten()[::step]
-                num = torch.dot(sliced, state["p0"] - local.flatten()[::step]) * (r * (d / d0) * dlr)
+                num = torch.dot(sliced, view["p0"] - local.flatten()[::step]) * (r * (d / d0) * dlr)
                 if beta1 > 0:
-                    state["exp_avg"].mul_(beta1).add_(g, alpha=r * d * (1 - beta1))
-                state["exp_avg_sq"].mul_(beta2).addcmul_(g, g, value=d * d * (1 - beta2))
-                state["s"].mul_(beta3).add_(sliced, alpha=(d / d0) * (d if group["safeguard_warmup"] else dlr))
-                terms.append(torch.stack([num, state["s"].abs().sum() * r]).to(torch.float64))
+                    view["exp_avg"].mul_(beta1).add_(g, alpha=r * d * (1 - beta1))
+                view["exp_avg_sq"].mul_(beta2).addcmul_(g, g, value=d * d * (1 - beta2))
+                view["s"].mul_(beta3).add_(sliced, alpha=(d / d0) * (d if group["safeguard_warmup"] else dlr))
+                terms.append(torch.stack([num, view["s"].abs().sum() * r]).to(torch.float64))
                 like = g
         delta, den = self._reduce(terms, like)
         if den == 0:  # every rank saw the same zero (the reduction ran), so every rank skips alike
@@ -226,12 +247,12 @@ class Prodigy(_GlobalStep):
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                state = self.state[p]
-                state["step"] += 1
-                denom = state["exp_avg_sq"].sqrt().add_(d * eps)
+                self.state[p]["step"] += 1
+                view = self._view(p)
+                denom = view["exp_avg_sq"].sqrt().add_(d * eps)
                 self._decay(group, p, dlr)
                 if beta1 > 0:
-                    local_tensor(p).addcdiv_(state["exp_avg"], denom, value=-dlr)
+                    local_tensor(p).addcdiv_(view["exp_avg"], denom, value=-dlr)
                 else:
                     local_tensor(p).addcdiv_(self._grad(group, p, group["decouple"]), denom, value=-r * dlr * d)
         return loss
@@ -279,12 +300,12 @@ class DAdaptSGD(_GlobalStep):
         for group, p in live:
             state, g = self.state[p], grads[id(p)]
             if not state:
-                state["z"], state["s"], state["x0"] = local_tensor(p).clone(), torch.zeros_like(g), local_tensor(p).clone()
+                state["z"], state["s"], state["x0"] = p.detach().clone(), torch.zeros_like(p.detach()), p.detach().clone()
             if group["lr"] > 0.0:
-                r = self._r(group)
-                num = torch.dot(g.flatten(), state["s"].flatten()) * (r * dlr)
-                state["s"].add_(g, alpha=dlr)
-                terms.append(torch.stack([num, (state["s"] * state["s"]).sum() * r]).to(torch.float64))
+                r, view = self._r(group), self._view(p)
+                num = torch.dot(g.flatten(), view["s"].flatten()) * (r * dlr)
+                view["s"].add_(g, alpha=dlr)
+                terms.append(torch.stack([num, (view["s"] * view["s"]).sum() * r]).to(torch.float64))
                 like = g
         delta, sk_sq = self._reduce(terms, like)
         numerator = top["numerator"] + delta
@@ -293,9 +314,9 @@ class DAdaptSGD(_GlobalStep):
         d = max(d, min(2 * numerator / math.sqrt(sk_sq), d * top["growth_rate"]))
         self._store(numerator=numerator, d=d, k=k + 1)
         for group, p in live:
-            state = self.state[p]
-            state["z"].copy_(state["x0"] - self._r(group) * state["s"])
-            local_tensor(p).mul_(group["momentum"]).add_(state["z"], alpha=1 - group["momentum"])
+            view = self._view(p)
+            view["z"].copy_(view["x0"] - self._r(group) * view["s"])
+            local_tensor(p).mul_(group["momentum"]).add_(view["z"], alpha=1 - group["momentum"])
         return loss
 
 
@@ -332,8 +353,9 @@ class DAdaptLion(_GlobalStep):
                     continue
                 g, local, state = local_tensor(p.grad), local_tensor(p), self.state[p]
                 if not state:
-                    state["exp_avg"], state["s"] = torch.zeros_like(local), torch.zeros_like(local)
-                m, s = state["exp_avg"], state["s"]
+                    state["exp_avg"], state["s"] = torch.zeros_like(p.detach()), torch.zeros_like(p.detach())
+                view = self._view(p)
+                m, s = view["exp_avg"], view["s"]
                 self._decay(group, p, dlr)
                 update = m.mul(beta1).add_(g, alpha=1 - beta1).sign_()
                 local.add_(update, alpha=-r * dlr)

@@ -82,3 +82,23 @@ def sum_over(x: torch.Tensor, dim: int, info: ShardInfo) -> torch.Tensor:
         import torch.distributed as dist
         dist.all_reduce(total, group=info.group)
     return total
+
+
+def state_like(local: torch.Tensor, p: torch.Tensor, info: ShardInfo, global_shape: tuple[int, ...],
+               reduced_dims: tuple[int, ...] = ()) -> torch.Tensor:
+    """Optimizer state for ``p`` whose rank-local storage is ``local``: a DTensor on ``p``'s mesh
+    when ``p`` is sharded, so distributed checkpoints save and reload it shard by shard.
+
+    ``global_shape``: the state's shape over all ranks; ``reduced_dims``: dims of ``p`` that the
+    state reduces to size 1 (Adafactor's factored statistics). A state reduced over the sharded
+    dim holds the all-reduced, identical value on every rank (``Replicate``); otherwise it is
+    sharded like ``p``.
+    """
+    if info.dim is None:
+        return local
+    from torch.distributed.tensor import Replicate, Shard
+    ndim = len(info.shape)
+    placement = Replicate() if info.dim in {d % ndim for d in reduced_dims} else Shard(info.dim)
+    stride = torch.empty(global_shape, device="meta").stride()
+    return DTensor.from_local(local, p.device_mesh, [placement], run_check=False, shape=torch.Size(global_shape),
+                              stride=stride)
