@@ -6,25 +6,14 @@ torch AdamW fused (CPU), on the same ~25M-parameter GPT in ~100 tensors, interle
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 
 import mupkit
-from common import compare, gpt_parameters
+from common import compare, setup
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--width", type=int, default=512)
-    parser.add_argument("--depth", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--repeats", type=int, default=5)
-    args = parser.parse_args()
-    model, params = gpt_parameters(args.width, args.depth)
-    groups = mupkit.param_groups(model)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {sum(p.numel() for p in params) / 1e6:.1f}M "
-          f"params in {len(params)} tensors; muP groups: {len(groups)}")
+    args, model, params, groups = setup(__doc__.splitlines()[0])
     import dadaptation
     import prodigyopt
     compare("DAdaptAdam", {

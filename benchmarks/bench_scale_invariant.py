@@ -12,25 +12,14 @@ of the same algorithm measured in the same run:
 
 from __future__ import annotations
 
-import argparse
 import torch
 
 import mupkit
-from common import compare, gpt_parameters
+from common import compare, setup
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--width", type=int, default=512)
-    parser.add_argument("--depth", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--repeats", type=int, default=5)
-    args = parser.parse_args()
-    model, params = gpt_parameters(args.width, args.depth)
-    groups = mupkit.param_groups(model)
-    n = sum(p.numel() for p in params)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {n / 1e6:.1f}M params in {len(params)} "
-          f"tensors; muP groups: {len(groups)}")
+    args, model, params, groups = setup(__doc__.splitlines()[0])
 
     atan2 = {"adam-atan2-pytorch AdamAtan2 (per-parameter)": None}
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 from typing import Callable
@@ -45,3 +46,18 @@ def compare(title: str, makers: dict[str, Callable[[], torch.optim.Optimizer]], 
     print(f"{'implementation':44s} {'ms/step':>9s} {'ratio':>7s}")
     for name, ms in med.items():
         print(f"{name:44s} {ms:9.2f} {med[reference] / ms:7.2f}")
+
+
+def setup(description: str) -> tuple[argparse.Namespace, torch.nn.Module, list[torch.Tensor], list[dict]]:
+    """Parse the common flags (--width, --depth, --steps, --repeats), build the GPT, print the header."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--width", type=int, default=512)
+    parser.add_argument("--depth", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    model, params = gpt_parameters(args.width, args.depth)
+    groups = mupkit.param_groups(model)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {sum(p.numel() for p in params) / 1e6:.1f}M "
+          f"params in {len(params)} tensors; muP groups: {len(groups)}")
+    return args, model, params, groups

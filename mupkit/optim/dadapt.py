@@ -62,6 +62,15 @@ class _GlobalStep(ScaledGroups, torch.optim.Optimizer):
     def _shared(self) -> dict[str, Any]:
         return self.param_groups[0]
 
+    def _adam_step_size(self) -> tuple[dict[str, Any], float]:
+        """The shared state and ``dlr = d * lr * bias_correction`` (sqrt(1 - beta2^t) / (1 - beta1^t)
+        when ``use_bias_correction``) of the Adam-type variants, from the state before this step."""
+        top = self.param_groups[0]
+        beta1, beta2 = top["betas"]
+        k = top["k"]
+        correction = math.sqrt(1 - beta2 ** (k + 1)) / (1 - beta1 ** (k + 1)) if top["use_bias_correction"] else 1.0
+        return top, top["d"] * top["lr"] * correction
+
     def _store(self, **values) -> None:
         for group in self.param_groups:
             group.update(values)
@@ -128,11 +137,9 @@ class DAdaptAdam(_GlobalStep):
     @torch.no_grad()
     def step(self, closure=None):
         loss = self._loss(closure)
-        top = self._shared()
+        top, dlr = self._adam_step_size()
         beta1, beta2 = top["betas"]
-        d, k, lr = top["d"], top["k"], top["lr"]
-        bias_correction = math.sqrt(1 - beta2 ** (k + 1)) / (1 - beta1 ** (k + 1)) if top["use_bias_correction"] else 1.0
-        dlr = d * lr * bias_correction
+        d, k = top["d"], top["k"]
         root = math.sqrt(beta2)
         terms, like = [], None
         for group in self.param_groups:
@@ -196,12 +203,10 @@ class Prodigy(_GlobalStep):
     @torch.no_grad()
     def step(self, closure=None):
         loss = self._loss(closure)
-        top = self._shared()
+        top, dlr = self._adam_step_size()
         beta1, beta2 = top["betas"]
         beta3 = top["beta3"] if top["beta3"] is not None else math.sqrt(beta2)
-        d, d0, k, lr = top["d"], top["d0"], top["k"], top["lr"]
-        bias_correction = math.sqrt(1 - beta2 ** (k + 1)) / (1 - beta1 ** (k + 1)) if top["use_bias_correction"] else 1.0
-        dlr = d * lr * bias_correction
+        d, d0, k = top["d"], top["d0"], top["k"]
         terms, like = [], None
         for group in self.param_groups:
             r, step = self._r(group), group["slice_p"]
