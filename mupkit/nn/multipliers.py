@@ -48,7 +48,8 @@ def attention_scale(head_dim: int, base_head_dim: int) -> float:
 def residual_scale(depth: int, base_depth: int, alpha: float) -> float:
     """The residual-branch multiplier ``(depth / base_depth)^-alpha`` (Depth-muP ``alpha = 1/2``,
     TP VI; CompleteP ``alpha = 1``, Dey et al. 2025). 1 at the base depth."""
-    return (depth / base_depth) ** -alpha
+    from ..rules import DepthRule
+    return DepthRule(alpha).branch_multiplier(depth / base_depth)
 
 
 def residual(x, branch, scale: float):

@@ -111,7 +111,7 @@ def _flat_state(p: torch.Tensor, local_flat: torch.Tensor, slice_p: int) -> torc
         return local_flat
     from torch.distributed.tensor import Shard
     if slice_p != 1 or list(p.placements) != [Shard(0)]:
-        raise NotImplementedError(f"Prodigy(slice_p={slice_p}) on a parameter of shape {tuple(p.shape)} with placements "
+        raise ValueError(f"Prodigy(slice_p={slice_p}) on a parameter of shape {tuple(p.shape)} with placements "
                                   f"{p.placements}: only slice_p=1 with Shard(0) (fully_shard's layout) is supported.")
     return DTensor.from_local(local_flat, p.device_mesh, [Shard(0)], run_check=False, shape=torch.Size((p.numel(),)),
                               stride=(1,))

@@ -43,7 +43,7 @@ def shard_info(name: str, p: torch.Tensor) -> ShardInfo:
         return ShardInfo(p.shape, None)
     placements = p.placements
     if p.device_mesh.ndim != 1 or len(placements) != 1:
-        raise NotImplementedError(f"parameter {name} (shape {tuple(p.shape)}) is a DTensor on a "
+        raise ValueError(f"parameter {name} (shape {tuple(p.shape)}) is a DTensor on a "
                                   f"{p.device_mesh.ndim}-D mesh with placements {placements}; mupkit's reducing "
                                   f"optimizers support 1-D meshes (fully_shard) only. Use an elementwise optimizer "
                                   f"(Adam, AdamW, AdamAtan2) for this layout.")
@@ -51,7 +51,7 @@ def shard_info(name: str, p: torch.Tensor) -> ShardInfo:
     if placement.is_replicate():
         return ShardInfo(p.shape, None)
     if not placement.is_shard():
-        raise NotImplementedError(f"parameter {name} (shape {tuple(p.shape)}) has placement {placement}; "
+        raise ValueError(f"parameter {name} (shape {tuple(p.shape)}) has placement {placement}; "
                                   f"expected Shard(d) or Replicate.")
     return ShardInfo(p.shape, placement.dim % p.dim(), p.device_mesh.get_group())
 
