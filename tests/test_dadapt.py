@@ -12,7 +12,7 @@ import torch
 
 import mupkit
 from mupkit import models
-from mupkit.optim import DAdaptAdam, DAdaptLion, DAdaptSGD, Prodigy
+from mupkit.optim import DAdaptAdaGrad, DAdaptAdam, DAdaptLion, DAdaptSGD, Prodigy
 
 SHAPES = [(8, 16), (16,), (3, 4, 5), (), (8, 16)]
 
@@ -61,6 +61,12 @@ def test_dadapt_sgd_matches_dadaptation(kwargs):
     assert_same(run(lambda ps: DAdaptSGD(ps, **kwargs)), run(lambda ps: dadaptation.DAdaptSGD(ps, **kwargs)))
 
 
+@pytest.mark.parametrize("kwargs", [dict(), dict(momentum=0.9), dict(weight_decay=1e-3), dict(growth_rate=1.02)])
+def test_dadapt_adagrad_matches_dadaptation(kwargs):
+    dadaptation = pytest.importorskip("dadaptation")
+    assert_same(run(lambda ps: DAdaptAdaGrad(ps, **kwargs)), run(lambda ps: dadaptation.DAdaptAdaGrad(ps, **kwargs)))
+
+
 @pytest.mark.parametrize("kwargs", [dict(), dict(weight_decay=0.1)])
 def test_dadapt_lion_matches_dadaptation(kwargs):
     dadaptation = pytest.importorskip("dadaptation")
@@ -83,14 +89,14 @@ def test_lr_scale_acts_like_layer_scale():
     assert with_lr_scale[1] == with_layer_scale[1]
 
 
-@pytest.mark.parametrize("cls", [DAdaptAdam, Prodigy, DAdaptSGD, DAdaptLion])
+@pytest.mark.parametrize("cls", [DAdaptAdam, Prodigy, DAdaptSGD, DAdaptLion, DAdaptAdaGrad])
 def test_zero_first_gradient_skips_and_grads_are_not_mutated(cls):
     """dadaptation's DAdaptSGD divides by the first gradient's norm: ZeroDivisionError on zeros."""
     params, ds = run(lambda ps: cls(ps), steps=5, zero_first=True)
     assert all(torch.isfinite(p).all() for p in params) and ds[0] == ds[1] == 1e-6 and ds[-1] > 1e-6
     p = torch.nn.Parameter(torch.ones(3, dtype=torch.float64))
     p.grad = torch.full((3,), 0.5, dtype=torch.float64)
-    l2 = {} if cls in (DAdaptSGD, DAdaptLion) else dict(decouple=False)
+    l2 = {} if cls in (DAdaptSGD, DAdaptLion, DAdaptAdaGrad) else dict(decouple=False)
     cls([p], weight_decay=0.1, **l2).step()
     assert torch.equal(p.grad, torch.full((3,), 0.5, dtype=torch.float64))  # the references add wd * p in place
 

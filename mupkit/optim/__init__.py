@@ -2,12 +2,13 @@
 
 from .adafactor import Adafactor
 from .adam_atan2 import AdamAtan2
-from .dadapt import DAdaptAdam, DAdaptLion, DAdaptSGD, Prodigy
+from .dadapt import DAdaptAdaGrad, DAdaptAdam, DAdaptLion, DAdaptSGD, Prodigy
 from .torch_based import SGD, Adam, AdamW
 
 #: the names the CLI and :func:`mupkit.coord_check` accept
 BY_NAME = {"adam": Adam, "adamw": AdamW, "sgd": SGD, "adam-atan2": AdamAtan2, "adafactor": Adafactor,
-           "dadapt-adam": DAdaptAdam, "dadapt-sgd": DAdaptSGD, "dadapt-lion": DAdaptLion, "prodigy": Prodigy}
+           "dadapt-adam": DAdaptAdam, "dadapt-sgd": DAdaptSGD, "dadapt-lion": DAdaptLion,
+           "dadapt-adagrad": DAdaptAdaGrad, "prodigy": Prodigy}
 
 
 def get_optimizer(name: str) -> type:
@@ -20,4 +21,4 @@ def get_optimizer(name: str) -> type:
     return BY_NAME[key]
 
 
-__all__ = ["Adafactor", "Adam", "AdamAtan2", "AdamW", "BY_NAME", "DAdaptAdam", "DAdaptLion", "DAdaptSGD", "Prodigy", "SGD", "get_optimizer"]
+__all__ = ["Adafactor", "Adam", "AdamAtan2", "AdamW", "BY_NAME", "DAdaptAdaGrad", "DAdaptAdam", "DAdaptLion", "DAdaptSGD", "Prodigy", "SGD", "get_optimizer"]

@@ -86,16 +86,16 @@ class _GlobalStep(ScaledGroups, torch.optim.Optimizer):
         wd = group["weight_decay"] * group["wd_scale"]
         return g.add(local_tensor(p), alpha=wd) if wd and not decouple else g
 
-    def _reduce(self, terms: list[torch.Tensor], like: torch.Tensor | None) -> tuple[float, float]:
-        """Sum ``[num, den]`` terms locally, then over every shard group: one collective, one sync."""
+    def _reduce(self, terms: list[torch.Tensor], like: torch.Tensor | None, width: int = 2) -> list[float]:
+        """Sum the per-tensor rows of ``width`` terms locally, then over every shard group: one
+        collective, one host sync."""
         device = like.device if like is not None else "cpu"
-        total = torch.stack(terms).sum(0) if terms else torch.zeros(2, dtype=torch.float64, device=device)
+        total = torch.stack(terms).sum(0) if terms else torch.zeros(width, dtype=torch.float64, device=device)
         if self._sharded_groups:
             import torch.distributed as dist
             for group in self._sharded_groups.values():
                 dist.all_reduce(total, group=group)
-        num, den = total.tolist()
-        return num, den
+        return total.tolist()
 
     def _decay(self, group: dict[str, Any], p: torch.Tensor, dlr: float) -> None:
         wd = group["weight_decay"] * group["lr_scale"] * group["wd_scale"]
@@ -377,4 +377,74 @@ class DAdaptLion(_GlobalStep):
         return loss
 
 
-__all__ = ["DAdaptAdam", "DAdaptLion", "DAdaptSGD", "Prodigy"]
+class DAdaptAdaGrad(_GlobalStep):
+    """D-Adapted AdaGrad (``dadaptation.DAdaptAdaGrad`` 3.2, dense gradients) with muP group scales.
+
+    ``a <- a + g^2`` (``a`` starts at 1e-6), ``s <- s + dlr g``; with ``q = sqrt(a) + eps``:
+    ``G += dlr^2 sum g^2 / q``, ``S = sum s^2 / q``, ``l1 = ||s||_1`` (each group's terms weighted by
+    ``r``), ``d_hat = (S - G) / l1``; the iterate is ``x0 - r s / q`` (mixed with ``p`` by
+    ``momentum``). Sparse gradients, which the reference also takes, are refused with an error.
+    """
+
+    family = FAMILIES["adam"]
+
+    def __init__(self, params, lr: float = 1.0, momentum: float = 0.0, weight_decay: float = 0.0, eps: float = 1e-6,
+                 d0: float = 1e-6, growth_rate: float = math.inf):
+        if not lr > 0:
+            raise ValueError(f"lr={lr} must be > 0 (it multiplies the adapted d; 1.0 is the usual choice)")
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum={momentum} must lie in [0, 1)")
+        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eps=eps, growth_rate=growth_rate, d=d0,
+                        k=0, gsq_weighted=0.0, sksq_weighted=0.0, skl1=0.0, layer_scale=1.0, decouple=False)
+        super().__init__(params, defaults, decouple=False)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = self._loss(closure)
+        top = self._shared()
+        d = top["d"]
+        dlr = d * top["lr"]
+        terms, like = [], None
+        for group in self.param_groups:
+            r, eps = self._r(group), group["eps"] * group["eps_scale"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise ValueError(f"DAdaptAdaGrad got a sparse gradient for a parameter of shape {tuple(p.shape)}; "
+                                     f"mupkit's version takes dense gradients (e.g. nn.Embedding(sparse=False)).")
+                g = self._grad(group, p, decouple=False)
+                state = self.state[p]
+                if not state:
+                    state["alphak"] = torch.full_like(p.detach(), 1e-6)
+                    state["sk"], state["x0"] = torch.zeros_like(p.detach()), p.detach().clone()
+                view = self._view(p)
+                a, sk = view["alphak"], view["sk"]
+                old_q = a.sqrt().add_(eps)
+                old_sksq, old_l1 = (sk * sk).div(old_q).sum(), sk.abs().sum()
+                a.add_(g * g)
+                q = a.sqrt().add_(eps)
+                g_sq = (g * g).div(q).sum()
+                sk.add_(g, alpha=dlr)
+                terms.append(torch.stack([g_sq, (sk * sk).div(q).sum() - old_sksq, sk.abs().sum() - old_l1])
+                             .to(torch.float64) * r)
+                like = g
+        g_sq, sksq_change, skl1_change = self._reduce(terms, like, width=3)
+        sksq_weighted, skl1 = top["sksq_weighted"] + sksq_change, top["skl1"] + skl1_change
+        if skl1 == 0:
+            return loss
+        gsq_weighted = top["gsq_weighted"] + dlr * dlr * g_sq
+        d = max(d, min((sksq_weighted - gsq_weighted) / skl1, d * top["growth_rate"]))
+        self._store(gsq_weighted=gsq_weighted, skl1=skl1, sksq_weighted=sksq_weighted, d=d)
+        for group in self.param_groups:
+            r, eps = self._r(group), group["eps"] * group["eps_scale"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                view = self._view(p)
+                z = view["x0"] - r * view["sk"] / view["alphak"].sqrt().add_(eps)
+                local_tensor(p).mul_(group["momentum"]).add_(z, alpha=1 - group["momentum"])
+        return loss
+
+
+__all__ = ["DAdaptAdaGrad", "DAdaptAdam", "DAdaptLion", "DAdaptSGD", "Prodigy"]
