@@ -89,6 +89,9 @@ OPTIMIZERS = {
     "adafactor-single": lambda groups: mupkit.optim.Adafactor(groups, mode="hf", weight_decay=0.1, foreach=False),
     "dadapt-adam": lambda groups: mupkit.optim.DAdaptAdam(groups, decouple=True, weight_decay=0.1, d0=1e-3),
     "prodigy": lambda groups: mupkit.optim.Prodigy(groups, weight_decay=0.1, d0=1e-3),
+    "dadapt-sgd": lambda groups: mupkit.optim.DAdaptSGD(groups, momentum=0.9, d0=1e-3),
+    "dadapt-adagrad": lambda groups: mupkit.optim.DAdaptAdaGrad(groups, d0=1e-3),
+    "dadapt-lion": lambda groups: mupkit.optim.DAdaptLion(groups, d0=1e-4),
 }
 
 
@@ -142,7 +145,8 @@ def single_process_reference(world: int, arch: str, optim: str, dtype: torch.dty
     ("ddp", "gpt", "adamw", torch.float64), ("fsdp2", "gpt", "adamw", torch.float64),
     ("fsdp2", "resmlp", "adam-atan2", torch.float32), ("fsdp2", "resmlp", "adafactor", torch.float32),
     ("fsdp2", "resmlp", "adafactor-single", torch.float32), ("fsdp2", "resmlp", "dadapt-adam", torch.float32),
-    ("fsdp2", "resmlp", "prodigy", torch.float32)])
+    ("fsdp2", "resmlp", "prodigy", torch.float32), ("fsdp2", "resmlp", "dadapt-sgd", torch.float32),
+    ("fsdp2", "resmlp", "dadapt-adagrad", torch.float32), ("fsdp2", "resmlp", "dadapt-lion", torch.float32)])
 def test_distributed_world_size_two_matches_single_process(mode, arch, optim, dtype):
     """float64: only the gradient all-reduce order differs (1e-9). float32 Adafactor: its column
     statistics and RMS values are summed over the shards, in a different order (1e-5); so are
