@@ -43,6 +43,12 @@ class _GlobalStep(ScaledGroups, torch.optim.Optimizer):
     """The parts DAdaptAdam and Prodigy share: groups, ``r``, the one reduction, state in groups."""
 
     def __init__(self, params, defaults: dict[str, Any], decouple: bool):
+        if not defaults["lr"] > 0:
+            raise ValueError(f"lr={defaults['lr']} must be > 0 (it multiplies the adapted d; 1.0 is the usual choice)")
+        if not 0.0 <= defaults.get("momentum", 0.0) < 1.0:
+            raise ValueError(f"momentum={defaults['momentum']} must lie in [0, 1)")
+        if not all(0.0 <= b < 1.0 for b in defaults.get("betas", ())):
+            raise ValueError(f"betas={defaults['betas']} must lie in [0, 1)")
         if not decouple:
             self.family = FAMILIES["adam"]
         super().__init__(params, defaults)
@@ -125,10 +131,6 @@ class DAdaptAdam(_GlobalStep):
     def __init__(self, params, lr: float = 1.0, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, decouple: bool = False, use_bias_correction: bool = False,
                  d0: float = 1e-6, growth_rate: float = math.inf):
-        if not lr > 0:
-            raise ValueError(f"lr={lr} must be > 0 (it multiplies the adapted d; 1.0 is the usual choice)")
-        if not all(0.0 <= b < 1.0 for b in betas):
-            raise ValueError(f"betas={betas} must lie in [0, 1)")
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, decouple=decouple,
                         use_bias_correction=use_bias_correction, growth_rate=growth_rate, d=d0, k=0,
                         numerator=0.0, layer_scale=1.0)
@@ -190,8 +192,6 @@ class Prodigy(_GlobalStep):
                  eps: float = 1e-8, weight_decay: float = 0.0, decouple: bool = True, use_bias_correction: bool = False,
                  safeguard_warmup: bool = False, d0: float = 1e-6, d_coef: float = 1.0, growth_rate: float = math.inf,
                  slice_p: int = 1):
-        if not lr > 0:
-            raise ValueError(f"lr={lr} must be > 0 (it multiplies the adapted d; 1.0 is the usual choice)")
         if slice_p < 1:
             raise ValueError(f"slice_p={slice_p} must be >= 1")
         defaults = dict(lr=lr, betas=tuple(betas), beta3=beta3, eps=eps, weight_decay=weight_decay, decouple=decouple,
@@ -277,10 +277,6 @@ class DAdaptSGD(_GlobalStep):
 
     def __init__(self, params, lr: float = 1.0, momentum: float = 0.0, weight_decay: float = 0.0,
                  d0: float = 1e-6, growth_rate: float = math.inf):
-        if not lr > 0:
-            raise ValueError(f"lr={lr} must be > 0 (it multiplies the adapted d; 1.0 is the usual choice)")
-        if not 0.0 <= momentum < 1.0:
-            raise ValueError(f"momentum={momentum} must lie in [0, 1)")
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, growth_rate=growth_rate, d=d0, k=0,
                         numerator=0.0, g0_norm=0.0, layer_scale=1.0, decouple=False)
         super().__init__(params, defaults, decouple=True)
@@ -337,8 +333,6 @@ class DAdaptLion(_GlobalStep):
 
     def __init__(self, params, lr: float = 1.0, betas: tuple[float, float] = (0.9, 0.99), weight_decay: float = 0.0,
                  d0: float = 1e-6):
-        if not lr > 0:
-            raise ValueError(f"lr={lr} must be > 0 (it multiplies the adapted d; 1.0 is the usual choice)")
         defaults = dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay, d=d0, k=0, numerator=0.0,
                         layer_scale=1.0, decouple=True)
         super().__init__(params, defaults, decouple=True)
@@ -390,10 +384,6 @@ class DAdaptAdaGrad(_GlobalStep):
 
     def __init__(self, params, lr: float = 1.0, momentum: float = 0.0, weight_decay: float = 0.0, eps: float = 1e-6,
                  d0: float = 1e-6, growth_rate: float = math.inf):
-        if not lr > 0:
-            raise ValueError(f"lr={lr} must be > 0 (it multiplies the adapted d; 1.0 is the usual choice)")
-        if not 0.0 <= momentum < 1.0:
-            raise ValueError(f"momentum={momentum} must lie in [0, 1)")
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eps=eps, growth_rate=growth_rate, d=d0,
                         k=0, gsq_weighted=0.0, sksq_weighted=0.0, skl1=0.0, layer_scale=1.0, decouple=False)
         super().__init__(params, defaults, decouple=False)
