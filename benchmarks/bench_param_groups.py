@@ -11,27 +11,16 @@ for foreach and fused implementations. Prints medians of interleaved windows and
 
 from __future__ import annotations
 
-import argparse
 import statistics
 
 import torch
 
 import mupkit
-from common import gpt_parameters, timed_steps
+from common import setup, timed_steps
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--width", type=int, default=512)
-    parser.add_argument("--depth", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--repeats", type=int, default=7)
-    args = parser.parse_args()
-    model, params = gpt_parameters(args.width, args.depth)
-    n = sum(p.numel() for p in params)
-    groups = mupkit.param_groups(model)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {n / 1e6:.1f}M params in {len(params)} "
-          f"tensors; muP groups: {len(groups)}")
+    args, model, params, groups = setup(__doc__.splitlines()[0], steps=10, repeats=7)
     print(f"{'impl':8s} {'torch 1 group':>14s} {'mupkit':>10s} {'per-tensor':>11s} {'mupkit/torch':>13s} "
           f"{'per-tensor/torch':>17s}")
     for impl in ({"foreach": True}, {"fused": True}):

@@ -48,13 +48,14 @@ def compare(title: str, makers: dict[str, Callable[[], torch.optim.Optimizer]], 
         print(f"{name:44s} {ms:9.2f} {med[reference] / ms:7.2f}")
 
 
-def setup(description: str) -> tuple[argparse.Namespace, torch.nn.Module, list[torch.Tensor], list[dict]]:
+def setup(description: str, steps: int = 5,
+          repeats: int = 5) -> tuple[argparse.Namespace, torch.nn.Module, list[torch.Tensor], list[dict]]:
     """Parse the common flags (--width, --depth, --steps, --repeats), build the GPT, print the header."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--width", type=int, default=512)
     parser.add_argument("--depth", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=steps)
+    parser.add_argument("--repeats", type=int, default=repeats)
     args = parser.parse_args()
     model, params = gpt_parameters(args.width, args.depth)
     groups = mupkit.param_groups(model)

@@ -138,7 +138,8 @@ class Adafactor(ScaledGroups, torch.optim.Optimizer):
     def _tensors(self, group: dict[str, Any], index: int, p: torch.Tensor) -> dict[str, Any]:
         """The parameter's local shard, gradient, state and shard layout."""
         if p.grad.is_sparse:
-            raise RuntimeError("Adafactor does not support sparse gradients")
+            raise RuntimeError(f"Adafactor got a sparse gradient for a parameter of shape {tuple(p.shape)}; "
+                               f"it needs dense gradients (e.g. nn.Embedding(sparse=False)).")
         names = group.get("param_names")
         info = shard_info(names[index] if names else f"#{index} of its group", p)
         state = self.state[p]

@@ -87,7 +87,8 @@ class AdamAtan2(ScaledGroups, torch.optim.Optimizer):
             if p.grad is None:
                 continue
             if p.grad.is_sparse:
-                raise RuntimeError("AdamAtan2 does not support sparse gradients")
+                raise RuntimeError(f"AdamAtan2 got a sparse gradient for a parameter of shape {tuple(p.shape)}; "
+                               f"it needs dense gradients (e.g. nn.Embedding(sparse=False)).")
             state = self.state[p]
             if not state:
                 state["step"] = torch.tensor(0.0)
