@@ -54,9 +54,11 @@ def depth_section(depth_rows: list[tuple[str, ...]]) -> list[str]:
              f"Width fixed, depths {DEPTHS[0]}..{DEPTHS[-1]}, Adam, 3 seeds, 4 steps. The verdict fits the "
              "residual stream against depth (the input of the first and the last block and of the modules after "
              "the blocks; a branch's own output is scaled by `m_L^-alpha` by design); the second line is the per-block relative update "
-             "`||dW|| / ||W||`, averaged over blocks. Expected: muP's stream grows with depth; Depth-muP and "
-             "CompleteP keep it flat; per-block updates are flat under CompleteP and fall like `L^-1/2` under "
-             "Depth-muP (its Adam LR `eta L^-1/2` on an init without depth factor). Figures: muP above CompleteP.",
+             "`||W_t - W_(t-1)|| / ||W_0||`, averaged over blocks (zero-initialized parameters, which have no scale "
+             "to relate to, are not judged). Expected: muP's stream grows with depth; Depth-muP and "
+             "CompleteP keep it flat; the per-block update is judged against the rule's law `m_L^(alpha-1)`: flat under "
+             "CompleteP, `L^-1/2` under Depth-muP (its Adam LR `eta L^-1/2` on an init without depth factor: each "
+             "block adds `1/L` of the stream's change), 0 for muP. Figures: muP above CompleteP.",
              "", "| model | muP | Depth-muP | CompleteP |", "|---|---|---|---|"]
     lines += [f"| {n} | {a} | {b} | {c} |" for n, a, b, c, _ in depth_rows]
     return lines + [""] + [f"### {n}, depth\n\n![{n} depth]({fig})\n" for n, *_, fig in depth_rows]

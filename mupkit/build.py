@@ -16,12 +16,13 @@ from .depth import ABSORBING, base_counterpart, block_counts, depth_kwargs, find
 from .depth import branch_outputs as branch_output_templates
 from .rules import FAMILIES, DepthRule, Parametrization, absorbed_init_scale, auto_depth, get_parametrization, scales_for
 from .bsh import load_bsh
+from .umup import unit_plan
 from .shapes import Constructor, ParamShapes, build_on_meta, matches, param_sites, resolve_delta, zip_shapes
 
 Sizes = Mapping[str, Any]
 
 
-def infer_plan(constructor: Constructor, *, base: Sizes, target: Sizes, delta: Sizes | None = None,
+def infer_plan(constructor: Constructor, *, base: Sizes | None = None, target: Sizes, delta: Sizes | None = None,
                parametrization: str | Parametrization = "mup", readout: Sequence[str] | None = None,
                layouts: Mapping[str, str] | None = None, branch_outputs: Sequence[str] | None = None) -> Plan:
     """Infer the scaling plan for ``constructor(**target)`` relative to ``constructor(**base)``.
@@ -36,6 +37,10 @@ def infer_plan(constructor: Constructor, *, base: Sizes, target: Sizes, delta: S
     between base and target; repeated blocks are matched by name (:mod:`mupkit.depth`) and a
     depth parametrization (``"completep"``, ``"depth-mup"``, ``"mup+depth"``) applies its rules.
 
+    ``"umup"`` needs no base (its rules use each weight's own fans) when the model is built from
+    :mod:`mupkit.nn.unit` modules, which declare their roles; plain layers need ``base`` (and
+    ``delta``) only to infer their roles (:mod:`mupkit.umup`).
+
     ``readout``: glob patterns naming the readout module(s), when there is more than one.
     ``layouts``: glob -> ``"out_in"`` | ``"in_out"`` for parameters whose fan-in/fan-out axes
     mupkit cannot tell from the module type (e.g. HF ``Conv1D`` is known, a custom one is not).
@@ -43,6 +48,16 @@ def infer_plan(constructor: Constructor, *, base: Sizes, target: Sizes, delta: S
     trace a block to find them.
     """
     param = get_parametrization(parametrization)
+    if param.absolute:
+        roles = None
+        if base is not None:
+            metas = [build_on_meta(constructor, kw) for kw in (base, resolve_delta(base, target, delta), target)]
+            roles = assign_roles(zip_shapes(*metas), param_sites(metas[2]), readout=readout, layouts=layouts)
+        sizes = {"target": dict(target), **({"base": dict(base)} if base is not None else {})}
+        return unit_plan(build_on_meta(constructor, target), param, sizes, roles)
+    if base is None:
+        raise ValueError(f"parametrization {param.name!r} is relative to a base model: pass base=dict(...) (the "
+                         f"sizes the hyperparameters were tuned at). Only 'umup' needs no base.")
     depth_keys = depth_kwargs(constructor, base, target)
     if not depth_keys:
         width_target = dict(target)
@@ -84,6 +99,8 @@ def infer_plan(constructor: Constructor, *, base: Sizes, target: Sizes, delta: S
     if depth_keys and param.depth is not None:
         outputs = branch_output_templates(deep, list(counts), branch_outputs)
         rule = param.depth if not isinstance(param.depth, str) else auto_depth(_layers_per_branch(deep, counts, outputs))
+    elif param.depth is not None:  # equal depths: m_L = 1, so only the width part of the eps rule is left
+        rule = param.depth if not isinstance(param.depth, str) else auto_depth(1)
     base_stds = measure_init_stds(constructor, base) if param.rescales else {}
     specs = {}
     for name in shapes:
@@ -93,7 +110,7 @@ def infer_plan(constructor: Constructor, *, base: Sizes, target: Sizes, delta: S
         ends_branch = in_block and matches(module, sorted(outputs))
         m_depth = counts[site.container][1] / counts[site.container][0] if site is not None else 1.0
         specs[name] = _spec(name, shapes[name], roles[name], param, base_stds.get(counterpart[name]), sites[name],
-                            depth=rule if in_block else None, m_depth=m_depth, ends_branch=ends_branch,
+                            depth=rule, m_depth=m_depth if in_block else 1.0, ends_branch=ends_branch,
                             block=site.template if site is not None else None)
     depth_info = {}
     if depth_keys:
@@ -250,7 +267,7 @@ def parametrize(model: nn.Module, plan: Plan, *, init: bool = True, zero_init: S
     return model
 
 
-def build(constructor: Constructor, *, base: Sizes, target: Sizes, delta: Sizes | None = None,
+def build(constructor: Constructor, *, base: Sizes | None = None, target: Sizes, delta: Sizes | None = None,
           parametrization: str | Parametrization = "mup", device: torch.device | str | None = None,
           readout: Sequence[str] | None = None, layouts: Mapping[str, str] | None = None,
           zero_init: Sequence[str] = (), branch_outputs: Sequence[str] | None = None) -> nn.Module:

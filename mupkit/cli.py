@@ -79,7 +79,7 @@ def run_coord_check(args: argparse.Namespace) -> int:
     main = checks[-1]
     for check in checks:
         print(check.verdict(metric=args.metric, tolerance=args.tolerance), end="\n\n")
-        if check.axis == "depth":  # per-block relative update ||dW|| / ||W||, averaged over blocks
+        if check.axis == "depth":  # per-block relative update, averaged over blocks
             print(check.verdict(metric="l1", kind="update", tolerance=args.tolerance), end="\n\n")
     if args.out:
         main.plot(args.out, compare=checks[0] if len(checks) > 1 else None, metric=args.metric,

@@ -10,7 +10,8 @@ recorded twice, as ``name#1``), at step 0 (init) and after each step:
 
 Tensor leaves of tuple/list/dict outputs are recorded as ``name[i]`` / ``name[key]``; ``None``
 is skipped. Optionally module inputs (``inputs=True``), parameters (``params=True``) and the
-relative update ``||dW|| / ||W||`` (``updates=True``). See :mod:`mupkit.verdict` for the fit
+relative update ``||W_t - W_(t-1)|| / ||W_0||`` (``updates=True``; NaN for a parameter that is zero at
+init, which has no scale to relate to). See :mod:`mupkit.verdict` for the fit
 and :mod:`mupkit.plotting` for the figure.
 
 Depth checks (``depths=[...]``): module names inside repeated blocks are made comparable across
@@ -56,6 +57,7 @@ class CoordCheck:
     expected_at_init: list[str] = field(default_factory=list)  # readout / attention-logit modules
     depths: list[int] = field(default_factory=list)
     axis: str = "width"  # the size the verdict fits against: "width" or "depth"
+    update_slope: float = 0.0  # expected slope of per-block relative updates against depth: alpha - 1
 
     @property
     def sizes(self) -> list[int]:
@@ -234,7 +236,9 @@ def coord_check(constructor: Constructor, widths: Sequence[int] | int, *, base: 
         records.extend({"width": width, **({"depth": depth} if depth else {}), "seed": seed, **row} for row in rows)
     name = optimizer if isinstance(optimizer, str) else optimizer.__name__
     axis = "depth" if len(depths) > 1 and len(widths) == 1 else "width"
-    return CoordCheck(records, widths, parametrization, name, lr, expected, depths, axis)
+    alpha = probe.depth.get("alpha")
+    return CoordCheck(records, widths, parametrization, name, lr, expected, depths, axis,
+                      0.0 if alpha is None else alpha - 1)
 
 
 def _comparable_across_depth(rows: list[dict[str, Any]], blocks: Mapping[str, int]) -> list[dict[str, Any]]:
@@ -273,6 +277,7 @@ def _run(model, opt, x, y, loss_fn, steps, inputs, params, updates, include) -> 
     recorder = _Recorder(model, inputs, include)
     rows: list[dict[str, Any]] = []
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    init_norms = [p.detach().norm().item() for _, p in named] if updates else []  # 0: no scale to relate to
     try:
         for step in range(steps + 1):
             recorder.new_step(step)
@@ -288,8 +293,7 @@ def _run(model, opt, x, y, loss_fn, steps, inputs, params, updates, include) -> 
             value.backward()
             before = [p.detach().clone() for _, p in named] if updates else []
             opt.step()
-            for (n, p), old in zip(named, before):
-                norm = old.norm().item()
+            for (n, p), old, norm in zip(named, before, init_norms):
                 rows.append({"module": n, "kind": "update", "step": step + 1,
                              "l1": (p.detach() - old).norm().item() / norm if norm > 0 else math.nan})
     finally:

@@ -20,6 +20,10 @@ def explain_rows(plan: Plan) -> list[tuple[str, ...]]:
     for name, s in plan.items():
         fwd = "1" + "".join(f" (x{plan.input_multipliers[m]:.4g} at {m})" for m in s.tied_readouts
                             if m in plan.input_multipliers)
+        if s.op_forward != 1.0:
+            fwd = f"{s.op_forward:.4g} (in op)"
+        elif s.absorbed != 1.0 and not s.branch_output:
+            fwd = f"{s.absorbed:.4g} (absorbed)"
         if s.branch_output:
             fwd += f" (branch x{s.absorbed:.4g}, absorbed)"
         role = s.role.value + (" (tied readout)" if s.tied_readouts else "")
@@ -47,12 +51,18 @@ def explain(model_or_plan: nn.Module | Plan) -> str:
     lines.insert(1, "  ".join("-" * w for w in widths))
     sizes = plan.sizes
     head = f"mupkit plan: {plan.parametrization}"
+    if plan.parametrization == "umup":
+        head += ("  (absolute: m_in/m_out are the fans, as if the base width were 1; ops carry the forward "
+                 "multipliers and unit-scale every gradient)")
     if sizes:
         head += f"  base={sizes.get('base')}  target={sizes.get('target')}"
     depth = plan.depth
     if depth:
         blocks = ", ".join(f"{c}: {lb} -> {l} blocks" for c, (lb, l) in depth["blocks"].items())
-        if depth.get("alpha") is None:
+        if depth.get("unit_scaled"):
+            head += (f"\ndepth: {blocks}; u-muP: residual taus ~ L^-1/2 in the modules, LR x L^-1/2 inside blocks "
+                     f"(L in layers)")
+        elif depth.get("alpha") is None:
             head += f"\ndepth: {blocks}; no depth rule (plain {plan.parametrization}): branches are not scaled"
         else:
             head += (f"\ndepth: {blocks}; alpha = {depth['alpha']:g} (branch x m_L^-alpha, LR x m_L^(alpha-1) "

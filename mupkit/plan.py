@@ -34,7 +34,8 @@ class ParamSpec:
     tensor, mean included, where the init-std rule scales only the deviation from the mean.
     ``block``: the name template (``blocks.*.mlp.0.weight``) of a parameter in a repeated block,
     ``m_depth = L / L_base`` of its container, ``branch_output``: it ends a residual branch and
-    carries the branch multiplier in its init and LR.
+    carries the branch multiplier in its init and LR. ``op_forward``: the forward multiplier
+    the parameter's own unit-scaled op applies (u-muP's ``A_W``; never absorbed).
     """
 
     name: str
@@ -55,6 +56,7 @@ class ParamSpec:
     m_depth: float = 1.0
     branch_output: bool = False
     absorbed: float = 1.0
+    op_forward: float = 1.0
 
     @property
     def init_std(self) -> float | None:

@@ -111,21 +111,29 @@ class DepthRule:
       for entrywise-normalized and parameter-relative updates (Adam, AdamW, Adafactor); for SGD,
       whose gradient already carries the branch multiplier, ``m_L^(2 alpha - 1)`` (the same
       per-block contribution ``1/L``; TP VI: no depth factor at ``alpha = 1/2``);
-    * Adam eps inside the blocks: ``m_N^-1 m_L^-alpha`` (``m_N`` the parameter's width multiplier);
+    * Adam eps: ``m_N^-1 m_L^-alpha`` inside the blocks (``m_N`` the parameter's width
+      multiplier), ``m_N^-1`` elsewhere: the table's muP column, applied to every group as
+      nanoGPT-mup does, and also when base and target have the same depth (plain ``"mup"`` keeps
+      eps fixed, as microsoft/mup does);
     * no depth factor on init: the init is the user's, measured at the base depth;
     * weight decay: mupkit's policies (coupled: ``lr * wd`` kept as at the base).
     """
 
     alpha: float
+    #: unit-scaled residuals (u-muP): the branch weight ``tau`` is applied in the forward only
+    #: (:func:`mupkit.nn.functional.residual_add`), so SGD's gradient does not carry it and takes
+    #: Adam's ``m_L^(alpha - 1)``; gradients are unit-scaled, so eps keeps no width or depth factor
+    unit_scaled: bool = False
 
     def branch_multiplier(self, m_depth: float) -> float:
         return m_depth ** -self.alpha
 
     def lr(self, update: str, m_depth: float) -> float:
-        return m_depth ** ((2 * self.alpha - 1) if update == "sgd" else (self.alpha - 1))
+        sgd_carries_branch = update == "sgd" and not self.unit_scaled
+        return m_depth ** ((2 * self.alpha - 1) if sgd_carries_branch else (self.alpha - 1))
 
     def eps(self, m_width: float, m_depth: float) -> float:
-        return m_width ** -1 * m_depth ** -self.alpha
+        return 1.0 if self.unit_scaled else m_width ** -1 * m_depth ** -self.alpha
 
 
 DEPTH_RULES: dict[str, DepthRule] = {"depth-mup": DepthRule(0.5), "completep": DepthRule(1.0)}
@@ -143,6 +151,9 @@ class Parametrization:
     rules: Mapping[Role, RoleRule]
     rescales: bool = True  # False (SP): keep the user's init at every size; no width dim required
     depth: DepthRule | str | None = None
+    #: rules evaluated at the parameter's own fans, as if the base width were 1 (u-muP has no base
+    #: shapes); ``forward`` is then applied by the unit-scaled op or absorbed into a plain layer
+    absolute: bool = False
 
 
 _VECTOR_LIKE = RoleRule(lr={"adam": ONE, "sgd": Power(b=1), "adafactor": ONE})
@@ -158,7 +169,27 @@ MUP = Parametrization("mup", {
 
 SP = Parametrization("sp", {role: RoleRule() for role in Role}, rescales=False)
 
-PARAMETRIZATIONS: dict[str, Parametrization] = {p.name: p for p in (SP, MUP)}
+
+def _same_for_every_family(p: Power) -> dict[str, Power]:
+    return {"adam": p, "sgd": p, "adafactor": p}
+
+
+#: u-muP (Blake et al. 2024, Table 2 and Sec. 4.4), absolute fans: ``A_W`` (forward), ``B_W = 1``
+#: (init: unit variance), Adam LR ``C_W``: embedding ``fan_out^-1/2`` (u-muP's empirical rule,
+#: replacing muP's 1), hidden ``fan_in^-1/2``, readout, biases and gains 1. Every op is unit-scaled
+#: in both passes, so gradients are Theta(1) and an SGD or Adafactor step (``RMS(W) = 1``) has the
+#: same size as Adam's: one column for all families (graphcore's ``lr_scale_func_sgd(None)`` is
+#: its Adam function). Depth: the residual taus scale branches like ``L^-1/2`` (in the modules)
+#: and every parameter of a repeated block gets LR ``x L^-1/2`` (Depth-muP), ``L`` in layers.
+UMUP = Parametrization("umup", {
+    Role.INPUT: RoleRule(lr=_same_for_every_family(Power(b=-0.5))),
+    Role.VECTOR: RoleRule(),
+    Role.HIDDEN: RoleRule(forward=Power(a=-0.5), lr=_same_for_every_family(Power(a=-0.5))),
+    Role.OUTPUT: RoleRule(forward=Power(a=-1)),
+    Role.SCALAR: RoleRule(),
+}, depth=DepthRule(0.5, unit_scaled=True), absolute=True)
+
+PARAMETRIZATIONS: dict[str, Parametrization] = {p.name: p for p in (SP, MUP, UMUP)}
 
 
 @dataclass(frozen=True)
@@ -181,8 +212,8 @@ def scales_for(rule: RoleRule, family: Family, m_in: float, m_out: float, absorb
 
     For the ``adafactor`` family, ``eps`` scales the RMS floor ``eps2`` and follows the init
     scale, so a zero-initialized tensor steps as its muP init would. ``depth``/``m_depth``: the
-    depth rule of a parameter inside a repeated block (``absorbed`` then includes the branch
-    multiplier when the parameter ends a branch).
+    parametrization's depth rule and the parameter's depth multiplier (1 outside repeated
+    blocks; ``absorbed`` includes the branch multiplier when the parameter ends a branch).
     """
     lr = rule.lr[family.update](m_in, m_out)
     eps = rule.init(m_in, m_out) if family.update == "adafactor" else rule.eps(m_in, m_out)
@@ -236,6 +267,9 @@ def get_parametrization(name: str | Parametrization) -> Parametrization:
         return base
     if not base.rescales:
         raise ValueError(f"{name!r}: depth rules build on muP's width rules; use 'mup+{depth}'.")
+    if base.absolute:
+        raise ValueError(f"{name!r}: u-muP has its own depth rule (residual taus ~ L^-1/2 and LR x L^-1/2, "
+                         f"Depth-muP, in mupkit.nn.DepthModuleList blocks); use 'umup', or 'mup+{depth}'.")
     rule = "auto" if depth == "depth" else DEPTH_RULES[depth]
     return Parametrization(f"{width}+{depth}", base.rules, base.rescales, rule)
 

@@ -15,6 +15,13 @@ A module whose step-0 size shrinks as expected is judged at later steps by its c
 init, ``RMS(x_t - x_0)``: under muP every activation's change is Theta(1) (TP5 Sec. 5), while
 ``x_0`` of a readout tends to 0 with width, so ``|x_t| = |x_0 + Delta x_t|`` mixes a vanishing
 init term into the slope at finite width. Such rows carry ``metric="delta_rms"``.
+
+Along depth, the per-block relative update ``||dW|| / ||W||`` (``kind="update"``, block
+templates ``blocks.*.<rest>``) is judged against the depth rule's own law, ``m_L^(alpha - 1)``
+(``CoordCheck.update_slope``): every depth rule makes each block add ``m_L^-alpha`` times its
+update, ``1/L`` of the stream's change, so CompleteP's blocks keep Theta(1) relative updates
+while Depth-muP's shrink like ``L^-1/2``, the laziness CompleteP removes (Dey et al. 2025,
+Sec. 3); without a depth rule the expected slope is 0.
 """
 
 from __future__ import annotations
@@ -42,6 +49,11 @@ class Slope:
     slope: float
     status: str  # "pass" | "fail" | "expected" | "zero"
     metric: str = "l1"  # the size whose slope this row judges
+    expected: float = 0.0  # the slope the parametrization predicts
+
+    @property
+    def deviation(self) -> float:
+        return self.slope - self.expected
 
 
 @dataclass(frozen=True)
@@ -58,25 +70,30 @@ class Verdict:
 
     def worst(self, n: int = 8) -> list[Slope]:
         judged = [r for r in self.rows if r.status in ("pass", "fail")]
-        return sorted(judged, key=lambda r: -abs(r.slope))[:n]
+        return sorted(judged, key=lambda r: -abs(r.deviation))[:n]
 
     def summary(self) -> str:
         worst = self.worst(1)
-        tail = f"worst slope {worst[0].slope:+.3f} ({worst[0].module}, step {worst[0].step})" if worst else \
+        tail = f"worst slope {worst[0].slope:+.3f}{_against(worst[0])} ({worst[0].module}, step {worst[0].step})" \
+            if worst else \
             "no module to judge (check include= and kind=)"
         return f"{'PASS' if self.passed else 'FAIL'}: {self.title}; {tail}; tolerance {self.tolerance}"
 
     def __str__(self) -> str:
-        lines = [self.summary(), f"{'module':40s} {'step':>4s} {'slope':>8s}  {'status':8s}  of"]
+        lines = [self.summary(), f"{'module':40s} {'step':>4s} {'slope':>8s} {'expect':>7s}  {'status':8s}  of"]
         other = [r for r in self.rows if r.status in ("expected", "zero")]
-        lines += [f"{r.module:40s} {r.step:4d} {r.slope:+8.3f}  {r.status:8s}  {r.metric}"
+        lines += [f"{r.module:40s} {r.step:4d} {r.slope:+8.3f} {r.expected:+7.2f}  {r.status:8s}  {r.metric}"
                   for r in self.worst() + other[:8]]
         return "\n".join(lines)
 
 
+def _against(row: Slope) -> str:
+    return f" against {row.expected:+.2f}" if row.expected else ""
+
+
 def fit_slopes(check: "CoordCheck", metric: str = "l1", kind: str = "out") -> dict[tuple[str, int], float]:
     """(module, step) -> slope of log(metric) vs log(size along ``check.axis``), averaged over seeds
-    (and over the other size, in a joint check); NaN if a value is 0. Only modules recorded at
+    (and over the other size, in a joint check); NaN if a value is 0 or NaN. Only modules recorded at
     every size are fitted."""
     axis = check.axis
     other = "depth" if axis == "width" else "width"
@@ -90,7 +107,8 @@ def fit_slopes(check: "CoordCheck", metric: str = "l1", kind: str = "out") -> di
             continue
         widths = sorted(by_width)
         values = [by_width[w] for w in widths]
-        slope = math.nan if min(values) <= 0 else float(np.polyfit(np.log(widths), np.log(values), 1)[0])
+        undefined = any(math.isnan(v) or v <= 0 for v in values)
+        slope = math.nan if undefined else float(np.polyfit(np.log(widths), np.log(values), 1)[0])
         per_key.setdefault((module, step), []).append(slope)
     return {key: float(np.mean(v)) for key, v in per_key.items()}
 
@@ -129,9 +147,10 @@ def verdict(check: "CoordCheck", *, tolerance: float = 0.1, metric: str = "l1", 
         judged = metric
         if step > 0 and module in transient and (module, step) in changes:
             judged, slope = "delta_rms", changes[module, step]
+        expected = check.update_slope if kind == "update" and check.axis == "depth" and ".*." in module else 0.0
         if math.isnan(slope):
             status = "zero"
-        elif abs(slope) <= tolerance:
+        elif abs(slope - expected) <= tolerance:
             status = "pass"
         elif step == 0 and module in transient:
             status = "expected"
@@ -139,7 +158,7 @@ def verdict(check: "CoordCheck", *, tolerance: float = 0.1, metric: str = "l1", 
             status = "expected"  # CompleteP: the branches' init variance L * L^-2 fades (Dey et al. 2025, Fig. 3)
         else:
             status = "fail"
-        rows.append(Slope(module, step, slope, status, judged))
+        rows.append(Slope(module, step, slope, status, judged, expected))
     sizes = f"{check.axis}s {check.sizes[0]}..{check.sizes[-1]}"
     what = metric if kind == check.judged_kind else f"{kind} {metric}"
     title = f"{check.parametrization} {check.optimizer} lr={check.lr:g}, {what}, {sizes}"

@@ -6,12 +6,16 @@ multiplier and m_L = depth multiplier (see shared reference umup_depth.md, Sec. 
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
 
 import mupkit
 from mupkit import models
+from mupkit.coord_check import default_loss
+from mupkit.data import synthetic_batch
 from mupkit.plan import Plan
 
 GPT = dict(base_width=64, max_len=16)
@@ -38,6 +42,7 @@ def test_rules_follow_the_completep_table(name, alpha):
     assert qkv.init_scale == pytest.approx(m_n ** -0.5)  # no depth factor on init
     for outside in ("wte.weight", "wpe.weight", "ln_f.weight"):  # embedding, final LN: lr x 1
         assert plan[outside].scales["adamw"].lr == 1.0 and plan[outside].block is None
+        assert plan[outside].scales["adam"].eps == pytest.approx(m_n ** -1)  # the table's muP eps column
     proj = plan["blocks.7.attn.proj.weight"]  # the branch multiplier m_L^-alpha, folded into the layer
     c = m_l ** -alpha
     assert proj.branch_output and proj.absorbed == pytest.approx(c)
@@ -45,6 +50,19 @@ def test_rules_follow_the_completep_table(name, alpha):
     assert proj.scales["adamw"].lr == pytest.approx(m_n ** -1 * m_l ** (alpha - 1) * c)  # Adam: lr x c
     assert proj.scales["sgd"].lr == pytest.approx(m_l ** (2 * alpha - 1) * c ** 2)  # SGD: lr x c^2
     assert proj.scales["adafactor"].lr == pytest.approx(m_n ** -0.5 * m_l ** (alpha - 1))  # scale-relative
+
+
+@pytest.mark.parametrize("name", ["completep", "depth-mup", "mup+depth"])
+def test_eps_rule_does_not_jump_when_depth_equals_the_base(name):
+    """At equal depths (m_L = 1) a depth parametrization is muP with the CompleteP table's eps
+    m_N^-1: the same eps as a deeper target's block would get at m_L = 1, not muP's fixed eps."""
+    same = gpt_plan(name, depth=2)
+    assert same.depth == {}
+    for n, spec in same.items():
+        m_n = max(spec.m_in, spec.m_out)
+        assert spec.scales["adam"].eps == pytest.approx(m_n ** -1), n
+        assert spec.scales["adam"].lr == gpt_plan("mup", depth=2)[n].scales["adam"].lr, n
+    assert gpt_plan("mup", depth=2)["blocks.1.attn.qkv.weight"].scales["adam"].eps == 1.0  # microsoft/mup parity
 
 
 def test_mup_plus_depth_picks_completep_for_multi_layer_branches_and_explain_says_so():
@@ -160,6 +178,8 @@ def test_depth_coordinate_check(name):
         block_rows = [r for r in updates.rows if r.module.startswith("blocks.*") and r.module.endswith("weight")
                       and r.status != "zero"]
         assert block_rows and all(abs(r.slope - update_slope) <= 0.1 for r in block_rows), str(updates)
+        assert all(r.expected == update_slope for r in block_rows)  # the verdict judges the rule's own law
+        assert check.update_slope == update_slope and all(r.status == "pass" for r in block_rows), str(updates)
 
 
 def test_cli_depth_check(tmp_path, capsys):
@@ -291,3 +311,31 @@ def test_a_verdict_with_nothing_to_judge_does_not_pass():
                                show_progress=False)
     verdict = check.verdict()
     assert not verdict.passed and "no module to judge" in verdict.summary()
+
+
+@pytest.mark.parametrize("name", sorted(mupkit.optim.BY_NAME))
+def test_every_optimizer_family_trains_a_completep_model(name):
+    """Each mupkit optimizer takes ``param_groups(model)`` of a deeper CompleteP model, picks its
+    family's depth-scaled multipliers (eps only where the family has one) and trains."""
+    sizes = dict(base=dict(width=32, depth=2), target=dict(width=64, depth=8), parametrization="completep")
+    torch.manual_seed(0)
+    model = mupkit.build(models.resmlp, **sizes)
+    cls = mupkit.optim.get_optimizer(name)
+    opt = cls(mupkit.param_groups(model), lr=1.0 if name.startswith(("dadapt", "prodigy")) else 3e-3)
+    plan, family = mupkit.plan_of(model), cls.family
+    for group in opt.param_groups:
+        for pname in group["param_names"]:
+            scales = plan[pname].scales[family.name]
+            assert group["lr_scale"] == scales.lr and group["eps_scale"] == scales.eps, pname
+    hidden = plan["blocks.5.0.weight"].scales[family.name]
+    if family.has_eps and family.update == "adam":
+        assert hidden.eps == pytest.approx(2.0 ** -1 * 4.0 ** -1)  # m_N^-1 m_L^-alpha
+    x, y = synthetic_batch(model, seed=0)
+    losses = []
+    for _ in range(8):
+        loss = default_loss(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0], losses
