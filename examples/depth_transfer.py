@@ -21,17 +21,11 @@ import torch.nn.functional as F
 
 import mupkit
 from mupkit import models
-from mupkit.data import stdlib_corpus
+from mupkit.data import stdlib_corpus, token_windows
 from mupkit.progress import progress
 
 FIXED = dict(width=64, base_width=64, n_head=4, vocab=256, max_len=64)
 CONTEXT, BATCH = 64, 16
-
-
-def windows(data: torch.Tensor, count: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    start = torch.randint(0, len(data) - CONTEXT - 1, (count,), generator=generator)
-    w = data[start[:, None] + torch.arange(CONTEXT + 1)]
-    return w[:, :-1], w[:, 1:]
 
 
 def run(parametrization: str, depth: int, lr: float, seed: int, steps: int, train: torch.Tensor,
@@ -43,7 +37,7 @@ def run(parametrization: str, depth: int, lr: float, seed: int, steps: int, trai
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: min(1.0, (t + 1) / 20))  # short warmup
     gen = torch.Generator().manual_seed(1000 + seed)
     for _ in range(steps):
-        x, y = windows(train, BATCH, gen)
+        x, y = token_windows(train, BATCH, CONTEXT, gen)
         loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
         if not torch.isfinite(loss):
             return math.inf
@@ -65,7 +59,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     train = stdlib_corpus("train")
-    val = windows(stdlib_corpus("val"), 64, torch.Generator().manual_seed(7))
+    val = token_windows(stdlib_corpus("val"), 64, CONTEXT, torch.Generator().manual_seed(7))
     lrs = [2.0 ** k for k in args.log2_lrs]
     jobs = [(p, d, lr, s) for p in ("mup", "completep") for d in args.depths for lr in lrs for s in range(args.seeds)]
     losses: dict[tuple[str, int, float], list[float]] = {}

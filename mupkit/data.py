@@ -77,3 +77,14 @@ def stdlib_corpus(split: str = "train", *, limit: int = 4_000_000, val_fraction:
     data = torch.frombuffer(bytearray(b"".join(chunks)[:limit]), dtype=torch.uint8).long()
     cut = int(len(data) * (1 - val_fraction))
     return data[:cut] if split == "train" else data[cut:]
+
+
+def token_windows(data: torch.Tensor, count: int, context: int,
+                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``count`` random windows of ``context + 1`` tokens from a 1-D corpus: (inputs, next tokens)."""
+    if len(data) <= context + 1:
+        raise ValueError(f"a corpus of {len(data)} tokens has no window of context {context} + 1; use a shorter "
+                         f"context or a larger corpus (stdlib_corpus(limit=...))")
+    start = torch.randint(0, len(data) - context - 1, (count,), generator=generator)
+    w = data[start[:, None] + torch.arange(context + 1)]
+    return w[:, :-1], w[:, 1:]

@@ -20,6 +20,9 @@ The Adafactor column (parameter scaling on) is derived, not tabulated in TP5: it
 init-scale exponent (Everett et al. 2024, Sec. 3; abc-parametrization algebra): hidden
 ``m_in^-1 / m_in^-1/2``; input and output ``1``. A test checks this identity on every row.
 
+u-muP (:data:`UMUP`) is a table of the same form evaluated at the parameters' own fans (as if
+the base width were 1), with the forward multipliers applied by unit-scaled ops.
+
 Init stds are relative to the user's own init at the base size. With the *coupled* weight-
 decay policy the WD multiplier is ``1 / lr_mult`` so the per-step decay ``lr * wd`` is
 width-invariant (mup 1.0.0 semantics).

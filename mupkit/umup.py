@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+import torch
 from torch import nn
 
 from .nn.unit import DepthModuleList
@@ -119,3 +120,36 @@ def _fan_out_first(shape: tuple[int, ...], fan_out_axis: int | None, role: Role)
     if role in (Role.HIDDEN, Role.OUTPUT) and fan_out_axis == 1 and len(shape) == 2:
         return shape[::-1]
     return shape
+
+
+def tensor_scales(model: nn.Module, inputs: Any, loss_fn) -> list[tuple[str, str, float]]:
+    """RMS of every weight, module output, output gradient and weight gradient after one
+    forward and backward pass of ``loss_fn(model, inputs)``: ``(kind, name, rms)`` rows with kind
+    ``"weight" | "activation" | "activation grad" | "weight grad"``. Unit scaling's promise is that
+    all of them are near 1 at init (except by-design ones such as a muP readout's logits)."""
+    rows: list[tuple[str, str, float]] = []
+
+    def rms(t: torch.Tensor) -> float:
+        return t.detach().float().pow(2).mean().sqrt().item()
+
+    def hook(name: str):
+        def record(module, args, out):
+            if isinstance(out, torch.Tensor) and out.is_floating_point():
+                rows.append(("activation", name, rms(out)))
+                if out.requires_grad:
+                    out.register_hook(lambda g: rows.append(("activation grad", name, rms(g))))
+        return record
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if n]
+    try:
+        model.zero_grad(set_to_none=True)
+        loss_fn(model, inputs).backward()
+    finally:
+        for h in handles:
+            h.remove()
+    for name, p in model.named_parameters():
+        if p.std() > 0:  # constant tensors (zero biases, unit gains) have no scale to report
+            rows.append(("weight", name, rms(p)))
+        if p.grad is not None:
+            rows.append(("weight grad", name, rms(p.grad)))
+    return rows

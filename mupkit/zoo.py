@@ -3,7 +3,9 @@
 Each definition fixes what a check of that model needs besides the widths: the constructor,
 its fixed kwargs (which may depend on the parametrization and base width, e.g. the GPT's
 attention scale), a default width range spanning 16x, default LRs per optimizer family
-("large", so SP visibly fails), and optionally a batch per optimizer family.
+("large", so SP visibly fails), and optionally a batch per optimizer family. The
+``umup-transformer`` is :class:`mupkit.nn.TransformerDecoder` (check it with ``--param umup``),
+trained on its unit-scaled cross-entropy.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import torch
 from . import models
 from .data import Batch
 from .groups import resolve_family
+from .nn.functional import cross_entropy as unit_cross_entropy
+from .nn.unit import TransformerDecoder
 from .optim import get_optimizer
 from .rules import FAMILIES
 
@@ -98,6 +102,10 @@ BUILTIN: dict[str, CheckDefinition] = {
                                    lr={"adam": 3e-3, "adamw": 3e-3, "sgd": 0.3, "adafactor": 0.03}, kwargs=_gpt_kwargs,
                                    batch=_token_batch, depth_batch=_token_batch_for_depth),
 }
+BUILTIN["umup-transformer"] = CheckDefinition(
+    TransformerDecoder, (64, 128, 256, 512, 1024), lr={"adam": 0.1, "adamw": 0.1, "sgd": 0.1, "adafactor": 0.03},
+    kwargs=lambda parametrization, base: {"depth": 2, "heads": 4}, batch=_token_batch,
+    loss=lambda logits, targets: unit_cross_entropy(logits.flatten(0, -2), targets.flatten()))
 BUILTIN["resnet"] = BUILTIN["resmlp"]
 BUILTIN["gpt"] = BUILTIN["transformer"]
 

@@ -17,6 +17,8 @@ from hypothesis import strategies as st
 
 import mupkit
 import mupkit.nn.functional as M
+from mupkit.cli import main as cli
+from mupkit.zoo import BUILTIN
 
 uu = pytest.importorskip("unit_scaling")
 U = uu.functional
@@ -289,3 +291,68 @@ def test_umup_says_what_it_needs():
         mupkit.rules.get_parametrization("umup+completep")
     with pytest.raises(ValueError, match="base=dict"):
         mupkit.infer_plan(mupkit.models.mlp, target=dict(width=8))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_every_tensor_is_unit_scaled_at_init_across_widths(dtype):
+    """A u-muP transformer (depth 2, 8 x 32 tokens) at widths 64..1024: every weight, module
+    output, output gradient and weight gradient has RMS in [0.5, 2], and the same RMS at every
+    width (within 25%). By design, two are not unit: the readout's logits, ``fan_in^-1/2`` (muP's
+    ``1/fan_in`` readout: the softmax starts uniform), and the q/k thirds of the fused qkv output's
+    gradient, which vanish with muP's ``1/d_head`` attention logits (near-uniform attention at init),
+    so only its v third is held to [0.5, 2]."""
+    widths, by_width, worst = [64, 128, 256, 512, 1024], {}, (None, 1.0)
+    for width in widths:
+        torch.manual_seed(0)
+        model = mupkit.build(mupkit.nn.TransformerDecoder, target=dict(width=width, depth=2, heads=4),
+                             parametrization="umup").to(dtype)
+        v_grads = {}
+
+        def keep_grad(name):
+            def hook(module, args, out):
+                out.register_hook(lambda g: v_grads.__setitem__(name, g.unflatten(-1, (3, -1)).float()))
+            return hook
+
+        for name, module in model.named_modules():
+            if name.endswith("attn.qkv"):
+                module.register_forward_hook(keep_grad(name))
+        ids = torch.randint(0, 256, (8, 32))
+        rows = mupkit.umup.tensor_scales(model, ids, lambda m, x: m.loss(x))
+        scales = {(kind, name): rms for kind, name, rms in rows}
+        logits = scales.pop(("activation", "readout"))
+        assert logits == pytest.approx(width ** -0.5, rel=0.15)
+        for name, g in v_grads.items():
+            qk, v = g[..., :2, :].pow(2).mean().sqrt().item(), g[..., 2, :].pow(2).mean().sqrt().item()
+            assert 0.5 <= v <= 2 and qk < 0.2 * v, (name, qk, v)
+            del scales[("activation grad", name)]
+        for key, rms in scales.items():
+            assert 0.5 <= rms <= 2, (width, key, rms)
+            worst = max(worst, (key, rms), key=lambda kv: abs(torch.tensor(kv[1]).log().item()))
+        by_width[width] = scales
+    for key, rms in by_width[64].items():
+        assert by_width[1024][key] == pytest.approx(rms, rel=0.25), key
+    print(f"worst RMS ({dtype}): {worst}")
+
+
+@pytest.mark.parametrize("optim", ["adam", "sgd", "adafactor"])
+def test_coordinate_check_passes_under_umup(optim):
+    """The built-in u-muP transformer, widths 64..1024 (16x), steps 1..4, on its unit-scaled loss;
+    the same model with one LR for every parameter (SP's table on the unit ops) fails."""
+    d = BUILTIN["umup-transformer"]
+
+    def check(param):
+        return mupkit.coord_check(d.constructor, list(d.widths), parametrization=param, optimizer=optim,
+                                  lr=d.lr_for(optim), steps=4, seeds=2, batch=d.batch_for(optim), loss=d.loss,
+                                  kwargs=d.kwargs(param, 64), show_progress=False).verdict(steps=range(1, 5))
+
+    umup = check("umup")
+    assert umup.passed, str(umup)
+    if optim == "adam":
+        sp = check("sp")
+        assert not sp.passed and max(abs(r.slope) for r in sp.worst(1)) >= 0.3, str(sp)
+
+
+def test_cli_runs_the_umup_transformer(tmp_path, capsys):
+    code = cli(["coord-check", "--model", "umup-transformer", "--param", "umup", "--steps", "2", "--quiet",
+                "--out", str(tmp_path / "u.png")])
+    assert code == 0 and "PASS: umup" in capsys.readouterr().out and (tmp_path / "u.png").exists()
