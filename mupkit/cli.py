@@ -1,6 +1,7 @@
-"""``mupkit`` command line: ``mupkit coord-check --model mlp``.
+"""``mupkit`` command line: ``mupkit coord-check --model mlp`` and ``mupkit transfer --model mlp``.
 
-Exit code 0 when the check passes, 1 when it fails (so it can gate a CI job), 2 on bad input.
+coord-check exits 0 when the check passes, 1 when it fails (so it can gate a CI job); both exit
+2 on bad input.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import sys
 from .coord_check import METRICS, coord_check
 from .optim import BY_NAME
 from .rules import DEPTH_RULES, PARAMETRIZATIONS, get_parametrization
+from .tasks import TASKS, load_task
+from .transfer import sweep
 from .zoo import BUILTIN, load_definition
 
 
@@ -56,7 +59,43 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="coord_check.png", help="figure path ('' for none)")
     p.add_argument("--csv", help="write the records table here")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    t = sub.add_parser("transfer", help="sweep the LR at several widths and find where the optimum sits",
+                       description="HP-transfer sweep (muTransfer): train each (parametrization, width, LR, seed) "
+                                   "on real data (digits for mlp/cnn, stdlib text for transformers), print the "
+                                   "optimum per width, its drift, and the LR to use at --target-width. Trials are "
+                                   "appended to --results and skipped on a rerun, so an interrupted sweep resumes.")
+    t.add_argument("--model", default="mlp", help=f"{' | '.join(sorted(TASKS))} | PATH.py:FUNC (the file defines "
+                                                  f"train(model, hparams, seed) -> losses)")
+    t.add_argument("--widths", type=int, nargs="+", help="widths (default: the model's range)")
+    t.add_argument("--base", type=int, help="base width (default: the smallest width)")
+    t.add_argument("--param", nargs="+", default=["sp", "mup"], help="parametrizations, one panel each")
+    t.add_argument("--log2-lrs", type=float, nargs="+", help="LR grid as log2 exponents (default: the model's)")
+    t.add_argument("--steps", type=int, default=200, help="training steps per trial")
+    t.add_argument("--seeds", type=int, default=2)
+    t.add_argument("--results", default="transfer.jsonl", help="JSONL file of trials (resumed from)")
+    t.add_argument("--out", default="transfer.png", help="figure path ('' for none)")
+    t.add_argument("--target-width", type=int, help="print the recommended LR for this width")
+    t.add_argument("--kwargs", type=_kwarg, nargs="*", default=[], help="fixed constructor kwargs: key=value")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
     return top
+
+
+def run_transfer(args: argparse.Namespace) -> int:
+    task = load_task(args.model)
+    widths = sorted(args.widths or task.widths)
+    base = args.base or widths[0]
+    for name in args.param:
+        get_parametrization(name)
+    lrs = [2.0 ** e for e in (args.log2_lrs or task.log2_lrs)]
+    result = sweep(task.constructor, widths, base={"width": base}, grid={"lr": lrs}, train=task.trainer(args.steps),
+                   parametrizations=args.param, seeds=args.seeds, results=args.results or None,
+                   kwargs=lambda p: {**task.kwargs(p, base), **dict(args.kwargs)}, show_progress=not args.quiet)
+    print(result.summary(target=args.target_width))
+    if args.out:
+        result.plot(args.out)
+        print(f"figure: {args.out}")
+    return 0
 
 
 def run_coord_check(args: argparse.Namespace) -> int:
@@ -98,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "coord-check":
             return run_coord_check(args)
+        if args.command == "transfer":
+            return run_transfer(args)
     except (ValueError, FileNotFoundError) as err:
         print(f"mupkit: error: {err}", file=sys.stderr)
         return 2

@@ -110,6 +110,17 @@ BUILTIN["resnet"] = BUILTIN["resmlp"]
 BUILTIN["gpt"] = BUILTIN["transformer"]
 
 
+def load_module(path: str) -> Any:
+    """Import a user's ``.py`` file (for ``--model PATH.py:FUNC``)."""
+    file = pathlib.Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"--model: no file {file}")
+    module_spec = importlib.util.spec_from_file_location(f"mupkit_user_{file.stem}", file)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module
+
+
 def load_definition(spec: str) -> CheckDefinition:
     """A built-in name, or ``path.py:func``: ``func(width=..., **kwargs)`` builds the model.
 
@@ -121,14 +132,9 @@ def load_definition(spec: str) -> CheckDefinition:
     path, sep, func = spec.rpartition(":")
     if not sep or not path.endswith(".py"):
         raise ValueError(f"--model {spec!r}: use one of {sorted(BUILTIN)} or PATH.py:FUNC")
-    file = pathlib.Path(path)
-    if not file.is_file():
-        raise FileNotFoundError(f"--model {spec!r}: no file {file}")
-    module_spec = importlib.util.spec_from_file_location(f"mupkit_user_{file.stem}", file)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
+    module = load_module(path)
     if not callable(getattr(module, func, None)):
-        raise ValueError(f"--model {spec!r}: {file} has no function {func!r}")
+        raise ValueError(f"--model {spec!r}: {path} has no function {func!r}")
     user_batch = getattr(module, "batch", None)
     return CheckDefinition(getattr(module, func), (64, 128, 256, 512, 1024),
                            batch=(lambda family: user_batch()) if user_batch else None,

@@ -56,13 +56,13 @@ def test_rules_follow_the_completep_table(name, alpha):
 def test_eps_rule_does_not_jump_when_depth_equals_the_base(name):
     """At equal depths (m_L = 1) a depth parametrization is muP with the CompleteP table's eps
     m_N^-1: the same eps as a deeper target's block would get at m_L = 1, not muP's fixed eps."""
-    same = gpt_plan(name, depth=2)
+    same, mup = gpt_plan(name, depth=2), gpt_plan("mup", depth=2)
     assert same.depth == {}
     for n, spec in same.items():
         m_n = max(spec.m_in, spec.m_out)
         assert spec.scales["adam"].eps == pytest.approx(m_n ** -1), n
-        assert spec.scales["adam"].lr == gpt_plan("mup", depth=2)[n].scales["adam"].lr, n
-    assert gpt_plan("mup", depth=2)["blocks.1.attn.qkv.weight"].scales["adam"].eps == 1.0  # microsoft/mup parity
+        assert spec.scales["adam"].lr == mup[n].scales["adam"].lr, n
+    assert mup["blocks.1.attn.qkv.weight"].scales["adam"].eps == 1.0  # microsoft/mup parity
 
 
 def test_mup_plus_depth_picks_completep_for_multi_layer_branches_and_explain_says_so():

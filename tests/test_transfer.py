@@ -1,0 +1,144 @@
+"""HP-transfer sweeps: resume, interruption, the optimum fit, drift, the CLI and the real-data tasks."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import mupkit
+from mupkit import models, tasks
+from mupkit.cli import main as cli
+from mupkit.transfer import Sweep, load_records, sweep
+
+LRS = [2.0 ** k for k in range(-9, -4)]
+
+
+def regression_train(calls: list | None = None, interrupt_at: int | None = None):
+    """A real (tiny) training run: an MLP regressing a fixed random batch with Adam, 20 steps."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(64, 64, generator=g), torch.randn(64, 10, generator=g)
+
+    def train(model, hparams, seed):
+        if calls is not None:
+            calls.append((hparams["lr"], seed))
+            if interrupt_at is not None and len(calls) == interrupt_at:
+                raise KeyboardInterrupt
+        opt = mupkit.optim.Adam(mupkit.param_groups(model), lr=hparams["lr"])
+        losses = []
+        for _ in range(20):
+            loss = F.mse_loss(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        return losses
+    return train
+
+
+def run_sweep(path, train):
+    return sweep(models.mlp, [32, 64], base=dict(width=32), grid={"lr": LRS}, train=train,
+                 parametrizations=["sp", "mup"], seeds=2, results=path, show_progress=False)
+
+
+def test_rerun_trains_nothing_and_an_interrupted_sweep_resumes(tmp_path):
+    calls = []
+    full = run_sweep(tmp_path / "full.jsonl", regression_train(calls))
+    assert len(calls) == 2 * 2 * len(LRS) * 2
+    again = []
+    assert run_sweep(tmp_path / "full.jsonl", regression_train(again)).records == full.records and again == []
+
+    path = tmp_path / "cut.jsonl"
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(path, regression_train([], interrupt_at=7))  # Ctrl-C during the 7th trial
+    assert len(load_records(path)) == 6
+    rest = []
+    resumed = run_sweep(path, regression_train(rest))
+    assert len(rest) == len(calls) - 6
+    def by_trial(records):
+        return {json.dumps([r["parametrization"], r["size"], r["hparams"], r["seed"]]): r["losses"] for r in records}
+
+    assert by_trial(resumed.records) == by_trial(full.records)  # same trials, same (deterministic) curves
+
+
+def test_a_torn_last_line_is_skipped(tmp_path):
+    path = tmp_path / "r.jsonl"
+    path.write_text(json.dumps({"a": 1}) + "\n" + '{"parametrization": "mu')
+    assert load_records(path) == [{"a": 1}]
+
+
+def synthetic(vertices: dict[int, float], lrs=LRS, curvature=0.3, seeds=(0, 1)) -> Sweep:
+    """Records whose loss is an exact parabola in log2(lr) with its vertex at ``vertices[width]``."""
+    records = []
+    for width, vertex in vertices.items():
+        for lr in lrs:
+            for seed in seeds:
+                loss = 1.0 + curvature * (math.log2(lr) - math.log2(vertex)) ** 2
+                records.append({"parametrization": "mup", "size": {"width": width}, "hparams": {"lr": lr}, "seed": seed,
+                                "final_loss": loss, "tail_loss": loss, "losses": [loss]})
+    return Sweep(records)
+
+
+def test_optimum_fit_drift_and_recommendation():
+    s = synthetic({64: 2 ** -7.3, 256: 2 ** -6.8})
+    o64, o256 = s.optima("mup")
+    assert o64.grid_best == 2 ** -7 and o64.fitted == pytest.approx(2 ** -7.3, rel=1e-9) and not o64.at_edge
+    assert o256.fitted == pytest.approx(2 ** -6.8, rel=1e-9)
+    assert s.drift("mup") == 0.0  # both grid minima at 2^-7
+    value, how = s.recommend("mup", 4096)
+    assert value == pytest.approx(2 ** -6.8) and "transferred" in how
+
+    drifting = synthetic({64: 2 ** -5.2, 256: 2 ** -7.0, 1024: 2 ** -8.8}, lrs=[2.0 ** k for k in range(-12, -2)])
+    assert drifting.drift("mup") == 4.0
+    value, how = drifting.recommend("mup", 4096)
+    assert math.log2(value) == pytest.approx(-10.6, abs=0.05) and "extrapolated" in how  # -0.9 per width doubling
+
+    edge = synthetic({64: 2 ** -12})
+    assert edge.optima("mup")[0].at_edge and edge.optima("mup")[0].fitted == LRS[0]
+    assert "grid's edge" in edge.summary()
+
+
+def test_diverged_trials_count_as_infinite_loss():
+    s = synthetic({64: 2 ** -7})
+    s.records[-1]["tail_loss"] = math.inf  # the largest LR of seed 1 diverged
+    assert s.optima("mup")[0].grid_best == 2 ** -7
+
+
+def test_cli_transfer_on_a_user_model_and_resume(tmp_path, capsys):
+    user = tmp_path / "user.py"
+    user.write_text("import torch\nimport torch.nn.functional as F\nimport mupkit\n"
+                    "def make(width=32):\n    return mupkit.models.mlp(width, d_in=8, d_out=2)\n"
+                    "def train(model, hparams, seed):\n"
+                    "    g = torch.Generator().manual_seed(seed)\n"
+                    "    x, y = torch.randn(32, 8, generator=g), torch.randn(32, 2, generator=g)\n"
+                    "    opt = mupkit.optim.Adam(mupkit.param_groups(model), lr=hparams['lr'])\n"
+                    "    out = []\n"
+                    "    for _ in range(5):\n"
+                    "        loss = F.mse_loss(model(x), y); opt.zero_grad(); loss.backward(); opt.step()\n"
+                    "        out.append(loss.item())\n"
+                    "    return out\n")
+    args = ["transfer", "--model", f"{user}:make", "--widths", "32", "64", "--log2-lrs", "-8", "-6", "-4",
+            "--seeds", "1", "--results", str(tmp_path / "t.jsonl"), "--out", str(tmp_path / "t.png"),
+            "--target-width", "1024", "--quiet"]
+    assert cli(args) == 0
+    text = capsys.readouterr().out
+    assert "sp: optimum lr" in text and "mup: optimum lr" in text and "recommended lr at 1024" in text
+    assert (tmp_path / "t.png").exists() and len(load_records(tmp_path / "t.jsonl")) == 2 * 2 * 3
+    assert cli(args) == 0 and len(load_records(tmp_path / "t.jsonl")) == 12  # resumed: nothing new
+    bad = tmp_path / "nofn.py"
+    bad.write_text("def make(width=8):\n    return None\n")
+    assert cli(["transfer", "--model", f"{bad}:make", "--quiet"]) == 2
+    assert "must define train(model, hparams, seed)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("constructor,kwargs", [(models.gpt, dict(max_len=64, depth=1)),
+                                                (mupkit.nn.TransformerDecoder, dict(depth=1))])
+def test_text_task_trains_token_models(constructor, kwargs):
+    param = "umup" if constructor is mupkit.nn.TransformerDecoder else "mup"
+    model = mupkit.build(constructor, base=dict(width=32, **kwargs), target=dict(width=64, **kwargs),
+                         parametrization=param)
+    losses = tasks.text_lm(steps=30, batch=8, limit=200_000)(model, {"lr": 3e-3 if param == "mup" else 0.3}, 0)
+    assert len(losses) == 30 and losses[-1] < losses[0] - 0.5, losses
