@@ -90,7 +90,8 @@ def run_transfer(args: argparse.Namespace) -> int:
     lrs = [2.0 ** e for e in (args.log2_lrs or task.log2_lrs)]
     result = sweep(task.constructor, widths, base={"width": base}, grid={"lr": lrs}, train=task.trainer(args.steps),
                    parametrizations=args.param, seeds=args.seeds, results=args.results or None,
-                   kwargs=lambda p: {**task.kwargs(p, base), **dict(args.kwargs)}, show_progress=not args.quiet)
+                   kwargs=lambda p: {**task.kwargs(p, base), **dict(args.kwargs)}, tag=f"steps={args.steps}",
+                   show_progress=not args.quiet)
     print(result.summary(target=args.target_width))
     if args.out:
         result.plot(args.out)

@@ -33,7 +33,14 @@ TrainFn = Callable[[nn.Module, Mapping[str, float], int], "float | Sequence[floa
 
 
 def _key(record: Mapping[str, Any]) -> str:
-    return json.dumps([record["parametrization"], record["size"], record["hparams"], record["seed"]], sort_keys=True)
+    """A trial's identity: model, fixed kwargs, tag, parametrization, size, hyperparameters, seed."""
+    return json.dumps([record["model"], record["kwargs"], record["tag"], record["parametrization"], record["size"],
+                       record["hparams"], record["seed"]], sort_keys=True, default=repr)
+
+
+def model_name(constructor: Constructor) -> str:
+    """``module.qualname`` of a constructor (its identity in a results file)."""
+    return f"{getattr(constructor, '__module__', '?')}.{getattr(constructor, '__qualname__', repr(constructor))}"
 
 
 def _final(losses: Sequence[float], tail: float = 0.1) -> tuple[float, float]:
@@ -48,7 +55,7 @@ def sweep(constructor: Constructor, sizes: Sequence[int | Mapping[str, Any]], *,
           grid: Mapping[str, Sequence[float]], train: TrainFn, parametrizations: Sequence[str] = ("mup",),
           seeds: Sequence[int] | int = 2, results: str | pathlib.Path | None = None, width_arg: str = "width",
           kwargs: Mapping[str, Any] | Callable[[str], Mapping[str, Any]] | None = None,
-          along: str | None = None, delta: Mapping[str, Any] | None = None,
+          along: str | None = None, delta: Mapping[str, Any] | None = None, tag: str = "",
           show_progress: bool = True) -> "Sweep":
     """Run (or resume) the sweep and return its :class:`Sweep`.
 
@@ -57,7 +64,10 @@ def sweep(constructor: Constructor, sizes: Sequence[int | Mapping[str, Any]], *,
     swept as a product (``along``: the one the optimum is fitted along, default the first);
     ``kwargs``: fixed constructor kwargs, or ``parametrization -> kwargs``; ``results``: the JSONL
     file trials are appended to and resumed from (None: keep them in memory only); ``delta``: the
-    width probe for shape inference (default: ``base`` with ``width_arg`` doubled).
+    width probe for shape inference (default: ``base`` with ``width_arg`` doubled); ``tag``: what
+    else defines a trial (e.g. ``"steps=200"``). A trial is identified by the constructor's name,
+    its fixed kwargs, the tag, parametrization, size, hyperparameters and seed, so one results
+    file can hold several models and a changed setting never reuses stale trials.
     """
     seeds = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
     along = along or next(iter(grid))
@@ -69,12 +79,20 @@ def sweep(constructor: Constructor, sizes: Sequence[int | Mapping[str, Any]], *,
     records = load_records(path) if path is not None and path.exists() else []
     done = {_key(r) for r in records}
     points = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
-    trials = [(p, _as_size(s, width_arg), h, seed) for p in parametrizations for s in sizes for h in points
+    name = model_name(constructor)
+
+    def identity(parametrization: str, size: dict[str, Any], hparams: dict[str, float], seed: int) -> dict[str, Any]:
+        fixed = kwargs(parametrization) if callable(kwargs) else dict(kwargs or {})
+        return {"model": name, "kwargs": json.loads(json.dumps(fixed, default=repr)), "tag": tag,
+                "parametrization": parametrization, "size": size, "hparams": hparams, "seed": seed}
+
+    trials = [identity(p, _as_size(s, width_arg), h, seed) for p in parametrizations for s in sizes for h in points
               for seed in seeds]
-    todo = [t for t in trials if _key({"parametrization": t[0], "size": t[1], "hparams": t[2], "seed": t[3]}) not in done]
-    for parametrization, size, hparams, seed in progress(
-            todo, "transfer", enabled=show_progress,
-            label=lambda t: f"{t[0]} {_size_label(t[1])} {_hparams_label(t[2])} seed {t[3]}"):
+    todo = [t for t in trials if _key(t) not in done]
+    for trial in progress(todo, "transfer", enabled=show_progress,
+                          label=lambda t: f"{t['parametrization']} {_size_label(t['size'])} "
+                                          f"{_hparams_label(t['hparams'])} seed {t['seed']}"):
+        parametrization, size, hparams, seed = (trial[k] for k in ("parametrization", "size", "hparams", "seed"))
         fixed = kwargs(parametrization) if callable(kwargs) else dict(kwargs or {})
         torch.manual_seed(seed)
         model = build(constructor, base={**fixed, **base}, target={**fixed, **size},
@@ -82,13 +100,12 @@ def sweep(constructor: Constructor, sizes: Sequence[int | Mapping[str, Any]], *,
         losses = train(model, hparams, seed)
         losses = [float(losses)] if isinstance(losses, (int, float)) else [float(v) for v in losses]
         final, tail_mean = _final(losses)
-        record = {"parametrization": parametrization, "size": size, "hparams": hparams, "seed": seed,
-                  "final_loss": final, "tail_loss": tail_mean, "losses": losses}
+        record = {**trial, "final_loss": final, "tail_loss": tail_mean, "losses": losses}
         records.append(record)
         if path is not None:
             with path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
-    wanted = {_key({"parametrization": t[0], "size": t[1], "hparams": t[2], "seed": t[3]}) for t in trials}
+    wanted = {_key(t) for t in trials}
     return Sweep([r for r in records if _key(r) in wanted], along, width_arg)
 
 
@@ -242,6 +259,8 @@ class Sweep:
                 o = optima[label]
                 ax.plot([o.grid_best], [o.loss], "*", ms=14, color=color, mec="black")
             ax.set_xscale("log", base=2)
+            if finite and min(finite) > 0:
+                ax.set_yscale("log")
             ax.set(title=p, xlabel=self.along, ylabel=self.metric.replace("_", " "))
             ax.set_ylim(top=top * 1.5 if finite else None)
             ax.legend(fontsize=8)

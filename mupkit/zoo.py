@@ -18,6 +18,7 @@ from typing import Any, Callable, Mapping
 import torch
 
 from . import models
+from .integrations import hf
 from .data import Batch
 from .groups import resolve_family
 from .nn.functional import cross_entropy as unit_cross_entropy
@@ -92,6 +93,12 @@ def _gpt_kwargs(parametrization: str, base: int) -> dict[str, Any]:
             "tie": False}
 
 
+def _hf_kwargs(parametrization: str, base: int) -> dict[str, Any]:
+    """HF models from a config: muP's 1/d attention pinned at the base (None under SP), 16
+    positions, the readout untied so it can be zero-initialized (as for the built-in GPT)."""
+    return {"base_width": None if parametrization == "sp" else base, "max_len": 16, "tie": False}
+
+
 BUILTIN: dict[str, CheckDefinition] = {
     "mlp": CheckDefinition(models.mlp, (64, 128, 256, 512, 1024),
                            lr={"adam": 1e-2, "adamw": 1e-2, "sgd": 1.0, "adafactor": 0.1}),
@@ -106,6 +113,9 @@ BUILTIN["umup-transformer"] = CheckDefinition(
     TransformerDecoder, (64, 128, 256, 512, 1024), lr={"adam": 0.1, "adamw": 0.1, "sgd": 0.1, "adafactor": 0.03},
     kwargs=lambda parametrization, base: {"depth": 2, "heads": 4}, batch=_token_batch,
     loss=lambda logits, targets: unit_cross_entropy(logits.flatten(0, -2), targets.flatten()))
+for _name, _constructor in (("hf-gpt2", hf.gpt2), ("hf-llama", hf.llama)):
+    BUILTIN[_name] = CheckDefinition(_constructor, (64, 128, 256, 512, 1024), lr={"adam": 1e-3, "adamw": 1e-3,
+                                     "sgd": 0.3, "adafactor": 0.03}, kwargs=_hf_kwargs, batch=_token_batch)
 BUILTIN["resnet"] = BUILTIN["resmlp"]
 BUILTIN["gpt"] = BUILTIN["transformer"]
 

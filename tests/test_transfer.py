@@ -142,3 +142,16 @@ def test_text_task_trains_token_models(constructor, kwargs):
                          parametrization=param)
     losses = tasks.text_lm(steps=30, batch=8, limit=200_000)(model, {"lr": 3e-3 if param == "mup" else 0.3}, 0)
     assert len(losses) == 30 and losses[-1] < losses[0] - 0.5, losses
+
+
+def test_one_results_file_keeps_models_and_settings_apart(tmp_path):
+    """Trials of another constructor, other fixed kwargs or another tag are never reused."""
+    path, calls = tmp_path / "shared.jsonl", []
+    kw = dict(base=dict(width=32), grid={"lr": LRS[:2]}, parametrizations=["mup"], seeds=1, results=path,
+              show_progress=False)
+    sweep(models.mlp, [32, 64], train=regression_train(calls), **kw)
+    sweep(models.mlp, [32, 64], train=regression_train(calls), tag="steps=20", **kw)
+    sweep(models.mlp, [32, 64], train=regression_train(calls), kwargs={"bias": False}, **kw)
+    assert len(calls) == 3 * 4
+    sweep(models.mlp, [32, 64], train=regression_train(calls), kwargs={"bias": False}, **kw)  # resumed
+    assert len(calls) == 12 and len(load_records(path)) == 12

@@ -1,0 +1,1 @@
+"""Adapters for model libraries: :mod:`mupkit.integrations.hf` (HuggingFace transformers)."""

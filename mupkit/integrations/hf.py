@@ -1,0 +1,86 @@
+"""HuggingFace transformers models as mupkit constructors, built from a config (no weights).
+
+``mupkit.build(hf.gpt2, base=dict(width=64), target=dict(width=1024))`` works like any
+constructor. What HF models need beyond that, handled here or by mupkit's inference:
+
+* attention ``scaling``: HF attention modules multiply the logits by ``module.scaling``
+  (``head_dim^-1/2``); with ``base_width`` given it becomes muP's ``1/d`` law pinned to SP at the
+  base (:func:`mupkit.nn.attention_scale`), keeping any extra factor HF applies (GPT-2's
+  ``scale_attn_by_inverse_layer_idx``);
+* GPT-2's ``Conv1D`` stores weights ``(in, out)``: mupkit's role inference knows the layout;
+* tied embeddings (GPT-2): the tied readout keeps the embedding's init and takes muP's
+  ``1/m_in`` as an input multiplier (:mod:`mupkit.plan`).
+
+The returned module maps token ids ``(batch, seq)`` to logits, so coordinate checks and sweeps
+treat it like mupkit's own GPT; the HF model is its ``hf`` attribute.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..nn.multipliers import attention_scale
+
+
+class CausalLM(nn.Module):
+    """A HuggingFace causal LM as ``ids -> logits``."""
+
+    def __init__(self, hf: nn.Module) -> None:
+        super().__init__()
+        self.hf = hf
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.hf(input_ids=ids, use_cache=False).logits
+
+
+def mup_attention(model: nn.Module, base_head_dim: int) -> nn.Module:
+    """Set every attention module's ``scaling`` to muP's ``1/d`` law pinned at ``base_head_dim``."""
+    found = 0
+    for module in model.modules():
+        if hasattr(module, "scaling") and hasattr(module, "head_dim") and isinstance(module.scaling, float):
+            extra = module.scaling * module.head_dim ** 0.5  # HF's own factor beyond head_dim^-1/2
+            module.scaling = extra * attention_scale(module.head_dim, base_head_dim)
+            found += 1
+    if not found:
+        raise ValueError(f"{type(model).__name__} has no attention module with a float `scaling` and a `head_dim`; "
+                         f"set its attention scale to muP's 1/d yourself (mupkit.nn.attention_scale)")
+    return model
+
+
+def _head_dim(width: int, n_head: int) -> int:
+    if width % n_head:
+        raise ValueError(f"width={width} is not divisible by n_head={n_head}")
+    return width // n_head
+
+
+def gpt2(width: int = 64, *, depth: int = 2, n_head: int = 4, vocab: int = 256, max_len: int = 64,
+         base_width: int | None = None, tie: bool = True) -> CausalLM:
+    """``GPT2LMHeadModel`` with ``n_embd=width`` (dropout off); ``base_width``: muP attention."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(n_embd=width, n_layer=depth, n_head=n_head, vocab_size=vocab, n_positions=max_len,
+                        tie_word_embeddings=tie, attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0,
+                        bos_token_id=None, eos_token_id=None)
+    model = GPT2LMHeadModel(config)
+    if base_width is not None:
+        mup_attention(model, _head_dim(base_width, n_head))
+    return CausalLM(model)
+
+
+def llama(width: int = 64, *, depth: int = 2, n_head: int = 4, vocab: int = 256, max_len: int = 64,
+          base_width: int | None = None, tie: bool = False, mlp_ratio: int = 4) -> CausalLM:
+    """``LlamaForCausalLM`` with ``hidden_size=width``, SwiGLU ``intermediate_size = mlp_ratio *
+    width`` (an integer ratio keeps the width multipliers exact; Llama's 8/3 rounded to a multiple
+    works too, with slightly uneven multipliers), full multi-head attention; ``base_width``: muP
+    attention."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(hidden_size=width, intermediate_size=mlp_ratio * width,
+                         num_hidden_layers=depth, num_attention_heads=n_head, num_key_value_heads=n_head,
+                         head_dim=_head_dim(width, n_head), vocab_size=vocab, max_position_embeddings=max_len,
+                         tie_word_embeddings=tie)
+    model = LlamaForCausalLM(config)
+    if base_width is not None:
+        mup_attention(model, _head_dim(base_width, n_head))
+    return CausalLM(model)
