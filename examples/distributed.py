@@ -25,6 +25,7 @@ import torch.nn.functional as F
 import mupkit
 from mupkit import models
 from mupkit.data import stdlib_corpus, token_windows
+from mupkit.plotting import plot_loss_curves
 
 WORLD, BATCH, CONTEXT = 2, 16, 32
 SIZES = dict(base=dict(width=64, base_width=64, max_len=CONTEXT), target=dict(width=128, base_width=64, max_len=CONTEXT))
@@ -91,18 +92,7 @@ def main() -> None:
     for mode in ("DDP", "FSDP2"):
         diff = (torch.tensor(curves[mode]) - ref).abs().max().item()
         print(f"{mode} (world size {WORLD}, gloo): max |loss - single-process loss| over {args.steps} steps = {diff:.2e}")
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    for (name, losses), style in zip(curves.items(), ("-", "--", ":")):
-        ax.plot(losses, style, label=name, lw=2)
-    ax.set(xlabel="step", ylabel="training loss", title="muP GPT: single process vs DDP vs FSDP2 (2 ranks)")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(args.out, dpi=120)
+    plot_loss_curves(curves, args.out, title="muP GPT: single process vs DDP vs FSDP2 (2 ranks)")
     print(f"figure: {args.out}")
 
 

@@ -7,7 +7,7 @@ nothing downloaded). SP and muP train mupkit's GPT (pre-LN, 2 layers, GPT-2 init
 training loss over the last 10% of steps. Trials go to examples/transfer_gpt.jsonl, so a rerun
 only draws (delete the file to retrain); an interrupted run resumes.
 
-    python examples/transfer_gpt.py [--steps 150] [--out examples/transfer_gpt.png]
+    python examples/transfer_gpt.py [--steps 150] [--params sp mup umup] [--out examples/transfer_gpt.png]
 """
 
 from __future__ import annotations
@@ -28,10 +28,12 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--results", default="examples/transfer_gpt.jsonl")
     parser.add_argument("--out", default="examples/transfer_gpt.png")
+    parser.add_argument("--params", nargs="+", default=list(GRIDS), choices=list(GRIDS))
     args = parser.parse_args()
     train = tasks.text_lm(steps=args.steps)
     records = []
-    for param, grid in GRIDS.items():
+    for param in args.params:
+        grid = GRIDS[param]
         if param == "umup":
             constructor, kwargs = mupkit.nn.TransformerDecoder, {"depth": 2}
         else:

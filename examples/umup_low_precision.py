@@ -26,6 +26,7 @@ import torch
 import mupkit
 from mupkit.data import stdlib_corpus, token_windows
 from mupkit.nn.fp8 import simulate_fp8
+from mupkit.plotting import plot_loss_curves
 from mupkit.progress import progress
 
 CONTEXT, BATCH = 64, 16
@@ -80,20 +81,8 @@ def main() -> None:
     for name, (losses, val_loss) in runs.items():
         gap = sum(a - b for a, b in zip(losses[-50:], ref[-50:])) / 50
         print(f"{name:24s} {val_loss:9.4f} {gap:+28.4f}")
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for name, (losses, _) in runs.items():
-        smooth = torch.tensor(losses).unfold(0, 20, 1).mean(1)
-        ax.plot(range(19, len(losses)), smooth, label=name)
-    ax.set(xlabel="step", ylabel="training loss (20-step mean)",
-           title=f"u-muP transformer (width {args.width}) in low precision")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(args.out, dpi=120)
+    plot_loss_curves({name: losses for name, (losses, _) in runs.items()}, args.out, smooth=20,
+                     title=f"u-muP transformer (width {args.width}) in low precision")
     print(f"figure: {args.out}")
 
 

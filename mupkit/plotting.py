@@ -106,3 +106,21 @@ def _color(i: int, n: int):
     from matplotlib import colormaps
     cmap = colormaps["tab10" if n <= 10 else "tab20"]
     return cmap(i % cmap.N)
+
+
+def plot_loss_curves(curves: dict[str, Sequence[float]], path: str, *, title: str, smooth: int = 1) -> None:
+    """Training-loss curves, one line per run (``smooth``: running mean over that many steps)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for (name, losses), style in zip(curves.items(), ("-", "--", ":", "-.") * len(curves)):
+        values = np.convolve(losses, np.ones(smooth) / smooth, mode="valid")
+        ax.plot(range(smooth - 1, len(losses)), values, style, label=name, lw=2)
+    ax.set(xlabel="step", ylabel="training loss" + (f" ({smooth}-step mean)" if smooth > 1 else ""), title=title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
