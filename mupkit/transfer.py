@@ -34,8 +34,8 @@ TrainFn = Callable[[nn.Module, Mapping[str, float], int], "float | Sequence[floa
 
 def _key(record: Mapping[str, Any]) -> str:
     """A trial's identity: model, fixed kwargs, tag, parametrization, size, hyperparameters, seed."""
-    return json.dumps([record["model"], record["kwargs"], record["tag"], record["parametrization"], record["size"],
-                       record["hparams"], record["seed"]], sort_keys=True, default=repr)
+    return json.dumps([record.get("model"), record.get("kwargs"), record.get("tag"), record.get("parametrization"),
+                       record.get("size"), record.get("hparams"), record.get("seed")], sort_keys=True, default=repr)
 
 
 def model_name(constructor: Constructor) -> str:
