@@ -40,6 +40,7 @@ from .groups import param_groups
 from .plan import Plan
 from .progress import progress
 from .roles import Role
+from .rules import DepthRule
 from .shapes import Constructor, matches
 
 METRICS = ("l1", "rms", "delta_rms")
@@ -238,7 +239,7 @@ def coord_check(constructor: Constructor, widths: Sequence[int] | int, *, base: 
     axis = "depth" if len(depths) > 1 and len(widths) == 1 else "width"
     alpha = probe.depth.get("alpha")
     return CoordCheck(records, widths, parametrization, name, lr, expected, depths, axis,
-                      0.0 if alpha is None else alpha - 1)
+                      0.0 if alpha is None else DepthRule(alpha).block_update_exponent)
 
 
 def _comparable_across_depth(rows: list[dict[str, Any]], blocks: Mapping[str, int]) -> list[dict[str, Any]]:

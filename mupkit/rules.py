@@ -138,6 +138,12 @@ class DepthRule:
     def eps(self, m_width: float, m_depth: float) -> float:
         return 1.0 if self.unit_scaled else m_width ** -1 * m_depth ** -self.alpha
 
+    @property
+    def block_update_exponent(self) -> float:
+        """The per-block relative update ``||dW|| / ||W||`` goes like ``m_L^(alpha - 1)``: each block
+        adds ``m_L^-alpha`` times it, ``1/L`` of the stream's change (what a depth coordinate check expects)."""
+        return self.alpha - 1
+
 
 DEPTH_RULES: dict[str, DepthRule] = {"depth-mup": DepthRule(0.5), "completep": DepthRule(1.0)}
 
