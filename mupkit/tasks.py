@@ -35,7 +35,7 @@ TrainFn = Callable[[nn.Module, Mapping[str, float], int], list[float]]
 def _train_loop(model: nn.Module, hparams: Mapping[str, float], seed: int, steps: int, warmup: int,
                 optimizer: str, next_loss: Callable[[torch.Generator], torch.Tensor]) -> list[float]:
     if "lr" not in hparams:
-        raise ValueError(f"the task needs hparams['lr'], got {dict(hparams)}")
+        raise ValueError(f"the task needs hparams['lr'], got {dict(hparams)}; sweep with grid={{'lr': [...]}}")
     opt = get_optimizer(optimizer)(param_groups(model), lr=hparams["lr"],
                                    weight_decay=hparams.get("weight_decay", 0.0))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: min(1.0, (t + 1) / max(warmup, 1)))

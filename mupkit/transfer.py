@@ -18,7 +18,7 @@ import json
 import math
 import pathlib
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -281,8 +281,3 @@ def _refine(line: Sequence[tuple[float, float]], i: int) -> float:
         return line[i][0]
     return float(2 ** np.clip(-b / (2 * a), xs[0], xs[2]))
 
-
-def records_table(records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Flat rows (parametrization, size kwargs, hyperparameters, seed, final and tail loss)."""
-    return [{"parametrization": r["parametrization"], **r["size"], **r["hparams"], "seed": r["seed"],
-             "final_loss": r["final_loss"], "tail_loss": r["tail_loss"]} for r in records]

@@ -50,7 +50,8 @@ def mup_attention(model: nn.Module, base_head_dim: int) -> nn.Module:
 
 def _head_dim(width: int, n_head: int) -> int:
     if width % n_head:
-        raise ValueError(f"width={width} is not divisible by n_head={n_head}")
+        raise ValueError(f"width={width} is not divisible by n_head={n_head}: every HF attention head needs width / "
+                         f"n_head dims; pick widths that are multiples of n_head (or pass n_head=...)")
     return width // n_head
 
 
