@@ -154,6 +154,13 @@ class _Recorder:
             h.remove()
 
 
+def _zero_init_kwargs(optimizer: Any) -> dict[str, Any]:
+    """An optimizer's ``zero_init_kwargs``: the arguments under which it trains a zero tensor
+    (``{}`` for most; ScaledAdam needs an RMS floor)."""
+    cls = mupkit_optim.get_optimizer(optimizer) if isinstance(optimizer, str) else optimizer
+    return dict(getattr(cls, "zero_init_kwargs", {}))
+
+
 def _optimizer(model: nn.Module, optimizer: Any, lr: float, kwargs: Mapping[str, Any]) -> torch.optim.Optimizer:
     cls = mupkit_optim.get_optimizer(optimizer) if isinstance(optimizer, str) else optimizer
     if hasattr(cls, "family"):  # mupkit optimizer: reads the per-family scales itself
@@ -193,7 +200,9 @@ def coord_check(constructor: Constructor, widths: Sequence[int] | int, *, base: 
     for it). ``zero_init``: passed to :func:`mupkit.build`; ``"auto"`` zero-initializes an untied
     readout, as microsoft/mup's own coord checks do (TP5 App. D.2), so the readout's init
     transient (``width^-1/2``) does not mask the step-1 behaviour; a readout tied to an
-    embedding keeps its init.
+    embedding keeps its init. An optimizer whose steps are relative to the parameter's RMS then
+    gets its ``zero_init_kwargs`` (ScaledAdam: ``param_min_rms=1e-3``, a floor that mupkit
+    scales with each tensor's muP init scale), unless ``optimizer_kwargs`` set them.
     """
     widths = sorted([widths] if isinstance(widths, int) else widths)
     depths = sorted(depths or [])
@@ -216,6 +225,8 @@ def coord_check(constructor: Constructor, widths: Sequence[int] | int, *, base: 
     containers = list(probe.depth.get("blocks", {}))
     if zero_init == "auto":
         zero_init = ("readout",) if any(s.role is Role.OUTPUT for s in probe.values()) else ()
+        optimizer_kwargs = {**_zero_init_kwargs(optimizer), **(optimizer_kwargs or {})} if zero_init \
+            else optimizer_kwargs
     records: list[dict[str, Any]] = []
     runs = [(w, d, s) for s in seeds for w in widths for d in (depths or [None])]
     for width, depth, seed in progress(runs, "coord-check", enabled=show_progress,

@@ -46,7 +46,12 @@ class CheckDefinition:
         return self.batch(family_name(optimizer)) if self.batch else None
 
     def lr_for(self, optimizer: Any) -> float:
-        """The definition's default LR for ``optimizer``'s family."""
+        """The definition's default LR for ``optimizer``'s family; 1 for an optimizer that adapts
+        its own step size (D-Adaptation, Prodigy: ``lr`` multiplies the estimated ``d``)."""
+        cls = get_optimizer(optimizer) if isinstance(optimizer, str) and optimizer.lower() not in FAMILIES \
+            else optimizer
+        if getattr(cls, "adapts_step_size", False):
+            return 1.0
         family = family_name(optimizer)
         if family not in self.lr:
             raise ValueError(f"no default LR for optimizer family {family!r} here; pass lr= (--lr)")

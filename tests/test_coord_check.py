@@ -33,7 +33,10 @@ def check(name: str, param: str, optim: str, seeds=2):
 @pytest.mark.parametrize("name,optim", [("mlp", "adam"), ("mlp", "sgd"), ("cnn", "adam"), ("cnn", "sgd"),
                                         ("transformer", "adam"), ("transformer", "sgd"),
                                         ("mlp", "adam-atan2"), ("mlp", "adafactor"),
-                                        ("transformer", "adam-atan2"), ("transformer", "adafactor")])
+                                        ("transformer", "adam-atan2"), ("transformer", "adafactor"),
+                                        ("mlp", "dadapt-adam"), ("mlp", "prodigy"), ("mlp", "scaled-adam"),
+                                        ("transformer", "dadapt-adam"), ("transformer", "prodigy"),
+                                        ("transformer", "scaled-adam")])
 def test_builtin_models_pass_under_mup_and_fail_under_sp(name, optim):
     mup = check(name, "mup", optim).verdict(steps=range(1, 5))
     sp = check(name, "sp", optim).verdict(steps=range(1, 5))

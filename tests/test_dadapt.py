@@ -7,6 +7,8 @@ parameters to 1e-10.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -111,3 +113,25 @@ def test_mup_groups_and_errors():
     with pytest.raises(ValueError, match="share one lr"):
         DAdaptAdam([{"params": [torch.nn.Parameter(torch.ones(2))], "lr": 1.0},
                     {"params": [torch.nn.Parameter(torch.ones(2))], "lr": 0.5}])
+
+
+@pytest.mark.parametrize("cls", [DAdaptAdam, Prodigy])
+def test_adapted_step_size_is_the_same_at_every_width_under_mup(cls):
+    """Under muP the estimated d must not depend on width (else the adapted LR would drift):
+    the group scales enter d through the change of variables in the module docstring."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(64, 64, generator=g), torch.randint(0, 10, (64,), generator=g)
+    ds = {}
+    for width in (64, 1024):
+        torch.manual_seed(0)
+        model = mupkit.build(models.mlp, base=dict(width=64), delta=dict(width=128), target=dict(width=width),
+                             zero_init=("readout",))
+        opt = cls(mupkit.param_groups(model))
+        for _ in range(8):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+        ds[width] = opt.param_groups[0]["d"]
+    assert ds[64] > 1e-5, ds  # d has grown from d0 = 1e-6
+    slope = math.log(ds[1024] / ds[64]) / math.log(16)  # the coordinate check's measure, against width
+    assert abs(slope) <= 0.05, ds

@@ -92,7 +92,21 @@ OPTIMIZERS = {
     "dadapt-sgd": lambda groups: mupkit.optim.DAdaptSGD(groups, momentum=0.9, d0=1e-3),
     "dadapt-adagrad": lambda groups: mupkit.optim.DAdaptAdaGrad(groups, d0=1e-3),
     "dadapt-lion": lambda groups: mupkit.optim.DAdaptLion(groups, d0=1e-4),
+    # clipping_scale 0.2: the threshold set at step 10 is 0.4 x the median norm, so the later steps clip
+    "scaled-adam": lambda groups: mupkit.optim.ScaledAdam(groups, lr=0.05, clipping_scale=0.2, clipping_scope="all"),
+    "scaled-adam-groups": lambda groups: mupkit.optim.ScaledAdam(groups, lr=0.05, clipping_scale=0.2, foreach=True),
 }
+
+#: steps per run: 3, or enough to reach ScaledAdam's first clipping threshold (step 10) and clip after it
+STEPS = {"scaled-adam": 16, "scaled-adam-groups": 16}
+
+
+def clipping_record(opt) -> list[tuple[float, int]]:
+    """ScaledAdam's clipping threshold and clip count per param group ([] for other optimizers)."""
+    if not isinstance(opt, mupkit.optim.ScaledAdam):
+        return []
+    holders = [opt.state[g["params"][0]] for g in opt.param_groups]
+    return [(h["clip_threshold"], h["clip_count"]) for h in holders if "clip_threshold" in h]
 
 
 def _worker(rank: int, world: int, path: str, mode: str, arch: str, optim: str, dtype: torch.dtype,
@@ -114,12 +128,13 @@ def _worker(rank: int, world: int, path: str, mode: str, arch: str, optim: str, 
         torch.manual_seed(1)
         batch = data(world).to(dtype) if arch == "resmlp" else data(world)
         local = batch[rank * 2:(rank + 1) * 2]
-        for _ in range(3):
+        for _ in range(STEPS.get(optim, 3)):
             opt.zero_grad()
             model(local).square().mean().backward()
             opt.step()
         full = {strip(n): (p.full_tensor() if hasattr(p, "full_tensor") else p).detach()
                 for n, p in model.named_parameters()}
+        torch.save(clipping_record(opt), f"{out}.clipping{rank}")
         if rank == 0:
             torch.save({"params": full, "scales": {strip(n): v for n, v in scales(model).items()}}, out)
         dist.barrier()  # no rank tears gloo down while another still uses it
@@ -127,18 +142,19 @@ def _worker(rank: int, world: int, path: str, mode: str, arch: str, optim: str, 
         dist.destroy_process_group()
 
 
-def single_process_reference(world: int, arch: str, optim: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def single_process_reference(world: int, arch: str, optim: str, dtype: torch.dtype):
+    """The parameters after the same steps on the global batch, and the clipping record."""
     build, data = MODELS[arch]
     model = build(dtype)
     opt = OPTIMIZERS[optim](mupkit.param_groups(model))
     torch.manual_seed(1)
     batch = data(world).to(dtype) if arch == "resmlp" else data(world)
-    for _ in range(3):
+    for _ in range(STEPS.get(optim, 3)):
         opt.zero_grad()
         # mean over ranks of per-rank means == mean over the global batch (equal shards)
         model(batch).square().mean().backward()
         opt.step()
-    return dict(model.named_parameters())
+    return dict(model.named_parameters()), clipping_record(opt)
 
 
 @pytest.mark.parametrize("mode,arch,optim,dtype", [
@@ -146,17 +162,27 @@ def single_process_reference(world: int, arch: str, optim: str, dtype: torch.dty
     ("fsdp2", "resmlp", "adam-atan2", torch.float32), ("fsdp2", "resmlp", "adafactor", torch.float32),
     ("fsdp2", "resmlp", "adafactor-single", torch.float32), ("fsdp2", "resmlp", "dadapt-adam", torch.float32),
     ("fsdp2", "resmlp", "prodigy", torch.float32), ("fsdp2", "resmlp", "dadapt-sgd", torch.float32),
-    ("fsdp2", "resmlp", "dadapt-adagrad", torch.float32), ("fsdp2", "resmlp", "dadapt-lion", torch.float32)])
+    ("fsdp2", "resmlp", "dadapt-adagrad", torch.float32), ("fsdp2", "resmlp", "dadapt-lion", torch.float32),
+    ("fsdp2", "resmlp", "scaled-adam", torch.float32), ("fsdp2", "resmlp", "scaled-adam-groups", torch.float32),
+    ("ddp", "resmlp", "scaled-adam", torch.float32)])
 def test_distributed_world_size_two_matches_single_process(mode, arch, optim, dtype):
     """float64: only the gradient all-reduce order differs (1e-9). float32 Adafactor: its column
     statistics and RMS values are summed over the shards, in a different order (1e-5); so are
-    D-Adaptation's and Prodigy's numerator and denominator of the global d."""
+    D-Adaptation's and Prodigy's numerator and denominator of the global d, and ScaledAdam's
+    parameter RMS, <P, g> and clipping norm (its clipping decisions must be identical)."""
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "out.pt")
         mp.spawn(_worker, args=(2, os.path.join(tmp, "rdzv"), mode, arch, optim, dtype, out), nprocs=2, join=True)
         result = torch.load(out)
+        clipping = [torch.load(f"{out}.clipping{rank}") for rank in range(2)]
     assert result["scales"] == scales(MODELS[arch][0]())
-    reference = single_process_reference(2, arch, optim, dtype)
+    reference, reference_clipping = single_process_reference(2, arch, optim, dtype)
+    assert clipping[0] == clipping[1]  # every rank made the same clipping decisions
+    assert [count for _, count in clipping[0]] == [count for _, count in reference_clipping]
+    for (threshold, _), (expected, _) in zip(clipping[0], reference_clipping):
+        assert threshold == pytest.approx(expected, rel=1e-5)
+    if optim.startswith("scaled-adam"):
+        assert reference_clipping and all(count > 0 for _, count in reference_clipping), reference_clipping
     tol = dict(rtol=1e-9, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-6)
     for name, p in reference.items():
         torch.testing.assert_close(result["params"][name], p.detach(), **tol)

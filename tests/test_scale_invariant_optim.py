@@ -209,6 +209,13 @@ def test_bf16_parameters_train_with_fp32_state(cls):
     assert states and all(t.dtype == torch.float32 for t in states)
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
     assert losses[-1] < 0.8 * losses[0]
+    # a checkpoint round trip keeps the fp32 state (torch's load_state_dict would cast it to bf16)
+    resumed = cls(model.parameters(), lr=3e-2, foreach=True)
+    resumed.load_state_dict(copy.deepcopy(opt.state_dict()))
+    for p in model.parameters():
+        for key, value in opt.state[p].items():
+            if torch.is_tensor(value):
+                assert resumed.state[p][key].dtype == value.dtype and torch.equal(resumed.state[p][key], value), key
 
 
 # --- muP ---------------------------------------------------------------------------------------

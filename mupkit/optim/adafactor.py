@@ -39,20 +39,19 @@ scale (``eps_scale``), so zero-initialized tensors step like their muP init woul
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 
 from ..rules import FAMILIES
 from .scaled import ScaledGroups
-from .sharding import ShardInfo, all_sum, local_tensor, shard_info, state_like, sum_over
-from .tensors import compile_safe, default_foreach, state_dtype, working_copy, write_back
+from .sharding import ShardInfo, global_rms, local_tensor, shard_info, state_like, sum_over
+from .tensors import KeepsStateDtypes, compile_safe, default_foreach, state_dtype, working_copy, write_back
 
 MODES = ("torch", "hf")
 
 
-class Adafactor(ScaledGroups, torch.optim.Optimizer):
+class Adafactor(KeepsStateDtypes, ScaledGroups, torch.optim.Optimizer):
     """Adafactor with muP group scales; ``mode="torch"`` (default) or ``mode="hf"``.
 
     Arguments as in the chosen reference: ``lr`` (torch: cap of the relative step, default
@@ -168,17 +167,6 @@ def _relative_step(group: dict[str, Any], t: float) -> float:
     return min(1e-6 * t if group["warmup_init"] else 1e-2, t ** -0.5)
 
 
-def _rms(tensors: list[torch.Tensor], infos: list[ShardInfo]) -> torch.Tensor:
-    """RMS of each global tensor, as one 1-D tensor (one reduction for all sharded ones)."""
-    norms = torch.stack(torch._foreach_norm(tensors))
-    if all(i.dim is None for i in infos):  # whole tensors: no reduction, no per-step host-to-device copy
-        if len(infos) == 1:
-            return norms / math.sqrt(infos[0].numel)
-        return norms / torch.tensor([math.sqrt(i.numel) for i in infos], dtype=norms.dtype, device=norms.device)
-    numel = torch.tensor([i.numel for i in infos], dtype=norms.dtype, device=norms.device)
-    return (all_sum(norms.square(), infos) / numel).sqrt()
-
-
 def _update_direction(g: torch.Tensor, state: dict[str, Any], info: ShardInfo, cfg: dict[str, Any],
                       one_minus_beta2: torch.Tensor) -> torch.Tensor:
     """``g / sqrt(V)`` with the second-moment statistics updated in place (either mode)."""
@@ -218,13 +206,13 @@ def _step(params: list[torch.Tensor], works: list[torch.Tensor], grads: list[tor
     """One Adafactor step for parallel lists; ``rho``, ``omb`` (1 - beta2_t) and ``decay`` (torch
     mode's ``1 - lr wd``) hold one value per tensor (floats, or a tensor when compiled)."""
     rho = torch.as_tensor(rho, dtype=works[0].dtype, device=works[0].device)
-    alpha0 = _rms(works, infos).clamp_(min=cfg["eps"][1] * cfg["eps_scale"]) * rho if cfg["scale_parameter"] \
-        else rho
+    floor = cfg["eps"][1] * cfg["eps_scale"]
+    alpha0 = global_rms(works, infos).clamp_(min=floor) * rho if cfg["scale_parameter"] else rho
     if cfg["weight_decay"]:
         hf_decay = list((1.0 - cfg["weight_decay"] * alpha0).unbind())
         torch._foreach_mul_(works, list(decay) if cfg["mode"] == "torch" else hf_decay)
     updates = [_update_direction(g, s, i, cfg, omb[k]) for k, (g, s, i) in enumerate(zip(grads, states, infos))]
-    clip = (_rms(updates, infos) / cfg["clip_threshold"]).clamp_(min=1.0)
+    clip = (global_rms(updates, infos) / cfg["clip_threshold"]).clamp_(min=1.0)
     scales = list((alpha0 * cfg["lr_scale"] / clip).unbind())
     if cfg["beta1"] is None:
         torch._foreach_addcmul_(works, updates, scales, value=-1.0)  # p -= alpha U / clip, one pass

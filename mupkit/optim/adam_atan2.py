@@ -30,12 +30,13 @@ import torch
 
 from ..rules import FAMILIES
 from .scaled import ScaledGroups
-from .tensors import by_device_and_dtype, cache_sized, compile_safe, default_foreach, state_dtype, working_copy, write_back
+from .tensors import (KeepsStateDtypes, by_device_and_dtype, cache_sized, compile_safe, default_foreach, state_dtype,
+                      working_copy, write_back)
 
 FORMULATIONS = ("lucidrains", "fused")
 
 
-class AdamAtan2(ScaledGroups, torch.optim.Optimizer):
+class AdamAtan2(KeepsStateDtypes, ScaledGroups, torch.optim.Optimizer):
     """Adam-atan2 with muP group scales; a drop-in for ``adam_atan2_pytorch.AdamAtan2``.
 
     ``weight_decay``: decoupled, ``p *= 1 - lr * weight_decay`` per step (the reference's

@@ -15,8 +15,14 @@ Adam step with ``dlr = d * lr``. Per step, for each parameter with gradient ``g`
   ``p <- p - dlr m / (sqrt(v) + d eps)`` (``beta1 = 0``: ``p <- p - r dlr d g / (...)``).
 
 muP: ``r`` is each group's ``lr_scale`` times its ``layer_scale`` (DAdaptAdam's own per-group
-scale, Sec. 6.2 of the reference notes): it scales the group's step and its weight in the
-numerator and denominator of ``d``, so all scales 1 is exactly the reference. Decoupled decay
+scale, Sec. 6.2 of the reference notes). Each group runs the reference algorithm in rescaled
+coordinates ``z = x / r`` (Adam-type; the step in ``x`` is ``r`` times the step in ``z``), which
+fixes how ``r`` weighs the group's terms of ``d``: DAdaptAdam's ``<g_z, s_z / sqrt(v_z)>`` and
+``||s_z||_1`` are ``r`` times their ``x`` values (exactly its ``layer_scale``); Prodigy's
+``<g_z, z_0 - z> = <g, x_0 - x>`` is unweighted, as the displacement already carries ``r``, while
+``||s_z||_1`` has weight ``r``. Any other weighting makes ``d`` drift with width under muP
+(measured: Prodigy with ``r`` on both terms keeps ``d`` at ``d0`` at width 1024 while it grows at
+64). All scales 1 is exactly the reference. Decoupled decay
 ``p -= dlr wd (lr_scale wd_scale) p`` is the reference's ``dlr wd`` at every width (the scales
 cancel under muP's coupled policy); L2 decay adds ``wd wd_scale p`` to a *copy* of the gradient.
 
@@ -41,6 +47,9 @@ from .sharding import DTensor, local_tensor
 
 class _GlobalStep(ScaledGroups, torch.optim.Optimizer):
     """The parts DAdaptAdam and Prodigy share: groups, ``r``, the one reduction, state in groups."""
+
+    #: ``lr`` multiplies the adapted step size ``d`` (1 is the usual choice)
+    adapts_step_size = True
 
     def __init__(self, params, defaults: dict[str, Any], decouple: bool):
         if not defaults["lr"] > 0:
@@ -229,7 +238,7 @@ class Prodigy(_GlobalStep):
                     continue
                 view = self._view(p)
                 sliced = g.flatten()[::step]
-                num = torch.dot(sliced, view["p0"] - local.flatten()[::step]) * (r * (d / d0) * dlr)
+                num = torch.dot(sliced, view["p0"] - local.flatten()[::step]) * ((d / d0) * dlr)  # weight 1: see top
                 if beta1 > 0:
                     view["exp_avg"].mul_(beta1).add_(g, alpha=r * d * (1 - beta1))
                 view["exp_avg_sq"].mul_(beta2).addcmul_(g, g, value=d * d * (1 - beta2))

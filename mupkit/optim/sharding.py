@@ -11,6 +11,7 @@ than silently reduced over the wrong ranks.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -73,6 +74,17 @@ def all_sum(values: torch.Tensor, infos: Sequence[ShardInfo]) -> torch.Tensor:
         dist.all_reduce(part, group=group)
         values.index_copy_(0, index, part)
     return values
+
+
+def global_rms(tensors: list[torch.Tensor], infos: list[ShardInfo]) -> torch.Tensor:
+    """RMS of each global tensor, as one 1-D tensor (one reduction for all sharded ones)."""
+    norms = torch.stack(torch._foreach_norm(tensors))
+    if all(i.dim is None for i in infos):  # whole tensors: no reduction, no per-step host-to-device copy
+        if len(infos) == 1:
+            return norms / math.sqrt(infos[0].numel)
+        return norms / torch.tensor([math.sqrt(i.numel) for i in infos], dtype=norms.dtype, device=norms.device)
+    numel = torch.tensor([i.numel for i in infos], dtype=norms.dtype, device=norms.device)
+    return (all_sum(norms.square(), infos) / numel).sqrt()
 
 
 def sum_over(x: torch.Tensor, dim: int, info: ShardInfo) -> torch.Tensor:

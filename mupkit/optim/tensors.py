@@ -76,3 +76,25 @@ def compile_safe(t: torch.Tensor) -> torch.Tensor:
     """A 1-element view of a 0-dim tensor, else ``t``: torch 2.13's inductor loses in-place
     updates (``lerp_``) of 0-dim graph inputs; the view shares storage, so results are exact."""
     return t.view(1) if t.dim() == 0 else t
+
+
+class KeepsStateDtypes:
+    """Mixin for a ``torch.optim.Optimizer`` whose state dtypes are its own choice (fp32 state
+    for bf16/fp16 parameters): ``load_state_dict`` keeps each saved floating-point tensor's dtype.
+
+    ``torch.optim.Optimizer.load_state_dict`` casts every floating-point state tensor to its
+    parameter's dtype, which would silently turn the fp32 moments of a bf16 parameter into bf16
+    after a checkpoint round trip.
+    """
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        keys = [k for group in state_dict["param_groups"] for k in group["params"]]  # ints or FQNs
+        params = dict(zip(keys, (p for group in self.param_groups for p in group["params"])))
+        for param_key, saved in state_dict["state"].items():
+            state = self.state[params[param_key]]
+            for key, value in saved.items():
+                loaded = state.get(key)
+                if isinstance(value, torch.Tensor) and value.is_floating_point() and isinstance(loaded, torch.Tensor) \
+                        and loaded.dtype != value.dtype:
+                    state[key] = value.to(device=loaded.device, copy=True)
