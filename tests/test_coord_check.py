@@ -41,7 +41,10 @@ def test_builtin_models_pass_under_mup_and_fail_under_sp(name, optim):
     mup = check(name, "mup", optim).verdict(steps=range(1, 5))
     sp = check(name, "sp", optim).verdict(steps=range(1, 5))
     assert mup.passed, str(mup)
-    assert max(abs(r.slope) for r in sp.rows if r.status in ("pass", "fail")) >= 0.5, str(sp)
+    # an RMS-relative step (ScaledAdam) shrinks with SP's 1/sqrt(fan_in) init on its own, so SP
+    # blows up more slowly under it than under Adam or SGD; it must still fail clearly
+    blow_up = 0.3 if optim == "scaled-adam" else 0.5
+    assert not sp.passed and max(abs(r.slope) for r in sp.rows if r.status in ("pass", "fail")) >= blow_up, str(sp)
 
 
 def test_wider_is_better_under_mup():

@@ -41,6 +41,7 @@ import torch
 
 from ..rules import FAMILIES
 from .scaled import ScaledGroups
+from .compiled import FlatKernel
 from .sharding import DTensor, local_tensor
 
 
@@ -139,18 +140,20 @@ class DAdaptAdam(_GlobalStep):
 
     def __init__(self, params, lr: float = 1.0, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, decouple: bool = False, use_bias_correction: bool = False,
-                 d0: float = 1e-6, growth_rate: float = math.inf):
+                 d0: float = 1e-6, growth_rate: float = math.inf, *, compiled: bool = False):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, decouple=decouple,
                         use_bias_correction=use_bias_correction, growth_rate=growth_rate, d=d0, k=0,
-                        numerator=0.0, layer_scale=1.0)
+                        numerator=0.0, layer_scale=1.0, compiled=compiled)
         super().__init__(params, defaults, decouple)
 
     @torch.no_grad()
     def step(self, closure=None):
         loss = self._loss(closure)
         top, dlr = self._adam_step_size()
+        if top["compiled"] and top["k"] > 0:
+            self._compiled_step(top, dlr)
+            return loss
         beta1, beta2 = top["betas"]
-        d, k = top["d"], top["k"]
         root = math.sqrt(beta2)
         terms, like = [], None
         for group in self.param_groups:
@@ -159,11 +162,7 @@ class DAdaptAdam(_GlobalStep):
                 if p.grad is None:
                     continue
                 g = self._grad(group, p, group["decouple"])
-                state = self.state[p]
-                if not state:
-                    state["step"] = 0
-                    for key in ("s", "exp_avg", "exp_avg_sq"):
-                        state[key] = torch.zeros_like(p.detach())  # a DTensor for a sharded p (checkpoints)
+                state = self._init_state(p)
                 if group["lr"] == 0.0:
                     continue
                 view = self._view(p)
@@ -174,12 +173,8 @@ class DAdaptAdam(_GlobalStep):
                 s.mul_(root).add_(g, alpha=dlr * (1 - root))
                 terms.append(torch.stack([num, s.abs().sum() * r]).to(torch.float64))
                 like = g
-        num, den = self._reduce(terms, like)
-        numerator = root * top["numerator"] + (1 - root) * num
-        if den == 0:  # nothing to adapt from yet (e.g. an all-zero first gradient): skip, as the reference
-            return loss
-        d = max(d, min(numerator / ((1 - root) * den), d * top["growth_rate"]))
-        self._store(numerator=numerator, d=d, k=k + 1)
+        if not self._advance(top, *self._reduce(terms, like)):
+            return loss  # nothing to adapt from yet (e.g. an all-zero first gradient): skip, as the reference
         for group in self.param_groups:
             eps = group["eps"] * group["eps_scale"]
             for p in group["params"]:
@@ -191,6 +186,69 @@ class DAdaptAdam(_GlobalStep):
                 local_tensor(p).addcdiv_(view["exp_avg"], view["exp_avg_sq"].sqrt().add_(eps), value=-1)
         return loss
 
+    def _init_state(self, p: torch.Tensor) -> dict[str, Any]:
+        state = self.state[p]
+        if not state:
+            state["step"] = 0
+            for key in ("s", "exp_avg", "exp_avg_sq"):
+                state[key] = torch.zeros_like(p.detach())  # a DTensor for a sharded p (checkpoints)
+        return state
+
+    def _advance(self, top: dict[str, Any], num: float, den: float) -> bool:
+        """Update the numerator and ``d`` from this step's global sums (False: ``den`` is 0, skip)."""
+        root = math.sqrt(top["betas"][1])
+        numerator = root * top["numerator"] + (1 - root) * num
+        if den == 0:
+            return False
+        d = max(top["d"], min(numerator / ((1 - root) * den), top["d"] * top["growth_rate"]))
+        self._store(numerator=numerator, d=d, k=top["k"] + 1)
+        return True
+
+    def _compiled_step(self, top: dict[str, Any], dlr: float) -> None:
+        """The whole step in one compiled pass per tensor. The parameter update does not depend on
+        this step's ``d``, so it runs before the reduction; that is only valid once some gradient
+        was nonzero (``k > 0``), since the reference skips the update while ``den`` is 0."""
+        beta1, beta2 = top["betas"]
+        root = math.sqrt(beta2)
+        terms, like = [], None
+        for group in self.param_groups:
+            if group["lr"] == 0.0:
+                continue
+            r, eps = self._r(group), group["eps"] * group["eps_scale"]
+            wd = group["weight_decay"] * group["wd_scale"]
+            l2, decay = (0.0, 1.0 - wd * group["lr_scale"] * dlr) if group["decouple"] else (wd, 1.0)
+            scalars = None
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self._init_state(p)
+                state["step"] += 1
+                if scalars is None:
+                    scalars = _DADAPT_ADAM.scalars([eps, r * dlr, beta1, r * dlr * (1 - beta1), beta2, root,
+                                                    dlr * (1 - root), l2, decay, r], p)
+                terms.append(_DADAPT_ADAM([p, p.grad, state["exp_avg"], state["exp_avg_sq"], state["s"]], scalars)
+                             .to(torch.float64))
+                like = p
+        self._advance(top, *self._reduce(terms, like))
+
+
+def _dadapt_adam_pass(p, g, m, v, s, eps, num_scale, beta1, m_scale, beta2, root, s_scale, l2, decay, r):
+    """One DAdaptAdam step of one flat tensor; returns ``[<g, s / (sqrt(v) + eps)> * num_scale,
+    r ||s_new||_1]`` (old ``s``, ``v`` in the first term, as the reference)."""
+    g = g + l2 * p
+    num = torch.dot(g, s / (v.sqrt() + eps)) * num_scale
+    m_new = m * beta1 + g * m_scale
+    v_new = v * beta2 + g * g * (1 - beta2)
+    s_new = s * root + g * s_scale
+    m.copy_(m_new)
+    v.copy_(v_new)
+    s.copy_(s_new)
+    p.copy_(p * decay - m_new / (v_new.sqrt() + eps))
+    return torch.stack([num, s_new.abs().sum() * r])
+
+
+_DADAPT_ADAM = FlatKernel(_dadapt_adam_pass)
+
 
 class Prodigy(_GlobalStep):
     """Prodigy (``prodigyopt.Prodigy`` 1.1.2 arguments and defaults) with muP group scales."""
@@ -200,13 +258,15 @@ class Prodigy(_GlobalStep):
     def __init__(self, params, lr: float = 1.0, betas: tuple[float, float] = (0.9, 0.999), beta3: float | None = None,
                  eps: float = 1e-8, weight_decay: float = 0.0, decouple: bool = True, use_bias_correction: bool = False,
                  safeguard_warmup: bool = False, d0: float = 1e-6, d_coef: float = 1.0, growth_rate: float = math.inf,
-                 slice_p: int = 1):
+                 slice_p: int = 1, *, compiled: bool = False):
         if slice_p < 1:
             raise ValueError(f"slice_p={slice_p} must be >= 1")
+        if compiled and slice_p != 1:
+            raise ValueError(f"compiled=True supports slice_p=1 only, got slice_p={slice_p}")
         defaults = dict(lr=lr, betas=tuple(betas), beta3=beta3, eps=eps, weight_decay=weight_decay, decouple=decouple,
                         use_bias_correction=use_bias_correction, safeguard_warmup=safeguard_warmup, d=d0, d0=d0,
                         d_max=d0, d_coef=d_coef, growth_rate=growth_rate, slice_p=slice_p, k=0, numerator=0.0,
-                        layer_scale=1.0)
+                        layer_scale=1.0, compiled=compiled)
         super().__init__(params, defaults, decouple)
 
     @torch.no_grad()
@@ -216,7 +276,7 @@ class Prodigy(_GlobalStep):
         beta1, beta2 = top["betas"]
         beta3 = top["beta3"] if top["beta3"] is not None else math.sqrt(beta2)
         d, d0, k = top["d"], top["d0"], top["k"]
-        terms, like = [], None
+        terms, like, sums_scalars = [], None, {}
         for group in self.param_groups:
             r, step = self._r(group), group["slice_p"]
             for p in group["params"]:
@@ -236,6 +296,16 @@ class Prodigy(_GlobalStep):
                     state["exp_avg_sq"] = torch.zeros_like(p.detach())
                 if group["lr"] == 0.0:
                     continue
+                like = g
+                if top["compiled"]:
+                    if id(group) not in sums_scalars:
+                        s_scale = (d / d0) * (d if group["safeguard_warmup"] else dlr)
+                        l2 = 0.0 if group["decouple"] else group["weight_decay"] * group["wd_scale"]
+                        sums_scalars[id(group)] = _PRODIGY_SUMS.scalars(
+                            [l2, (d / d0) * dlr, beta2, d * d * (1 - beta2), beta3, s_scale, r], local)
+                    terms.append(_PRODIGY_SUMS([p, p.grad, state["p0"], state["exp_avg_sq"], state["s"]],
+                                               sums_scalars[id(group)]).to(torch.float64))
+                    continue
                 view = self._view(p)
                 sliced = g.flatten()[::step]
                 num = torch.dot(sliced, view["p0"] - local.flatten()[::step]) * ((d / d0) * dlr)  # weight 1: see top
@@ -244,10 +314,10 @@ class Prodigy(_GlobalStep):
                 view["exp_avg_sq"].mul_(beta2).addcmul_(g, g, value=d * d * (1 - beta2))
                 view["s"].mul_(beta3).add_(sliced, alpha=(d / d0) * (d if group["safeguard_warmup"] else dlr))
                 terms.append(torch.stack([num, view["s"].abs().sum() * r]).to(torch.float64))
-                like = g
         delta, den = self._reduce(terms, like)
         if den == 0:  # every rank saw the same zero (the reduction ran), so every rank skips alike
             return loss
+        d_old = d
         numerator = top["numerator"] * beta3 + delta
         d_hat = top["d_coef"] * numerator / den
         d_max = top["d_max"]
@@ -258,10 +328,15 @@ class Prodigy(_GlobalStep):
         self._store(numerator=numerator, d=d, d_max=d_max, d_hat=d_hat, d_denom=den, k=k + 1)
         for group in self.param_groups:
             r, eps = self._r(group), group["eps"] * group["eps_scale"]
+            update_scalars = None
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 self.state[p]["step"] += 1
+                if top["compiled"]:
+                    update_scalars = update_scalars or self._update_scalars(group, p, beta1, d_old, d, dlr)
+                    self._compiled_update(p, beta1, update_scalars)
+                    continue
                 view = self._view(p)
                 denom = view["exp_avg_sq"].sqrt().add_(d * eps)
                 self._decay(group, p, dlr)
@@ -270,6 +345,50 @@ class Prodigy(_GlobalStep):
                 else:
                     local_tensor(p).addcdiv_(self._grad(group, p, group["decouple"]), denom, value=-r * dlr * d)
         return loss
+
+    def _update_scalars(self, group: dict[str, Any], like: torch.Tensor, beta1: float, d_old: float, d: float,
+                        dlr: float) -> list[torch.Tensor]:
+        """A group's per-step scalars for :meth:`_compiled_update` (momentum uses the old ``d``)."""
+        r, eps = self._r(group), group["eps"] * group["eps_scale"]
+        wd = group["weight_decay"] * group["wd_scale"]
+        l2, decay = (0.0, 1.0 - wd * group["lr_scale"] * dlr) if group["decouple"] else (wd, 1.0)
+        if beta1 > 0:
+            return _PRODIGY_MOMENTUM_UPDATE.scalars([l2, beta1, r * d_old * (1 - beta1), d * eps, decay, dlr], like)
+        return _PRODIGY_UPDATE.scalars([l2, d * eps, decay, r * dlr * d], like)
+
+    def _compiled_update(self, p: torch.Tensor, beta1: float, scalars: list[torch.Tensor]) -> None:
+        """The parameter (and momentum) update of one tensor in one compiled pass."""
+        state = self.state[p]
+        if beta1 > 0:
+            _PRODIGY_MOMENTUM_UPDATE([p, p.grad, state["exp_avg"], state["exp_avg_sq"]], scalars)
+        else:
+            _PRODIGY_UPDATE([p, p.grad, state["exp_avg_sq"]], scalars)
+
+
+def _prodigy_sums(p, g, p0, v, s, l2, num_scale, beta2, v_scale, beta3, s_scale, r):
+    """Prodigy's statistics pass of one flat tensor: updates ``v`` and ``s``, returns
+    ``[<g, p0 - p> * num_scale, r ||s_new||_1]``."""
+    g = g + l2 * p
+    num = torch.dot(g, p0 - p) * num_scale
+    v.copy_(v * beta2 + g * g * v_scale)
+    s_new = s * beta3 + g * s_scale
+    s.copy_(s_new)
+    return torch.stack([num, s_new.abs().sum() * r])
+
+
+def _prodigy_momentum_update(p, g, m, v, l2, beta1, m_scale, eps_d, decay, step):
+    m_new = m * beta1 + (g + l2 * p) * m_scale
+    m.copy_(m_new)
+    p.copy_(p * decay - step * m_new / (v.sqrt() + eps_d))
+
+
+def _prodigy_update(p, g, v, l2, eps_d, decay, step):
+    p.copy_(p * decay - step * (g + l2 * p) / (v.sqrt() + eps_d))
+
+
+_PRODIGY_SUMS = FlatKernel(_prodigy_sums)
+_PRODIGY_MOMENTUM_UPDATE = FlatKernel(_prodigy_momentum_update)
+_PRODIGY_UPDATE = FlatKernel(_prodigy_update)
 
 
 class DAdaptSGD(_GlobalStep):
