@@ -1,10 +1,10 @@
 """Regenerate the committed coordinate-check figures and coord_checks/README.md.
 
 Every built-in definition (mupkit.zoo) under muP with SP drawn above it, for Adam, SGD,
-AdamAtan2 and Adafactor; and depth checks (muP, Depth-muP, CompleteP) of the residual MLP and
-the transformer:
+AdamAtan2, Adafactor, DAdaptAdam, Prodigy and ScaledAdam; and depth checks (muP, Depth-muP,
+CompleteP) of the residual MLP and the transformer:
 
-    python coord_checks/run.py            # all, ~12 minutes on 2 CPU cores
+    python coord_checks/run.py            # all, ~20 minutes on 2 CPU cores
     python coord_checks/run.py mlp cnn    # some
     python coord_checks/run.py depth      # only the depth section
 """
@@ -19,7 +19,7 @@ from mupkit.zoo import BUILTIN
 
 HERE = pathlib.Path(__file__).parent
 MODELS = ["mlp", "cnn", "transformer", "resmlp"]
-OPTIMIZERS = ["adam", "sgd", "adam-atan2", "adafactor"]
+OPTIMIZERS = ["adam", "sgd", "adam-atan2", "adafactor", "dadapt-adam", "prodigy", "scaled-adam"]
 
 
 def run(name: str, optim: str) -> tuple[str, str, str]:

@@ -62,6 +62,14 @@ def test_adam_atan2_compiled_path_matches_single_tensor():
     single, _ = run(lambda ps: AdamAtan2(ps, lr=1e-3, weight_decay=0.1, foreach=False), steps=10)
     compiled, _ = run(lambda ps: AdamAtan2(ps, lr=1e-3, weight_decay=0.1, compiled=True), steps=10)
     assert max_diff(single, compiled) <= 1e-12
+    # one group per tensor and 12 shapes (muP can make many groups): one graph serves them all
+    shapes = [(n, 3) for n in range(1, 13)]
+    one_group_each = lambda ps: AdamAtan2([{"params": [p], "lr_scale": 1.0 / (1 + i)} for i, p in enumerate(ps)],
+                                          lr=1e-3, compiled=True)
+    compiled, _ = run(one_group_each, steps=10, dtype=torch.float32, shapes=shapes)
+    single, _ = run(lambda ps: AdamAtan2([{"params": [p], "lr_scale": 1.0 / (1 + i)} for i, p in enumerate(ps)],
+                                         lr=1e-3), steps=10, dtype=torch.float32, shapes=shapes)
+    assert max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(compiled, single)) <= 1e-6
 
 
 def test_adam_atan2_fused_formulation_is_the_cuda_packages_formula():

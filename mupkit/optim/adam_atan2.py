@@ -18,20 +18,21 @@ use ``a = b = 1`` and betas ``(0.9, 0.999)`` to match it).
 muP family: ``adamw`` (entrywise-normalized, decoupled decay). Implementations: single-tensor,
 foreach (torch has no ``_foreach_atan2``; since the denominator is >= 0, ``atan2(y, x) =
 atan(y / max(x, tiny))`` is done with foreach ops, within a few ulp of ``atan2``), and compiled
-(``torch.compile`` of the single-tensor math over the whole list). bf16/fp16 parameters keep
-fp32 state.
+(each tensor's update as one ``torch.compile``d pass, one graph for every shape). bf16/fp16
+parameters keep fp32 state.
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
 from ..rules import FAMILIES
 from .scaled import ScaledGroups
-from .tensors import (KeepsStateDtypes, by_device_and_dtype, cache_sized, compile_safe, default_foreach, state_dtype,
-                      working_copy, write_back)
+from .compiled import FlatKernel
+from .tensors import (KeepsStateDtypes, by_device_and_dtype, cache_sized, default_foreach, state_dtype, working_copy,
+                      write_back)
 
 FORMULATIONS = ("lucidrains", "fused")
 
@@ -168,30 +169,29 @@ def _multi_tensor_chunk(ms, vs, ps, gs, cs, tiny: float, *, lr, beta1, beta2, we
         write_back(p, work)
 
 
-def _compiled_body(params: Sequence[torch.Tensor], grads, exp_avgs, exp_avg_sqs, coefs: torch.Tensor,
-                   lr_wd: torch.Tensor, beta1: float, beta2: float) -> None:
-    for i, (p, g, m, v) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs)):
-        g = g.to(m.dtype)
-        m.lerp_(g, 1.0 - beta1)
-        v.lerp_(g * g, 1.0 - beta2)
-        update = torch.atan2(m * coefs[i, 0], torch.sqrt(v * coefs[i, 1]))
-        p.copy_((p.to(m.dtype) * (1.0 - lr_wd) - coefs[i, 2] * update).to(p.dtype))
+def _adam_atan2_pass(p, g, m, v, num_scale, den_scale, step_size, beta1, beta2, decay):
+    """One Adam-atan2 step of one flat tensor (math in the state's dtype)."""
+    g = g.to(m.dtype)
+    m_new = torch.lerp(m, g, 1.0 - beta1)
+    v_new = torch.lerp(v, g * g, 1.0 - beta2)
+    m.copy_(m_new)
+    v.copy_(v_new)
+    update = torch.atan2(m_new * num_scale, torch.sqrt(v_new * den_scale))
+    p.copy_((p.to(m.dtype) * decay - step_size * update).to(p.dtype))
 
 
-_compiled_fn = None
+_ADAM_ATAN2 = FlatKernel(_adam_atan2_pass)
 
 
 def _compiled(params, grads, exp_avgs, exp_avg_sqs, coefs, *, lr, beta1, beta2, weight_decay):
-    """One compiled graph for the whole list; per-step scalars are tensors, so nothing recompiles."""
-    global _compiled_fn
-    if _compiled_fn is None:
-        _compiled_fn = torch.compile(_compiled_body, fullgraph=True, dynamic=False)
-    for bucket in by_device_and_dtype(exp_avgs, exp_avg_sqs, params, grads, coefs):
-        ms, vs, ps, gs = ([compile_safe(t) for t in ts] for ts in bucket[:4])
-        cs = bucket[4]
-        table = torch.tensor(cs, dtype=ms[0].dtype, device=ms[0].device)
-        lr_wd = torch.tensor(lr * weight_decay, dtype=ms[0].dtype, device=ms[0].device)
-        _compiled_fn(ps, gs, ms, vs, table, lr_wd, beta1, beta2)
+    """Each tensor through one compiled pass (one graph for every shape; scalars are tensors, made
+    once per distinct step count, so nothing recompiles)."""
+    scalars: dict[tuple, list[torch.Tensor]] = {}
+    for p, g, m, v, c in zip(params, grads, exp_avgs, exp_avg_sqs, coefs):
+        key = (c, m.dtype, m.device)
+        if key not in scalars:
+            scalars[key] = _ADAM_ATAN2.scalars([*c, beta1, beta2, 1.0 - lr * weight_decay], m)
+        _ADAM_ATAN2([p, g, m, v], scalars[key])
 
 
 __all__ = ["AdamAtan2", "FORMULATIONS", "adam_atan2"]

@@ -162,7 +162,7 @@ class DAdaptAdam(_GlobalStep):
                 if p.grad is None:
                     continue
                 g = self._grad(group, p, group["decouple"])
-                state = self._init_state(p)
+                self._init_state(p)
                 if group["lr"] == 0.0:
                     continue
                 view = self._view(p)
