@@ -18,21 +18,20 @@ use ``a = b = 1`` and betas ``(0.9, 0.999)`` to match it).
 muP family: ``adamw`` (entrywise-normalized, decoupled decay). Implementations: single-tensor,
 foreach (torch has no ``_foreach_atan2``; since the denominator is >= 0, ``atan2(y, x) =
 atan(y / max(x, tiny))`` is done with foreach ops, within a few ulp of ``atan2``), and compiled
-(each tensor's update as one ``torch.compile``d pass, one graph for every shape). bf16/fp16
-parameters keep fp32 state.
+(``torch.compile`` of the update of every compiled group's tensors as one graph, per-tensor
+values in a table). bf16/fp16 parameters keep fp32 state.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
 from ..rules import FAMILIES
 from .scaled import ScaledGroups
-from .compiled import FlatKernel
-from .tensors import (KeepsStateDtypes, by_device_and_dtype, cache_sized, default_foreach, state_dtype, working_copy,
-                      write_back)
+from .tensors import (KeepsStateDtypes, by_device_and_dtype, cache_sized, compile_safe, default_foreach, state_dtype,
+                      working_copy, write_back)
 
 FORMULATIONS = ("lucidrains", "fused")
 
@@ -72,15 +71,27 @@ class AdamAtan2(KeepsStateDtypes, ScaledGroups, torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         loss = self._loss(closure)
+        compiled: tuple[list, ...] = ([], [], [], [], [])  # every compiled group's tensors: one call for all
         with self._effective_hyperparameters():
             for group in self.param_groups:
                 params, grads, exp_avgs, exp_avg_sqs, steps = self._gather(group)
-                if params:
-                    adam_atan2(params, grads, exp_avgs, exp_avg_sqs, steps, lr=group["lr"],
-                               beta1=group["betas"][0], beta2=group["betas"][1],
-                               weight_decay=group["weight_decay"], a=group["a"], b=group["b"],
-                               formulation=group["formulation"], maximize=group["maximize"],
-                               foreach=group["foreach"], compiled=group["compiled"])
+                if not params:
+                    continue
+                beta1, beta2 = group["betas"]
+                if group["compiled"]:
+                    for step in steps:
+                        step += 1
+                    rows = [_compiled_row(float(t), group["lr"], beta1, beta2, group["weight_decay"], group["a"],
+                                          group["b"], group["formulation"]) for t in steps]
+                    grads = [-g for g in grads] if group["maximize"] else grads
+                    for column, values in zip(compiled, (params, grads, exp_avgs, exp_avg_sqs, rows)):
+                        column.extend(values)
+                    continue
+                adam_atan2(params, grads, exp_avgs, exp_avg_sqs, steps, lr=group["lr"], beta1=beta1, beta2=beta2,
+                           weight_decay=group["weight_decay"], a=group["a"], b=group["b"],
+                           formulation=group["formulation"], maximize=group["maximize"], foreach=group["foreach"])
+        if compiled[0]:
+            _run_compiled(*compiled)
         return loss
 
     def _gather(self, group: dict[str, Any]):
@@ -113,10 +124,14 @@ def adam_atan2(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: 
         foreach = not compiled and default_foreach(params)
     for step in steps:
         step += 1
-    coefs = [_coefficients(float(s), lr, beta1, beta2, a, b, formulation) for s in steps]
     if maximize:
         grads = torch._foreach_neg(grads) if foreach else [-g for g in grads]
-    impl = _compiled if compiled else _multi_tensor if foreach else _single_tensor
+    if compiled:
+        rows = [_compiled_row(float(s), lr, beta1, beta2, weight_decay, a, b, formulation) for s in steps]
+        _run_compiled(params, grads, exp_avgs, exp_avg_sqs, rows)
+        return
+    coefs = [_coefficients(float(s), lr, beta1, beta2, a, b, formulation) for s in steps]
+    impl = _multi_tensor if foreach else _single_tensor
     impl(params, grads, exp_avgs, exp_avg_sqs, coefs, lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay)
 
 
@@ -169,29 +184,36 @@ def _multi_tensor_chunk(ms, vs, ps, gs, cs, tiny: float, *, lr, beta1, beta2, we
         write_back(p, work)
 
 
-def _adam_atan2_pass(p, g, m, v, num_scale, den_scale, step_size, beta1, beta2, decay):
-    """One Adam-atan2 step of one flat tensor (math in the state's dtype)."""
-    g = g.to(m.dtype)
-    m_new = torch.lerp(m, g, 1.0 - beta1)
-    v_new = torch.lerp(v, g * g, 1.0 - beta2)
-    m.copy_(m_new)
-    v.copy_(v_new)
-    update = torch.atan2(m_new * num_scale, torch.sqrt(v_new * den_scale))
-    p.copy_((p.to(m.dtype) * decay - step_size * update).to(p.dtype))
+def _compiled_row(t: float, lr: float, beta1: float, beta2: float, weight_decay: float, a: float, b: float,
+                  formulation: str) -> tuple[float, ...]:
+    """One tensor's row of the compiled path's table: the coefficients, decay and EMA weights."""
+    return (*_coefficients(t, lr, beta1, beta2, a, b, formulation), 1.0 - lr * weight_decay, 1.0 - beta1,
+            1.0 - beta2)
 
 
-_ADAM_ATAN2 = FlatKernel(_adam_atan2_pass)
+def _compiled_body(params: Sequence[torch.Tensor], grads, exp_avgs, exp_avg_sqs, table: torch.Tensor) -> None:
+    for i, (p, g, m, v) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs)):
+        g = g.to(m.dtype)
+        m.lerp_(g, table[i, 4])
+        v.lerp_(g * g, table[i, 5])
+        update = torch.atan2(m * table[i, 0], torch.sqrt(v * table[i, 1]))
+        p.copy_((p.to(m.dtype) * table[i, 3] - table[i, 2] * update).to(p.dtype))
 
 
-def _compiled(params, grads, exp_avgs, exp_avg_sqs, coefs, *, lr, beta1, beta2, weight_decay):
-    """Each tensor through one compiled pass (one graph for every shape; scalars are tensors, made
-    once per distinct step count, so nothing recompiles)."""
-    scalars: dict[tuple, list[torch.Tensor]] = {}
-    for p, g, m, v, c in zip(params, grads, exp_avgs, exp_avg_sqs, coefs):
-        key = (c, m.dtype, m.device)
-        if key not in scalars:
-            scalars[key] = _ADAM_ATAN2.scalars([*c, beta1, beta2, 1.0 - lr * weight_decay], m)
-        _ADAM_ATAN2([p, g, m, v], scalars[key])
+_compiled_fn = None
+
+
+def _run_compiled(params, grads, exp_avgs, exp_avg_sqs, rows) -> None:
+    """All the tensors, of every compiled group, through one compiled graph per (device, dtype):
+    per-tensor values live in a table, so neither new values nor the number of groups recompile
+    (only a change in which tensors have gradients does)."""
+    global _compiled_fn
+    if _compiled_fn is None:
+        _compiled_fn = torch.compile(_compiled_body, fullgraph=True, dynamic=False)
+    for bucket in by_device_and_dtype(exp_avgs, exp_avg_sqs, params, grads, rows):
+        ms, vs, ps, gs = ([compile_safe(t) for t in ts] for ts in bucket[:4])
+        table = torch.tensor(bucket[4], dtype=ms[0].dtype, device=ms[0].device)
+        _compiled_fn(ps, gs, ms, vs, table)
 
 
 __all__ = ["AdamAtan2", "FORMULATIONS", "adam_atan2"]
