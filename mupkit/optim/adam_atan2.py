@@ -41,7 +41,8 @@ class AdamAtan2(KeepsStateDtypes, ScaledGroups, torch.optim.Optimizer):
 
     ``weight_decay``: decoupled, ``p *= 1 - lr * weight_decay`` per step (the reference's
     ``decoupled_wd=True``, decay independent of the LR, is ``weight_decay_policy="independent"``).
-    ``foreach``/``compiled``: the implementation (default: foreach on CUDA, single-tensor on CPU).
+    ``foreach``/``compiled``/``fused``: the implementation (default: foreach on CUDA, single-tensor on CPU;
+    ``fused``: the Triton kernel of :mod:`.kernels`, one launch for all tensors, on CUDA).
     """
 
     family = FAMILIES["adamw"]
@@ -49,7 +50,7 @@ class AdamAtan2(KeepsStateDtypes, ScaledGroups, torch.optim.Optimizer):
     def __init__(self, params, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.99),
                  weight_decay: float = 0.0, *, a: float | None = None, b: float | None = None,
                  formulation: str = "lucidrains", maximize: bool = False, foreach: bool | None = None,
-                 compiled: bool = False, weight_decay_policy: str = "coupled"):
+                 compiled: bool = False, fused: bool = False, weight_decay_policy: str = "coupled"):
         if formulation not in FORMULATIONS:
             raise ValueError(f"formulation={formulation!r}; use one of {FORMULATIONS}")
         a = (1.27 if formulation == "lucidrains" else 1.0) if a is None else a
@@ -62,29 +63,35 @@ class AdamAtan2(KeepsStateDtypes, ScaledGroups, torch.optim.Optimizer):
             raise ValueError(f"weight_decay={weight_decay} must be >= 0")
         if not (a > 0 and b > 0):
             raise ValueError(f"a={a} and b={b} must be > 0")
-        if foreach and compiled:
-            raise ValueError("choose one of foreach=True and compiled=True")
+        if sum(map(bool, (foreach, compiled, fused))) > 1:
+            raise ValueError("choose one of foreach=True, compiled=True and fused=True")
         defaults = dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay, a=a, b=b, formulation=formulation,
-                        maximize=maximize, foreach=foreach, compiled=compiled)
+                        maximize=maximize, foreach=foreach, compiled=compiled, fused=fused)
         super().__init__(params, defaults, weight_decay_policy=weight_decay_policy)
 
     @torch.no_grad()
     def step(self, closure=None):
         loss = self._loss(closure)
-        compiled: tuple[list, ...] = ([], [], [], [], [])  # every compiled group's tensors: one call for all
+        # every compiled (fused) group's tensors go to one graph (one launch per device and dtype)
+        compiled: tuple[list, ...] = ([], [], [], [], [])
+        fused: tuple[list, ...] = ([], [], [], [], [])
         with self._effective_hyperparameters():
             for group in self.param_groups:
                 params, grads, exp_avgs, exp_avg_sqs, steps = self._gather(group)
                 if not params:
                     continue
                 beta1, beta2 = group["betas"]
-                if group["compiled"]:
+                if group["compiled"] or group["fused"]:
                     for step in steps:
                         step += 1
                     rows = [_compiled_row(float(t), group["lr"], beta1, beta2, group["weight_decay"], group["a"],
                                           group["b"], group["formulation"]) for t in steps]
-                    grads = [-g for g in grads] if group["maximize"] else grads
-                    for column, values in zip(compiled, (params, grads, exp_avgs, exp_avg_sqs, rows)):
+                    if group["fused"]:  # the kernel negates the gradient itself (its row's sign)
+                        rows = [(*row, -1.0 if group["maximize"] else 1.0) for row in rows]
+                    else:
+                        grads = [-g for g in grads] if group["maximize"] else grads
+                    for column, values in zip(fused if group["fused"] else compiled,
+                                              (params, grads, exp_avgs, exp_avg_sqs, rows)):
                         column.extend(values)
                     continue
                 adam_atan2(params, grads, exp_avgs, exp_avg_sqs, steps, lr=group["lr"], beta1=beta1, beta2=beta2,
@@ -92,6 +99,8 @@ class AdamAtan2(KeepsStateDtypes, ScaledGroups, torch.optim.Optimizer):
                            formulation=group["formulation"], maximize=group["maximize"], foreach=group["foreach"])
         if compiled[0]:
             _run_compiled(*compiled)
+        if fused[0]:
+            _run_fused(*fused)
         return loss
 
     def _gather(self, group: dict[str, Any]):
@@ -184,9 +193,19 @@ def _multi_tensor_chunk(ms, vs, ps, gs, cs, tiny: float, *, lr, beta1, beta2, we
         write_back(p, work)
 
 
+def _run_fused(params, grads, exp_avgs, exp_avg_sqs, rows) -> None:
+    """The Triton kernel, one launch per (device, parameter dtype) for every fused group."""
+    from . import kernels
+    kernels.check_fused("AdamAtan2", params)
+    from .kernels.elementwise import adam_atan2 as launch
+    for ps, gs, ms, vs, rs in by_device_and_dtype(params, grads, exp_avgs, exp_avg_sqs, rows):
+        launch(ps, gs, ms, vs, rs)
+
+
 def _compiled_row(t: float, lr: float, beta1: float, beta2: float, weight_decay: float, a: float, b: float,
                   formulation: str) -> tuple[float, ...]:
-    """One tensor's row of the compiled path's table: the coefficients, decay and EMA weights."""
+    """One tensor's row of the compiled path's table (and the fused kernel's, which appends the
+    gradient's sign): the coefficients, the decay and the EMA weights."""
     return (*_coefficients(t, lr, beta1, beta2, a, b, formulation), 1.0 - lr * weight_decay, 1.0 - beta1,
             1.0 - beta2)
 

@@ -1,0 +1,61 @@
+"""The device arrays a multi-tensor kernel reads: addresses, sizes, a block map, per-tensor values.
+
+A launch covers every tensor of one (device, dtype) bucket. Program ``b`` of the 1-D grid
+handles ``BLOCK`` elements of tensor ``tensor[b]`` from offset ``start[b]``; small tensors take
+one block and big ones many, so thousands of small tensors cost no more programs than their
+elements need. The block map depends only on the sizes and is cached; addresses (gradients are
+reallocated by ``zero_grad``) and the per-tensor values are rebuilt each step, one host-to-device
+copy each, with no host sync.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+#: elements per program
+BLOCK = 1024
+
+
+@dataclass(frozen=True)
+class BlockMap:
+    tensor: torch.Tensor  # int32 (blocks,): which tensor each program works on
+    start: torch.Tensor  # int64 (blocks,): its first element
+    numel: torch.Tensor  # int64 (tensors,): each tensor's size
+
+    @property
+    def blocks(self) -> int:
+        return self.tensor.numel()
+
+
+@functools.lru_cache(maxsize=64)
+def block_map(numels: tuple[int, ...], device: torch.device, block: int = BLOCK) -> BlockMap:
+    """The cached block map of tensors of these sizes."""
+    tensor, start = [], []
+    for i, n in enumerate(numels):
+        for offset in range(0, max(n, 1), block):
+            tensor.append(i)
+            start.append(offset)
+    return BlockMap(torch.tensor(tensor, dtype=torch.int32, device=device),
+                    torch.tensor(start, dtype=torch.int64, device=device),
+                    torch.tensor(numels, dtype=torch.int64, device=device))
+
+
+def addresses(tensors: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """The tensors' data pointers as an int64 device array."""
+    return torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64).to(device, non_blocking=True)
+
+
+def values(rows: Sequence[Sequence[float]], device: torch.device) -> torch.Tensor:
+    """Per-tensor values of this step, one row per tensor, as a float32 device array."""
+    return torch.tensor(rows, dtype=torch.float32).to(device, non_blocking=True)
+
+
+def blocks_for(tensors: Sequence[torch.Tensor]) -> BlockMap:
+    return block_map(tuple(t.numel() for t in tensors), tensors[0].device)
+
+
+__all__ = ["BLOCK", "BlockMap", "addresses", "block_map", "blocks_for", "values"]

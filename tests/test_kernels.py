@@ -1,0 +1,145 @@
+"""Triton multi-tensor kernels against the single-tensor implementations, on the CPU.
+
+``tests/conftest.py`` sets ``TRITON_INTERPRET=1`` when there is no CUDA device, before anything
+imports triton, so these run the kernels' own code in Triton's interpreter. Tolerance: 1e-6
+relative to each tensor's largest entry after 10 fp32 steps (the kernels fuse the ops, so
+roundings differ from the eager chain).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import mupkit
+from mupkit import models
+from mupkit.optim import kernels
+
+pytest.importorskip("triton")  # the test extra installs it; without it fused=True refuses with an error
+from mupkit.optim.kernels import elementwise  # noqa: E402
+
+SHAPES = [(33, 17), (5,), (), (3, 4, 5), (2100,)]  # 2100: more than one block
+LRS = [1e-2, 3e-3, 1e-2, 5e-4, 1e-3]  # a muP-like lr per tensor: all in one launch
+
+
+def rel_err(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    return max(((x.float() - y.float()).abs().max() / y.float().abs().max().clamp(min=1e-30)).item()
+               for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("decoupled", [False, True])
+@pytest.mark.parametrize("maximize", [False, True])
+def test_adam_kernel_matches_torch_adam_with_a_different_lr_per_tensor(decoupled, maximize):
+    torch.manual_seed(0)
+    params = [torch.randn(s) for s in SHAPES]
+    ref = [p.clone().requires_grad_() for p in params]
+    cls = torch.optim.AdamW if decoupled else torch.optim.Adam
+    opt = cls([{"params": [r], "lr": lr} for r, lr in zip(ref, LRS)], weight_decay=0.1, foreach=False,
+              maximize=maximize)
+    exp_avgs, exp_avg_sqs = [torch.zeros_like(p) for p in params], [torch.zeros_like(p) for p in params]
+    for step in range(1, 11):
+        grads = [torch.randn(s) for s in SHAPES]
+        for r, g in zip(ref, grads):
+            r.grad = g.clone()
+        opt.step()
+        rows = [elementwise.adam_row(lr=lr, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, decoupled=decoupled,
+                                     step=step, maximize=maximize) for lr in LRS]
+        elementwise.adam(params, grads, exp_avgs, exp_avg_sqs, rows)
+    assert rel_err(params, [r.detach() for r in ref]) <= 1e-6
+    assert rel_err(exp_avg_sqs, [opt.state[r]["exp_avg_sq"] for r in ref]) <= 1e-6
+
+
+@pytest.mark.parametrize("momentum,dampening,nesterov", [(0.0, 0.0, False), (0.9, 0.0, False), (0.9, 0.1, False),
+                                                         (0.9, 0.0, True)])
+def test_sgd_kernel_matches_torch_sgd(momentum, dampening, nesterov):
+    torch.manual_seed(0)
+    params = [torch.randn(s) for s in SHAPES]
+    ref = [p.clone().requires_grad_() for p in params]
+    opt = torch.optim.SGD([{"params": [r], "lr": lr} for r, lr in zip(ref, LRS)], momentum=momentum,
+                          dampening=dampening, nesterov=nesterov, weight_decay=0.05, foreach=False)
+    buffers = [torch.zeros_like(p) for p in params] if momentum else None
+    for step in range(10):
+        grads = [torch.randn(s) for s in SHAPES]
+        for r, g in zip(ref, grads):
+            r.grad = g.clone()
+        opt.step()
+        rows = [elementwise.sgd_row(lr=lr, weight_decay=0.05, momentum=momentum, dampening=dampening,
+                                    nesterov=nesterov, first=step == 0) for lr in LRS]
+        elementwise.sgd(params, grads, buffers, rows)
+    assert rel_err(params, [r.detach() for r in ref]) <= 1e-6
+
+
+def test_atan2_from_core_ops_is_accurate_over_many_decades_and_at_zero():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def kernel(y_ptr, x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        out = elementwise.atan2_nonneg_x(tl.load(y_ptr + offs, mask=mask), tl.load(x_ptr + offs, mask=mask))
+        tl.store(out_ptr + offs, out, mask=mask)
+
+    torch.manual_seed(0)
+    y = torch.randn(3000) * torch.logspace(-6, 6, 3000)
+    x = torch.rand(3000) * torch.logspace(6, -6, 3000)
+    x[:10], y[5] = 0.0, 0.0  # atan2(+-y, 0) = +-pi/2, atan2(0, 0) = 0
+    out = torch.empty(3000)
+    kernel[(3,)](y, x, out, 3000, BLOCK=1024)
+    torch.testing.assert_close(out, torch.atan2(y, x), rtol=4e-7, atol=2e-7)
+
+
+def _train(make_opt, dtype=torch.float32, steps=10):
+    torch.manual_seed(0)
+    model = mupkit.build(models.mlp, base=dict(width=16), target=dict(width=48)).to(dtype)
+    opt = make_opt(mupkit.param_groups(model))
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(32, 64, generator=gen).to(dtype), torch.randint(0, 10, (32,), generator=gen)
+    for _ in range(steps):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x).float(), y).backward()
+        opt.step()
+    return list(model.parameters())
+
+
+@pytest.mark.parametrize("kwargs", [dict(weight_decay=0.1), dict(formulation="fused", maximize=True)])
+def test_adam_atan2_fused_matches_its_single_tensor_path_with_mup_groups(kwargs):
+    single = _train(lambda g: mupkit.optim.AdamAtan2(g, lr=1e-2, foreach=False, **kwargs))
+    fused = _train(lambda g: mupkit.optim.AdamAtan2(g, lr=1e-2, fused=True, **kwargs))
+    assert rel_err(fused, single) <= 1e-6
+
+
+def test_adam_atan2_fused_bf16_parameters_keep_fp32_state():
+    """One step on bf16 parameters: both paths do the math in fp32 and round once into bf16, so
+    they differ by at most one bf16 ulp (a chaotic 10-step run would amplify those roundings);
+    the fp32 state agrees to 1e-6."""
+    def one_step(**impl):
+        torch.manual_seed(0)
+        model = mupkit.build(models.mlp, base=dict(width=16), target=dict(width=48)).bfloat16()
+        opt = mupkit.optim.AdamAtan2(mupkit.param_groups(model), lr=1e-2, **impl)
+        gen = torch.Generator().manual_seed(1)
+        for p in model.parameters():
+            p.grad = torch.randn(p.shape, generator=gen).bfloat16()
+        opt.step()
+        return list(model.parameters()), [opt.state[p]["exp_avg_sq"] for p in model.parameters()]
+    single, single_v = one_step(foreach=False)
+    fused, fused_v = one_step(fused=True)
+    assert all(v.dtype == torch.float32 for v in fused_v)
+    assert rel_err(fused_v, single_v) <= 1e-6
+    for a, b in zip(fused, single):
+        ulp = b.float().abs().clamp(min=1e-3) * 2 ** -7
+        assert ((a.float() - b.float()).abs() <= ulp).all()
+
+
+def test_fused_refuses_what_it_cannot_run(monkeypatch):
+    p = torch.nn.Parameter(torch.randn(4, dtype=torch.float64))
+    p.grad = torch.randn(4, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="float32/bfloat16/float16"):
+        mupkit.optim.AdamAtan2([p], fused=True).step()
+    monkeypatch.setattr(kernels, "interpreted", lambda: False)
+    q = torch.nn.Parameter(torch.randn(4))
+    q.grad = torch.randn(4)
+    with pytest.raises(RuntimeError, match="CUDA tensors"):
+        mupkit.optim.AdamAtan2([q], fused=True).step()
+    with pytest.raises(ValueError, match="choose one"):
+        mupkit.optim.AdamAtan2([q], fused=True, compiled=True)
