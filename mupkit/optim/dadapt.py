@@ -134,24 +134,31 @@ def _flat_state(p: torch.Tensor, local_flat: torch.Tensor, slice_p: int) -> torc
 
 
 class DAdaptAdam(_GlobalStep):
-    """D-Adapted Adam (``dadaptation.DAdaptAdam`` 3.2 arguments and defaults) with muP group scales."""
+    """D-Adapted Adam (``dadaptation.DAdaptAdam`` 3.2 arguments and defaults) with muP group scales.
+
+    ``compiled=True``: each tensor's step as one ``torch.compile``d pass (CPU or GPU);
+    ``fused=True``: one Triton launch for all tensors (CUDA, fp32), see :mod:`.kernels`. Both
+    start once ``d`` adapts (the first steps, while every gradient is zero, run eagerly).
+    """
 
     family = FAMILIES["adamw"]
 
     def __init__(self, params, lr: float = 1.0, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, decouple: bool = False, use_bias_correction: bool = False,
-                 d0: float = 1e-6, growth_rate: float = math.inf, *, compiled: bool = False):
+                 d0: float = 1e-6, growth_rate: float = math.inf, *, compiled: bool = False, fused: bool = False):
+        if compiled and fused:
+            raise ValueError("choose one of compiled=True and fused=True")
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, decouple=decouple,
                         use_bias_correction=use_bias_correction, growth_rate=growth_rate, d=d0, k=0,
-                        numerator=0.0, layer_scale=1.0, compiled=compiled)
+                        numerator=0.0, layer_scale=1.0, compiled=compiled, fused=fused)
         super().__init__(params, defaults, decouple)
 
     @torch.no_grad()
     def step(self, closure=None):
         loss = self._loss(closure)
         top, dlr = self._adam_step_size()
-        if top["compiled"] and top["k"] > 0:
-            self._compiled_step(top, dlr)
+        if (top["compiled"] or top["fused"]) and top["k"] > 0:
+            self._one_pass_step(top, dlr)
             return loss
         beta1, beta2 = top["betas"]
         root = math.sqrt(beta2)
@@ -204,41 +211,49 @@ class DAdaptAdam(_GlobalStep):
         self._store(numerator=numerator, d=d, k=top["k"] + 1)
         return True
 
-    def _compiled_step(self, top: dict[str, Any], dlr: float) -> None:
-        """The whole step in one compiled pass per tensor. The parameter update does not depend on
-        this step's ``d``, so it runs before the reduction; that is only valid once some gradient
-        was nonzero (``k > 0``), since the reference skips the update while ``den`` is 0."""
+    def _one_pass_step(self, top: dict[str, Any], dlr: float) -> None:
+        """The whole step in one pass per tensor (``compiled``: a compiled function per tensor;
+        ``fused``: one Triton launch for all). The parameter update does not depend on this step's
+        ``d``, so it runs before the reduction; that is only valid once some gradient was nonzero
+        (``k > 0``), since the reference skips the update while ``den`` is 0."""
         beta1, beta2 = top["betas"]
         root = math.sqrt(beta2)
-        terms, like = [], None
+        items = []
         for group in self.param_groups:
             if group["lr"] == 0.0:
                 continue
             r, eps = self._r(group), group["eps"] * group["eps_scale"]
             wd = group["weight_decay"] * group["wd_scale"]
             l2, decay = (0.0, 1.0 - wd * group["lr_scale"] * dlr) if group["decouple"] else (wd, 1.0)
-            scalars = None
+            row = (eps, r * dlr, beta1, r * dlr * (1 - beta1), beta2, 1 - beta2, root, dlr * (1 - root), l2, decay, r)
             for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self._init_state(p)
-                state["step"] += 1
-                if scalars is None:
-                    scalars = _DADAPT_ADAM.scalars([eps, r * dlr, beta1, r * dlr * (1 - beta1), beta2, root,
-                                                    dlr * (1 - root), l2, decay, r], p)
-                terms.append(_DADAPT_ADAM([p, p.grad, state["exp_avg"], state["exp_avg_sq"], state["s"]], scalars)
-                             .to(torch.float64))
-                like = p
-        self._advance(top, *self._reduce(terms, like))
+                if p.grad is not None:
+                    state = self._init_state(p)
+                    state["step"] += 1
+                    items.append((p, state, row))
+        if top["fused"]:
+            sums = _fused_launch("DAdaptAdam", "dadapt_adam", [[p, p.grad, s["exp_avg"], s["exp_avg_sq"], s["s"], row]
+                                                               for p, s, row in items])
+            self._advance(top, *sums.tolist())
+            return
+        terms, scalars = [], {}
+        for p, state, row in items:
+            if id(row) not in scalars:
+                scalars[id(row)] = _DADAPT_ADAM.scalars(row, p)
+            terms.append(_DADAPT_ADAM([p, p.grad, state["exp_avg"], state["exp_avg_sq"], state["s"]], scalars[id(row)])
+                         .to(torch.float64))
+        self._advance(top, *self._reduce(terms, items[-1][0] if items else None))
 
 
-def _dadapt_adam_pass(p, g, m, v, s, eps, num_scale, beta1, m_scale, beta2, root, s_scale, l2, decay, r):
+def _dadapt_adam_pass(p, g, m, v, s, eps, num_scale, beta1, m_scale, beta2, one_minus_beta2, root, s_scale, l2,
+                      decay, r):
     """One DAdaptAdam step of one flat tensor; returns ``[<g, s / (sqrt(v) + eps)> * num_scale,
-    r ||s_new||_1]`` (old ``s``, ``v`` in the first term, as the reference)."""
+    r ||s_new||_1]`` (old ``s``, ``v`` in the first term, as the reference). The scalars are a
+    row of :data:`.kernels.dadapt.DADAPT_ADAM_ROW`, shared with the fused kernel."""
     g = g + l2 * p
     num = torch.dot(g, s / (v.sqrt() + eps)) * num_scale
     m_new = m * beta1 + g * m_scale
-    v_new = v * beta2 + g * g * (1 - beta2)
+    v_new = v * beta2 + g * g * one_minus_beta2
     s_new = s * root + g * s_scale
     m.copy_(m_new)
     v.copy_(v_new)
@@ -250,23 +265,44 @@ def _dadapt_adam_pass(p, g, m, v, s, eps, num_scale, beta1, m_scale, beta2, root
 _DADAPT_ADAM = FlatKernel(_dadapt_adam_pass)
 
 
+def _fused_launch(name: str, kernel: str, rows: list[list[Any]]) -> torch.Tensor | None:
+    """Run a Triton kernel of :mod:`.kernels.dadapt` over every tensor: ``rows`` hold each
+    tensor's parallel arguments (None for an absent one), its value row last. One launch per
+    device; returns the summed ``[numerator term, denominator]`` (for the reducing kernels)."""
+    from . import kernels
+    from .kernels import dadapt as launchers
+    kernels.check_fused(name, [r[0] for r in rows], dtypes=(torch.float32,))
+    totals = []
+    for device in {r[0].device for r in rows}:
+        mine = [r for r in rows if r[0].device == device]
+        columns = [None if mine[0][k] is None else [r[k] for r in mine] for k in range(len(mine[0]))]
+        totals.append(getattr(launchers, kernel)(*columns))
+    return torch.stack([t.cpu() for t in totals]).sum(0) if totals and totals[0] is not None else None
+
+
 class Prodigy(_GlobalStep):
-    """Prodigy (``prodigyopt.Prodigy`` 1.1.2 arguments and defaults) with muP group scales."""
+    """Prodigy (``prodigyopt.Prodigy`` 1.1.2 arguments and defaults) with muP group scales.
+
+    ``compiled=True``: a compiled statistics pass and update pass per tensor; ``fused=True``:
+    the same two passes as Triton launches over all tensors (CUDA, fp32, ``slice_p=1``).
+    """
 
     family = FAMILIES["adamw"]
 
     def __init__(self, params, lr: float = 1.0, betas: tuple[float, float] = (0.9, 0.999), beta3: float | None = None,
                  eps: float = 1e-8, weight_decay: float = 0.0, decouple: bool = True, use_bias_correction: bool = False,
                  safeguard_warmup: bool = False, d0: float = 1e-6, d_coef: float = 1.0, growth_rate: float = math.inf,
-                 slice_p: int = 1, *, compiled: bool = False):
+                 slice_p: int = 1, *, compiled: bool = False, fused: bool = False):
         if slice_p < 1:
             raise ValueError(f"slice_p={slice_p} must be >= 1")
-        if compiled and slice_p != 1:
-            raise ValueError(f"compiled=True supports slice_p=1 only, got slice_p={slice_p}")
+        if (compiled or fused) and slice_p != 1:
+            raise ValueError(f"compiled=True and fused=True support slice_p=1 only, got slice_p={slice_p}")
+        if compiled and fused:
+            raise ValueError("choose one of compiled=True and fused=True")
         defaults = dict(lr=lr, betas=tuple(betas), beta3=beta3, eps=eps, weight_decay=weight_decay, decouple=decouple,
                         use_bias_correction=use_bias_correction, safeguard_warmup=safeguard_warmup, d=d0, d0=d0,
                         d_max=d0, d_coef=d_coef, growth_rate=growth_rate, slice_p=slice_p, k=0, numerator=0.0,
-                        layer_scale=1.0, compiled=compiled)
+                        layer_scale=1.0, compiled=compiled, fused=fused)
         super().__init__(params, defaults, decouple)
 
     @torch.no_grad()
@@ -276,7 +312,7 @@ class Prodigy(_GlobalStep):
         beta1, beta2 = top["betas"]
         beta3 = top["beta3"] if top["beta3"] is not None else math.sqrt(beta2)
         d, d0, k = top["d"], top["d0"], top["k"]
-        terms, like, sums_scalars = [], None, {}
+        terms, like, sums_scalars, fused = [], None, {}, []
         for group in self.param_groups:
             r, step = self._r(group), group["slice_p"]
             for p in group["params"]:
@@ -297,14 +333,20 @@ class Prodigy(_GlobalStep):
                 if group["lr"] == 0.0:
                     continue
                 like = g
-                if top["compiled"]:
+                if top["compiled"] or top["fused"]:
                     if id(group) not in sums_scalars:
                         s_scale = (d / d0) * (d if group["safeguard_warmup"] else dlr)
                         l2 = 0.0 if group["decouple"] else group["weight_decay"] * group["wd_scale"]
-                        sums_scalars[id(group)] = _PRODIGY_SUMS.scalars(
-                            [l2, (d / d0) * dlr, beta2, d * d * (1 - beta2), beta3, s_scale, r], local)
+                        sums_scalars[id(group)] = [l2, (d / d0) * dlr, beta2, d * d * (1 - beta2), beta3, s_scale, r]
+                    row = sums_scalars[id(group)]
+                    if top["fused"]:
+                        fused.append([p, p.grad, state["p0"], state["exp_avg_sq"], state["s"],
+                                      (*row, 1.0 if state["p0"].dim() == 0 else 0.0)])
+                        continue
+                    if id(row) not in sums_scalars:
+                        sums_scalars[id(row)] = _PRODIGY_SUMS.scalars(row, local)
                     terms.append(_PRODIGY_SUMS([p, p.grad, state["p0"], state["exp_avg_sq"], state["s"]],
-                                               sums_scalars[id(group)]).to(torch.float64))
+                                               sums_scalars[id(row)]).to(torch.float64))
                     continue
                 view = self._view(p)
                 sliced = g.flatten()[::step]
@@ -314,6 +356,9 @@ class Prodigy(_GlobalStep):
                 view["exp_avg_sq"].mul_(beta2).addcmul_(g, g, value=d * d * (1 - beta2))
                 view["s"].mul_(beta3).add_(sliced, alpha=(d / d0) * (d if group["safeguard_warmup"] else dlr))
                 terms.append(torch.stack([num, view["s"].abs().sum() * r]).to(torch.float64))
+        if fused:
+            terms.append(_fused_launch("Prodigy", "prodigy_sums", fused))
+            fused = []
         delta, den = self._reduce(terms, like)
         if den == 0:  # every rank saw the same zero (the reduction ran), so every rank skips alike
             return loss
@@ -328,14 +373,20 @@ class Prodigy(_GlobalStep):
         self._store(numerator=numerator, d=d, d_max=d_max, d_hat=d_hat, d_denom=den, k=k + 1)
         for group in self.param_groups:
             r, eps = self._r(group), group["eps"] * group["eps_scale"]
-            update_scalars = None
+            update_row = None
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 self.state[p]["step"] += 1
+                if top["fused"]:
+                    update_row = update_row or self._update_row(group, beta1, d_old, d, dlr)
+                    fused.append([p, p.grad, self.state[p]["exp_avg"] if beta1 > 0 else None,
+                                  self.state[p]["exp_avg_sq"], (*update_row, 1.0 if beta1 > 0 else 0.0)])
+                    continue
                 if top["compiled"]:
-                    update_scalars = update_scalars or self._update_scalars(group, p, beta1, d_old, d, dlr)
-                    self._compiled_update(p, beta1, update_scalars)
+                    update_row = update_row or _PRODIGY_UPDATE_KERNELS[beta1 > 0].scalars(
+                        self._update_row(group, beta1, d_old, d, dlr), p)
+                    self._compiled_update(p, beta1, update_row)
                     continue
                 view = self._view(p)
                 denom = view["exp_avg_sq"].sqrt().add_(d * eps)
@@ -344,17 +395,19 @@ class Prodigy(_GlobalStep):
                     local_tensor(p).addcdiv_(view["exp_avg"], denom, value=-dlr)
                 else:
                     local_tensor(p).addcdiv_(self._grad(group, p, group["decouple"]), denom, value=-r * dlr * d)
+        if fused:
+            _fused_launch("Prodigy", "prodigy_update", fused)
         return loss
 
-    def _update_scalars(self, group: dict[str, Any], like: torch.Tensor, beta1: float, d_old: float, d: float,
-                        dlr: float) -> list[torch.Tensor]:
-        """A group's per-step scalars for :meth:`_compiled_update` (momentum uses the old ``d``)."""
+    def _update_row(self, group: dict[str, Any], beta1: float, d_old: float, d: float, dlr: float) -> list[float]:
+        """A group's per-step values for the update pass (momentum uses the old ``d``): a row of
+        :data:`.kernels.dadapt.PRODIGY_UPDATE_ROW` without its last (momentum) column."""
         r, eps = self._r(group), group["eps"] * group["eps_scale"]
         wd = group["weight_decay"] * group["wd_scale"]
         l2, decay = (0.0, 1.0 - wd * group["lr_scale"] * dlr) if group["decouple"] else (wd, 1.0)
         if beta1 > 0:
-            return _PRODIGY_MOMENTUM_UPDATE.scalars([l2, beta1, r * d_old * (1 - beta1), d * eps, decay, dlr], like)
-        return _PRODIGY_UPDATE.scalars([l2, d * eps, decay, r * dlr * d], like)
+            return [l2, beta1, r * d_old * (1 - beta1), d * eps, decay, dlr]
+        return [l2, beta1, 0.0, d * eps, decay, r * dlr * d]
 
     def _compiled_update(self, p: torch.Tensor, beta1: float, scalars: list[torch.Tensor]) -> None:
         """The parameter (and momentum) update of one tensor in one compiled pass."""
@@ -382,13 +435,16 @@ def _prodigy_momentum_update(p, g, m, v, l2, beta1, m_scale, eps_d, decay, step)
     p.copy_(p * decay - step * m_new / (v.sqrt() + eps_d))
 
 
-def _prodigy_update(p, g, v, l2, eps_d, decay, step):
+def _prodigy_update(p, g, v, l2, beta1, m_scale, eps_d, decay, step):
+    """``beta1 = 0``: the step uses ``g`` itself (``beta1``, ``m_scale`` are unused, kept so both
+    update functions take the same row)."""
     p.copy_(p * decay - step * (g + l2 * p) / (v.sqrt() + eps_d))
 
 
 _PRODIGY_SUMS = FlatKernel(_prodigy_sums)
 _PRODIGY_MOMENTUM_UPDATE = FlatKernel(_prodigy_momentum_update)
 _PRODIGY_UPDATE = FlatKernel(_prodigy_update)
+_PRODIGY_UPDATE_KERNELS = {True: _PRODIGY_MOMENTUM_UPDATE, False: _PRODIGY_UPDATE}
 
 
 class DAdaptSGD(_GlobalStep):
@@ -429,7 +485,8 @@ class DAdaptSGD(_GlobalStep):
         for group, p in live:
             state, g = self.state[p], grads[id(p)]
             if not state:
-                state["z"], state["s"], state["x0"] = p.detach().clone(), torch.zeros_like(p.detach()), p.detach().clone()
+                state["z"], state["x0"] = p.detach().clone(), p.detach().clone()
+                state["s"] = torch.zeros_like(p.detach())
             if group["lr"] > 0.0:
                 r, view = self._r(group), self._view(p)
                 num = torch.dot(g.flatten(), view["s"].flatten()) * (r * dlr)

@@ -30,7 +30,8 @@ def interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def check_fused(name: str, tensors: list[torch.Tensor]) -> None:
+def check_fused(name: str, tensors: list[torch.Tensor],
+                dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.float16)) -> None:
     """Refuse ``fused=True`` where the kernels cannot run, saying what to do instead."""
     if not triton_available():
         raise RuntimeError(f"{name}(fused=True) needs Triton (pip install triton, or a CUDA build of torch that "
@@ -40,9 +41,14 @@ def check_fused(name: str, tensors: list[torch.Tensor]) -> None:
         raise RuntimeError(f"{name}(fused=True) runs Triton kernels on CUDA tensors; got tensors on {sorted(devices)}. "
                            f"Use fused=False on the CPU (or TRITON_INTERPRET=1, set before importing triton, to run "
                            f"the kernels slowly on the CPU for testing).")
+    from ..sharding import DTensor
     for t in tensors:
-        if t.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-            raise RuntimeError(f"{name}(fused=True) supports float32/bfloat16/float16 parameters, got {t.dtype} "
+        if DTensor is not None and isinstance(t, DTensor):
+            raise RuntimeError(f"{name}(fused=True) runs on whole tensors, but a parameter of shape {tuple(t.shape)} "
+                               f"is sharded (a DTensor); use fused=False, which reduces over the shards.")
+        if t.dtype not in dtypes:
+            names = "/".join(str(d).removeprefix("torch.") for d in dtypes)
+            raise RuntimeError(f"{name}(fused=True) supports {names} parameters, got {t.dtype} "
                                f"(shape {tuple(t.shape)}); use fused=False.")
         if not t.is_contiguous():
             raise RuntimeError(f"{name}(fused=True) needs contiguous tensors, got shape {tuple(t.shape)} with strides "

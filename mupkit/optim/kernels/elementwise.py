@@ -15,13 +15,13 @@ import torch
 import triton
 import triton.language as tl
 
-from .tables import BLOCK, addresses, blocks_for, values
+from .tables import launch
 
 TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
 @triton.jit
-def _block(tensor_of_block, start_of_block, numels, BLOCK: tl.constexpr):
+def program_block(tensor_of_block, start_of_block, numels, BLOCK: tl.constexpr):
     """This program's tensor index, element offsets and mask."""
     b = tl.program_id(0)
     t = tl.load(tensor_of_block + b)
@@ -30,7 +30,7 @@ def _block(tensor_of_block, start_of_block, numels, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _pointer(table, t, DTYPE: tl.constexpr):
+def tensor_pointer(table, t, DTYPE: tl.constexpr):
     return tl.load(table + t).to(tl.pointer_type(DTYPE))
 
 
@@ -60,12 +60,12 @@ ADAM_ROW = ("l2", "decay", "one_minus_beta1", "beta2", "one_minus_beta2", "step_
 @triton.jit
 def _adam_kernel(p_ptrs, g_ptrs, m_ptrs, v_ptrs, numels, tensor_of_block, start_of_block, vals,
                  NV: tl.constexpr, P_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr, BLOCK: tl.constexpr):
-    t, offs, mask = _block(tensor_of_block, start_of_block, numels, BLOCK)
+    t, offs, mask = program_block(tensor_of_block, start_of_block, numels, BLOCK)
     row = vals + t * NV
-    p_ptr = _pointer(p_ptrs, t, P_DTYPE)
-    g_ptr = _pointer(g_ptrs, t, P_DTYPE)
-    m_ptr = _pointer(m_ptrs, t, S_DTYPE)
-    v_ptr = _pointer(v_ptrs, t, S_DTYPE)
+    p_ptr = tensor_pointer(p_ptrs, t, P_DTYPE)
+    g_ptr = tensor_pointer(g_ptrs, t, P_DTYPE)
+    m_ptr = tensor_pointer(m_ptrs, t, S_DTYPE)
+    v_ptr = tensor_pointer(v_ptrs, t, S_DTYPE)
     p = tl.load(p_ptr + offs, mask=mask).to(tl.float32)
     g = tl.load(g_ptr + offs, mask=mask).to(tl.float32) * tl.load(row + 8)
     m = tl.load(m_ptr + offs, mask=mask).to(tl.float32)
@@ -85,8 +85,8 @@ def adam(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], exp_avgs
          exp_avg_sqs: Sequence[torch.Tensor], rows: Sequence[Sequence[float]]) -> None:
     """One Adam/AdamW step of tensors sharing a device and dtype (and a state dtype), one launch;
     ``rows`` per :data:`ADAM_ROW` (see :func:`adam_row`)."""
-    _launch(_adam_kernel, [params, grads, exp_avgs, exp_avg_sqs], rows, len(ADAM_ROW),
-            S_DTYPE=TL_DTYPES[exp_avgs[0].dtype])
+    launch(_adam_kernel, [params, grads, exp_avgs, exp_avg_sqs], rows, P_DTYPE=TL_DTYPES[params[0].dtype],
+           S_DTYPE=TL_DTYPES[exp_avgs[0].dtype])
 
 
 def adam_row(*, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, decoupled: bool,
@@ -106,14 +106,14 @@ SGD_ROW = ("lr", "weight_decay", "momentum", "one_minus_dampening", "first", "ne
 def _sgd_kernel(p_ptrs, g_ptrs, buf_ptrs, numels, tensor_of_block, start_of_block, vals,
                 NV: tl.constexpr, P_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr, MOMENTUM: tl.constexpr,
                 BLOCK: tl.constexpr):
-    t, offs, mask = _block(tensor_of_block, start_of_block, numels, BLOCK)
+    t, offs, mask = program_block(tensor_of_block, start_of_block, numels, BLOCK)
     row = vals + t * NV
-    p_ptr = _pointer(p_ptrs, t, P_DTYPE)
+    p_ptr = tensor_pointer(p_ptrs, t, P_DTYPE)
     p = tl.load(p_ptr + offs, mask=mask).to(tl.float32)
-    g = tl.load(_pointer(g_ptrs, t, P_DTYPE) + offs, mask=mask).to(tl.float32) * tl.load(row + 6)
+    g = tl.load(tensor_pointer(g_ptrs, t, P_DTYPE) + offs, mask=mask).to(tl.float32) * tl.load(row + 6)
     g = g + tl.load(row + 1) * p
     if MOMENTUM:
-        buf_ptr = _pointer(buf_ptrs, t, S_DTYPE)
+        buf_ptr = tensor_pointer(buf_ptrs, t, S_DTYPE)
         buf = tl.load(buf_ptr + offs, mask=mask).to(tl.float32)
         momentum = tl.load(row + 2)
         buf = tl.where(tl.load(row + 4) > 0, g, buf * momentum + tl.load(row + 3) * g)
@@ -127,8 +127,8 @@ def sgd(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], buffers: 
         rows: Sequence[Sequence[float]]) -> None:
     """One SGD step (momentum buffers, or None without momentum); ``rows`` per :data:`SGD_ROW`."""
     tables = [params, grads] + ([buffers] if buffers is not None else [params])
-    _launch(_sgd_kernel, tables, rows, len(SGD_ROW), MOMENTUM=buffers is not None,
-            S_DTYPE=TL_DTYPES[(buffers or params)[0].dtype])
+    launch(_sgd_kernel, tables, rows, MOMENTUM=buffers is not None, P_DTYPE=TL_DTYPES[params[0].dtype],
+           S_DTYPE=TL_DTYPES[(buffers or params)[0].dtype])
 
 
 def sgd_row(*, lr: float, weight_decay: float, momentum: float, dampening: float, nesterov: bool, first: bool,
@@ -147,13 +147,13 @@ ADAM_ATAN2_ROW = ("num_scale", "den_scale", "step_size", "decay", "one_minus_bet
 @triton.jit
 def _adam_atan2_kernel(p_ptrs, g_ptrs, m_ptrs, v_ptrs, numels, tensor_of_block, start_of_block, vals,
                        NV: tl.constexpr, P_DTYPE: tl.constexpr, BLOCK: tl.constexpr):
-    t, offs, mask = _block(tensor_of_block, start_of_block, numels, BLOCK)
+    t, offs, mask = program_block(tensor_of_block, start_of_block, numels, BLOCK)
     row = vals + t * NV
-    p_ptr = _pointer(p_ptrs, t, P_DTYPE)
-    m_ptr = _pointer(m_ptrs, t, tl.float32)
-    v_ptr = _pointer(v_ptrs, t, tl.float32)
+    p_ptr = tensor_pointer(p_ptrs, t, P_DTYPE)
+    m_ptr = tensor_pointer(m_ptrs, t, tl.float32)
+    v_ptr = tensor_pointer(v_ptrs, t, tl.float32)
     p = tl.load(p_ptr + offs, mask=mask).to(tl.float32)
-    g = tl.load(_pointer(g_ptrs, t, P_DTYPE) + offs, mask=mask).to(tl.float32) * tl.load(row + 6)
+    g = tl.load(tensor_pointer(g_ptrs, t, P_DTYPE) + offs, mask=mask).to(tl.float32) * tl.load(row + 6)
     m = tl.load(m_ptr + offs, mask=mask)
     v = tl.load(v_ptr + offs, mask=mask)
     m = m + tl.load(row + 4) * (g - m)
@@ -168,22 +168,8 @@ def _adam_atan2_kernel(p_ptrs, g_ptrs, m_ptrs, v_ptrs, numels, tensor_of_block, 
 def adam_atan2(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], exp_avgs: Sequence[torch.Tensor],
                exp_avg_sqs: Sequence[torch.Tensor], rows: Sequence[Sequence[float]]) -> None:
     """One Adam-atan2 step, one launch; ``rows`` per :data:`ADAM_ATAN2_ROW`."""
-    _launch(_adam_atan2_kernel, [params, grads, exp_avgs, exp_avg_sqs], rows, len(ADAM_ATAN2_ROW))
+    launch(_adam_atan2_kernel, [params, grads, exp_avgs, exp_avg_sqs], rows, P_DTYPE=TL_DTYPES[params[0].dtype])
 
 
-# ------------------------------------------------------------------------------ launching
-
-def _launch(kernel, tables: list[Sequence[torch.Tensor]], rows: Sequence[Sequence[float]], width: int,
-            **constexprs) -> None:
-    """Launch ``kernel`` over all tensors of ``tables[0]`` (one device and dtype)."""
-    params = tables[0]
-    if not params:
-        return
-    device, dtype = params[0].device, params[0].dtype
-    blocks = blocks_for(params)
-    kernel[(blocks.blocks,)](*(addresses(ts, device) for ts in tables), blocks.numel, blocks.tensor, blocks.start,
-                             values(rows, device), NV=width, P_DTYPE=TL_DTYPES[dtype], BLOCK=BLOCK, **constexprs)
-
-
-__all__ = ["ADAM_ATAN2_ROW", "ADAM_ROW", "SGD_ROW", "adam", "adam_atan2", "adam_row", "atan2_nonneg_x", "sgd",
-           "sgd_row"]
+__all__ = ["ADAM_ATAN2_ROW", "ADAM_ROW", "SGD_ROW", "adam", "adam_atan2", "adam_row", "atan2_nonneg_x",
+           "program_block", "sgd", "sgd_row", "tensor_pointer"]

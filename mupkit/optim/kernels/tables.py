@@ -58,4 +58,26 @@ def blocks_for(tensors: Sequence[torch.Tensor]) -> BlockMap:
     return block_map(tuple(t.numel() for t in tensors), tensors[0].device)
 
 
-__all__ = ["BLOCK", "BlockMap", "addresses", "block_map", "blocks_for", "values"]
+def launch(kernel, tables: Sequence[Sequence[torch.Tensor]], rows: Sequence[Sequence[float]], *,
+           reduce: bool = False, **constexprs) -> torch.Tensor | None:
+    """Run ``kernel`` over every tensor of ``tables[0]`` (one device), one program per block.
+
+    The kernel takes one address table per list in ``tables``, then the sizes, the block map,
+    the per-tensor values (``NV`` columns), and with ``reduce`` a ``(blocks, 2)`` fp32 array of
+    per-block partial sums, returned summed in float64 (still on the device: no sync).
+    """
+    params = tables[0]
+    if not params:
+        return torch.zeros(2, dtype=torch.float64) if reduce else None
+    device = params[0].device
+    blocks = blocks_for(params)
+    args = [*(addresses(ts, device) for ts in tables), blocks.numel, blocks.tensor, blocks.start,
+            values(rows, device)]
+    partials = torch.empty(blocks.blocks, 2, dtype=torch.float32, device=device) if reduce else None
+    if reduce:
+        args.append(partials)
+    kernel[(blocks.blocks,)](*args, NV=len(rows[0]), BLOCK=BLOCK, **constexprs)
+    return partials.sum(0, dtype=torch.float64) if reduce else None
+
+
+__all__ = ["BLOCK", "BlockMap", "addresses", "block_map", "blocks_for", "launch", "values"]
