@@ -146,8 +146,8 @@ def test_fused_refuses_what_it_cannot_run(monkeypatch):
 
 
 @pytest.mark.parametrize("cls,kwargs", [
-    (mupkit.optim.DAdaptAdam, dict(decouple=True, weight_decay=0.1)), (mupkit.optim.DAdaptAdam, dict(weight_decay=0.05)),
-    (mupkit.optim.Prodigy, dict(weight_decay=0.1)),
+    (mupkit.optim.DAdaptAdam, dict(decouple=True, weight_decay=0.1)),
+    (mupkit.optim.DAdaptAdam, dict(weight_decay=0.05)), (mupkit.optim.Prodigy, dict(weight_decay=0.1)),
     (mupkit.optim.Prodigy, dict(betas=(0.0, 0.99), decouple=False, weight_decay=0.05))])
 def test_dadaptation_fused_matches_the_eager_path_with_mup_groups(cls, kwargs):
     """The same gradient sequence fed to both (so roundings do not feed back through a model):
