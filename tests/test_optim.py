@@ -174,3 +174,33 @@ def test_plain_parameters_behave_exactly_like_torch():
             m(torch.ones(2, 4)).sum().backward()
             o.step()
     assert torch.equal(a.weight, b.weight)
+
+
+@pytest.mark.parametrize("impl", [{"foreach": True}, {"fused": True}])
+def test_groups_with_equal_multipliers_share_one_kernel_call(impl, monkeypatch):
+    """12 groups with 3 distinct lr_scale values: torch's kernels see 3 groups, the result is
+    bitwise torch's with 12 concrete groups, and the user's groups are untouched."""
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(5, 3)) for _ in range(12)]
+    ref = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    scales = [1.0, 0.5, 0.25]
+    ours = mupkit.optim.AdamW([{"params": [p], "lr_scale": scales[i % 3]} for i, p in enumerate(params)], lr=1e-2,
+                              weight_decay=0.1, **impl)
+    theirs = torch.optim.AdamW([{"params": [p], "lr": 1e-2 * scales[i % 3], "weight_decay": 0.1}
+                                for i, p in enumerate(ref)], lr=1e-2, **impl)
+    groups_seen = []
+    init_group = torch.optim.AdamW._init_group
+    monkeypatch.setattr(torch.optim.AdamW, "_init_group",
+                        lambda self, group, *a, **k: groups_seen.append(len(group["params"])) or init_group(
+                            self, group, *a, **k))
+    before = [g for g in ours.param_groups]
+    for _ in range(3):
+        for p, q in zip(params, ref):
+            p.grad = torch.randn(5, 3)
+            q.grad = p.grad.clone()
+        ours.step()
+        theirs.step()
+    assert groups_seen[:3] == [4, 4, 4]  # ours: 3 merged groups of 4 (then theirs: 12 groups of 1)
+    assert ours.param_groups == before and all(len(g["params"]) == 1 for g in ours.param_groups)
+    for p, q in zip(params, ref):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)

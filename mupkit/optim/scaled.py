@@ -10,6 +10,7 @@ so torch's own single-tensor, foreach and fused kernels do the math and any
 from __future__ import annotations
 
 import contextlib
+import operator
 from typing import Any, Iterable
 
 import torch
@@ -89,8 +90,40 @@ class ScaledGroups:
                 group.update(values)
 
     def step(self, closure=None):
-        with self._effective_hyperparameters():
+        with self._effective_hyperparameters(), self._merged_groups():
             return super().step(closure)
+
+    @contextlib.contextmanager
+    def _merged_groups(self):
+        """For the duration of ``step()``, groups whose hyperparameters are all equal (after the
+        muP multipliers are applied) become one group, so torch's foreach and fused kernels launch
+        once per distinct set of values, not once per group. State is per parameter, so this
+        changes nothing but the number of launches."""
+        saved = self.param_groups
+        if len(saved) < 2:
+            yield
+            return
+        keys = [k for k in saved[0] if k not in ("params", "param_names")]
+        values_of = operator.itemgetter(*keys)
+        merged: dict[Any, dict[str, Any]] = {}
+        for group in saved:
+            try:
+                key = values_of(group) if group.keys() == saved[0].keys() else tuple(sorted(map(repr, group.items())))
+                hash(key)
+            except TypeError:  # an unhashable value: compare by repr
+                key = repr(sorted((k, v) for k, v in group.items() if k not in ("params", "param_names")))
+            if key in merged:
+                merged[key]["params"].extend(group["params"])
+            else:
+                merged[key] = {**group, "params": list(group["params"])}
+        if len(merged) == len(saved):
+            yield
+            return
+        self.param_groups = list(merged.values())
+        try:
+            yield
+        finally:
+            self.param_groups = saved
 
     @staticmethod
     def _loss(closure):
