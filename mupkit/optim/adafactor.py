@@ -70,7 +70,7 @@ class Adafactor(KeepsStateDtypes, ScaledGroups, torch.optim.Optimizer):
                  beta2_decay: float = -0.8, eps: tuple[float | None, float] | None = None,
                  clip_threshold: float = 1.0, weight_decay: float = 0.0, scale_parameter: bool = True,
                  relative_step: bool = True, warmup_init: bool = False, maximize: bool = False,
-                 foreach: bool | None = None, compiled: bool = False):
+                 foreach: bool | None = None, compiled: bool = False, fused: bool = False):
         if mode not in MODES:
             raise ValueError(f"mode={mode!r}; use one of {MODES}")
         if mode == "torch":
@@ -100,19 +100,20 @@ class Adafactor(KeepsStateDtypes, ScaledGroups, torch.optim.Optimizer):
             raise ValueError(f"clip_threshold={clip_threshold} must be >= 1 (torch's d)")
         if not weight_decay >= 0:
             raise ValueError(f"weight_decay={weight_decay} must be >= 0")
-        if foreach and compiled:
-            raise ValueError("choose one of foreach=True and compiled=True")
+        if sum(map(bool, (foreach, compiled, fused))) > 1:
+            raise ValueError("choose one of foreach=True, compiled=True and fused=True")
         if not scale_parameter:
             self.family = FAMILIES["adamw"]  # entrywise-normalized step: Adam's muP rules
         defaults = dict(lr=lr, mode=mode, beta1=beta1, beta2_decay=beta2_decay, eps=tuple(eps),
                         clip_threshold=clip_threshold, weight_decay=weight_decay, scale_parameter=scale_parameter,
                         relative_step=relative_step, warmup_init=warmup_init, maximize=maximize, foreach=foreach,
-                        compiled=compiled)
+                        compiled=compiled, fused=fused)
         super().__init__(params, defaults)
 
     @torch.no_grad()
     def step(self, closure=None):
         loss = self._loss(closure)
+        fused: dict[tuple, list[dict[str, Any]]] = {}  # every fused group's tensors, by launch bucket
         for group in self.param_groups:
             tensors = [self._tensors(group, i, p) for i, p in enumerate(group["params"]) if p.grad is not None]
             if not tensors:
@@ -120,6 +121,11 @@ class Adafactor(KeepsStateDtypes, ScaledGroups, torch.optim.Optimizer):
             cfg = {k: group[k] for k in ("mode", "eps", "clip_threshold", "scale_parameter", "beta1", "lr_scale",
                                          "eps_scale")}
             cfg["weight_decay"] = group["weight_decay"] * group["lr_scale"] * group["wd_scale"]  # 1 under muP
+            if group["fused"]:
+                for item in _fused_items(tensors, group, cfg):
+                    key = (item["param"].device, item["param"].dtype, group["mode"], group["beta1"] is not None)
+                    fused.setdefault(key, []).append(item)
+                continue
             foreach, compiled = group["foreach"], group["compiled"]
             if foreach is None:
                 foreach = not compiled and default_foreach([t["param"] for t in tensors])
@@ -132,6 +138,12 @@ class Adafactor(KeepsStateDtypes, ScaledGroups, torch.optim.Optimizer):
                 buckets.setdefault((t["param"].device, state_dtype(t["param"])), []).append(t)
             for bucket in buckets.values():
                 _run(bucket, group, cfg, compiled)
+        if fused:
+            from . import kernels
+            kernels.check_fused("Adafactor", [it["param"] for items in fused.values() for it in items])
+            from .kernels.adafactor import adafactor as launch
+            for (_, _, mode, momentum), items in fused.items():
+                launch(items, hf=mode == "hf", momentum=momentum)
         return loss
 
     def _tensors(self, group: dict[str, Any], index: int, p: torch.Tensor) -> dict[str, Any]:
@@ -157,6 +169,30 @@ class Adafactor(KeepsStateDtypes, ScaledGroups, torch.optim.Optimizer):
                 state["exp_avg"] = state_like(torch.zeros_like(local, dtype=dtype), p, info, shape)
         local_state = {k: local_tensor(v) for k, v in state.items()}  # views: updates reach the DTensors
         return {"param": local, "grad": local_tensor(p.grad), "state": local_state, "info": info}
+
+
+def _fused_items(tensors: list[dict[str, Any]], group: dict[str, Any], cfg: dict[str, Any]) -> list[dict[str, Any]]:
+    """The fused kernels' per-tensor inputs (see :func:`.kernels.adafactor.adafactor`); advances
+    the step counters."""
+    items = []
+    for t in tensors:
+        if t["info"].dim is not None:
+            raise ValueError(f"Adafactor(fused=True) runs on whole tensors, but a parameter of shape "
+                             f"{tuple(t['info'].shape)} is sharded; use foreach=True, which reduces over the shards.")
+        t["state"]["step"] += 1
+        step = float(t["state"]["step"])
+        dtype = state_dtype(t["param"])
+        eps1 = torch.finfo(dtype).eps if cfg["eps"][0] is None else cfg["eps"][0]
+        shape = t["info"].shape
+        items.append(dict(param=t["param"], grad=t["grad"], state=t["state"],
+                          rows=shape[-2] if len(shape) >= 2 else 0, cols=shape[-1] if len(shape) >= 2 else 0,
+                          omb=step ** group["beta2_decay"], rho=_relative_step(group, step), eps1=eps1,
+                          floor=max(eps1 * eps1, torch.finfo(dtype).tiny), rms_floor=cfg["eps"][1] * cfg["eps_scale"],
+                          lr_scale=cfg["lr_scale"], clip_threshold=cfg["clip_threshold"],
+                          decay=1.0 - (group["lr"] or 0.0) * cfg["weight_decay"], hf_wd=cfg["weight_decay"],
+                          sign=-1.0 if group["maximize"] else 1.0, beta1=cfg["beta1"],
+                          scale_parameter=cfg["scale_parameter"]))
+    return items
 
 
 def _relative_step(group: dict[str, Any], t: float) -> float:
