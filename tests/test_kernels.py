@@ -189,3 +189,26 @@ def test_adafactor_fused_matches_the_single_tensor_path(kwargs):
             opt.step()
         return params
     assert rel_err(run(fused=True), run(foreach=False)) <= 1e-6
+
+
+@pytest.mark.parametrize("clipping_scale", [None, 0.5])
+def test_scaled_adam_fused_matches_the_single_tensor_path(clipping_scale):
+    """24 steps: RMS refreshes and size steps every 4, clipping thresholds at 10 and 20 (0.5 x
+    the median clips often); one-element tensors clamp; the same gradients fed to both."""
+    shapes = [(8, 16), (16,), (3, 4, 5), (), (1,), (40, 30)]
+    def run(**impl):
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(s) * 0.3) for s in shapes]
+        opt = mupkit.optim.ScaledAdam([{"params": params[:3], "lr_scale": 0.5, "eps_scale": 0.5},
+                                       {"params": params[3:]}], lr=0.05, clipping_scale=clipping_scale, **impl)
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(24):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen) + 0.2
+            opt.step()
+        return params, opt
+    fused, opt = run(fused=True)
+    single, _ = run(foreach=False)
+    assert rel_err(fused, single) <= 1e-6
+    if clipping_scale:
+        assert opt.state[opt.param_groups[0]["params"][0]]["clip_count"] > 0

@@ -94,7 +94,7 @@ class ScaledAdam(KeepsStateDtypes, ScaledGroups, torch.optim.Optimizer):
                  betas: tuple[float, float] = (0.9, 0.98), scalar_lr_scale: float = 0.1, eps: float = 1.0e-8,
                  param_min_rms: float = 1.0e-5, param_max_rms: float = 3.0, scalar_max: float = 10.0,
                  size_update_period: int = 4, clipping_update_period: int = 100, *,
-                 clipping_scope: str = "group", foreach: bool | None = None):
+                 clipping_scope: str = "group", foreach: bool | None = None, fused: bool = False):
         if not lr >= 0:
             raise ValueError(f"lr={lr} must be >= 0")
         if not all(0.0 <= b < 1.0 for b in betas):
@@ -106,12 +106,14 @@ class ScaledAdam(KeepsStateDtypes, ScaledGroups, torch.optim.Optimizer):
         if size_update_period < 1 or clipping_update_period < 1:
             raise ValueError(f"size_update_period={size_update_period} and clipping_update_period="
                              f"{clipping_update_period} must be >= 1")
+        if foreach and fused:
+            raise ValueError("choose one of foreach=True and fused=True")
         if clipping_scope not in CLIPPING_SCOPES:
             raise ValueError(f"clipping_scope={clipping_scope!r}; use one of {CLIPPING_SCOPES}")
         defaults = dict(lr=lr, clipping_scale=clipping_scale, betas=tuple(betas), scalar_lr_scale=scalar_lr_scale,
                         eps=eps, param_min_rms=param_min_rms, param_max_rms=param_max_rms, scalar_max=scalar_max,
                         size_update_period=size_update_period, clipping_update_period=clipping_update_period,
-                        foreach=foreach)
+                        foreach=foreach, fused=fused)
         self.clipping_scope = clipping_scope
         self._warned_zero = False
         super().__init__(named_groups(params), defaults)
@@ -237,6 +239,9 @@ class ScaledAdam(KeepsStateDtypes, ScaledGroups, torch.optim.Optimizer):
     # ---------------------------------------------------------------- the step
 
     def _update(self, group: dict[str, Any], items: list[dict[str, Any]], factor: float) -> None:
+        if group["fused"]:
+            _fused_step(items, group, factor)
+            return
         foreach = group["foreach"]
         if foreach is None:
             foreach = default_foreach([it["param"] for it in items])
@@ -256,8 +261,6 @@ def _step(items: list[dict[str, Any]], group: dict[str, Any], factor: float) -> 
     beta1, beta2 = group["betas"]
     eps, lr = group["eps"], group["lr"]
     period = group["size_update_period"]
-    min_rms = group["param_min_rms"] * group["eps_scale"]
-    max_rms = group["param_max_rms"] * group["eps_scale"]
     params = [it["param"] for it in items]
     works = [working_copy(p) for p in params]
     states = [it["state"] for it in items]
@@ -274,11 +277,7 @@ def _step(items: list[dict[str, Any]], group: dict[str, Any], factor: float) -> 
         fresh = {}
         if due:
             fresh = dict(zip(due, global_rms([works[k] for k in due], [items[k]["info"] for k in due]).unbind()))
-        for k, dot in zip(sized, dots.unbind()):
-            state = states[k]
-            state["scale_grads"][steps[k] % period] = dot
-            if k in fresh:
-                state["param_rms"].copy_(fresh[k])
+        _record_sizes(states, steps, dict(zip(sized, dots.unbind())), fresh, period)
 
     vs = [it["exp_avg_sq"] for it in items]
     torch._foreach_mul_(vs, beta2)
@@ -291,10 +290,11 @@ def _step(items: list[dict[str, Any]], group: dict[str, Any], factor: float) -> 
     step_sizes = [-lr * group["lr_scale"] * (group["scalar_lr_scale"] if it["scalar"] else 1.0) for it in items]
     torch._foreach_mul_(updates, step_sizes)
     if sized:
-        torch._foreach_mul_([updates[k] for k in sized], [states[k]["param_rms"].clamp(min=min_rms) for k in sized])
+        factors = _size_factors(states, sized, steps, group)
+        torch._foreach_mul_([updates[k] for k in sized], [factors[k][0] for k in sized])
         for k in sized:
-            if steps[k] % period == period - 1 and steps[k] > 0:
-                updates[k].add_(works[k] * _size_step(states[k], group, steps[k], min_rms, max_rms))
+            if factors[k][1] is not None:
+                updates[k].add_(works[k] * factors[k][1])
     deltas = [it["delta"] for it in items]
     torch._foreach_mul_(deltas, beta1)
     torch._foreach_add_(deltas, updates, alpha=1.0 - beta1)
@@ -305,6 +305,65 @@ def _step(items: list[dict[str, Any]], group: dict[str, Any], factor: float) -> 
         states[k]["step"] += 1
     for p, w in zip(params, works):
         write_back(p, w)
+
+
+def _record_sizes(states: list[dict[str, Any]], steps: list[int], dots: dict[int, torch.Tensor],
+                  fresh: dict[int, torch.Tensor], period: int) -> None:
+    """Buffer each sized tensor's ``<P, g>`` and refresh ``RMS(P)`` where it is due."""
+    for k, dot in dots.items():
+        states[k]["scale_grads"][steps[k] % period] = dot
+        if k in fresh:
+            states[k]["param_rms"].copy_(fresh[k])
+
+
+def _size_factors(states: list[dict[str, Any]], sized: list[int], steps: list[int],
+                  group: dict[str, Any]) -> dict[int, tuple[torch.Tensor, torch.Tensor | None]]:
+    """Per sized tensor: ``max(RMS(P), param_min_rms)`` and the size step ``ss`` (None unless due)."""
+    period = group["size_update_period"]
+    min_rms = group["param_min_rms"] * group["eps_scale"]
+    max_rms = group["param_max_rms"] * group["eps_scale"]
+    return {k: (states[k]["param_rms"].clamp(min=min_rms),
+                _size_step(states[k], group, steps[k], min_rms, max_rms)
+                if steps[k] % period == period - 1 and steps[k] > 0 else None) for k in sized}
+
+
+def _fused_step(items: list[dict[str, Any]], group: dict[str, Any], factor: float) -> None:
+    """One ScaledAdam step of a group as two Triton launches per (device, dtype) (see
+    :mod:`.kernels.scaled_adam`); the size bookkeeping between them stays on the device."""
+    from . import kernels
+    from .kernels import scaled_adam as launchers
+    kernels.check_fused("ScaledAdam", [it["param"] for it in items])
+    if any(it["info"].dim is not None for it in items):
+        raise ValueError("ScaledAdam(fused=True) runs on whole tensors; a parameter is sharded (use fused=False)")
+    beta1, beta2 = group["betas"]
+    period = group["size_update_period"]
+    for bucket in {(it["param"].device, it["param"].dtype): None for it in items}:
+        mine = [it for it in items if (it["param"].device, it["param"].dtype) == bucket]
+        params, grads = [it["param"] for it in mine], [it["grad"] for it in mine]
+        if factor == 0.0:  # a non-finite gradient norm: the step sees zero gradients
+            grads = [torch.zeros_like(g) for g in grads]
+        states, steps = [it["state"] for it in mine], [it["state"]["step"] for it in mine]
+        sums = launchers.stats(params, grads)
+        sized = [k for k, it in enumerate(mine) if not it["scalar"]]
+        numel = torch.tensor([p.numel() for p in params], dtype=torch.float32, device=sums.device)
+        rms = (sums[:, 1] / numel).sqrt()
+        dots = {k: sums[k, 0] * factor for k in sized}
+        fresh = {k: rms[k] for k in sized if steps[k] % period == period - 1}
+        _record_sizes(states, steps, dots, fresh, period)
+        factors = _size_factors(states, sized, steps, group)
+        one, zero = torch.ones((), device=sums.device), torch.zeros((), device=sums.device)
+        sizes = torch.stack([torch.stack([factors[k][0].float(), (factors[k][1] if factors[k][1] is not None else zero)
+                                          .float()]) if k in factors else torch.stack([one, zero])
+                             for k in range(len(mine))]).contiguous()
+        rows = []
+        for it, t in zip(mine, steps):
+            correction = 1.0 - beta2 ** (t + 1)
+            rows.append((factor, beta2, 1.0 - beta2, correction if correction < 0.99 else 1.0, group["eps"],
+                         -group["lr"] * group["lr_scale"] * (group["scalar_lr_scale"] if it["scalar"] else 1.0),
+                         beta1, 1.0 if it["scalar"] else 0.0, group["scalar_max"]))
+        launchers.update(params, grads, [it["exp_avg_sq"] for it in mine], [it["delta"] for it in mine], rows, sizes)
+        for state in states:
+            state["step"] += 1
 
 
 def _size_step(state: dict[str, Any], group: dict[str, Any], t: int, min_rms: float, max_rms: float) -> torch.Tensor:

@@ -51,7 +51,7 @@ def _dadapt_adam_kernel(p_ptrs, g_ptrs, m_ptrs, v_ptrs, s_ptrs, numels, tensor_o
 
 def dadapt_adam(params, grads, exp_avgs, exp_avg_sqs, s, rows) -> torch.Tensor:
     """One fused DAdaptAdam step; returns the float64 device pair ``[numerator term, denominator]``."""
-    return launch(_dadapt_adam_kernel, [params, grads, exp_avgs, exp_avg_sqs, s], rows, reduce=True)
+    return launch(_dadapt_adam_kernel, [params, grads, exp_avgs, exp_avg_sqs, s], rows, reduce="blocks")
 
 
 #: Prodigy's statistics pass (``p0_scalar`` 1 when the reference keeps a 0-dim zero ``p0``)
@@ -84,7 +84,7 @@ def _prodigy_sums_kernel(p_ptrs, g_ptrs, p0_ptrs, v_ptrs, s_ptrs, numels, tensor
 
 def prodigy_sums(params, grads, p0s, exp_avg_sqs, s, rows) -> torch.Tensor:
     """Prodigy's first pass; returns the float64 device pair ``[numerator term, denominator]``."""
-    return launch(_prodigy_sums_kernel, [params, grads, p0s, exp_avg_sqs, s], rows, reduce=True)
+    return launch(_prodigy_sums_kernel, [params, grads, p0s, exp_avg_sqs, s], rows, reduce="blocks")
 
 
 #: Prodigy's update pass (``momentum`` 0 when beta1 = 0: then the step uses g itself)

@@ -59,12 +59,14 @@ def blocks_for(tensors: Sequence[torch.Tensor]) -> BlockMap:
 
 
 def launch(kernel, tables: Sequence[Sequence[torch.Tensor]], rows: Sequence[Sequence[float]], *,
-           reduce: bool = False, **constexprs) -> torch.Tensor | None:
+           reduce: str | None = None, **kwargs) -> torch.Tensor | None:
     """Run ``kernel`` over every tensor of ``tables[0]`` (one device), one program per block.
 
     The kernel takes one address table per list in ``tables``, then the sizes, the block map,
-    the per-tensor values (``NV`` columns), and with ``reduce`` a ``(blocks, 2)`` fp32 array of
-    per-block partial sums, returned summed in float64 (still on the device: no sync).
+    the per-tensor values (``NV`` columns), and with ``reduce`` an fp32 array of partial sums it
+    adds into: ``"blocks"``: ``(blocks, 2)``, returned summed over blocks in float64;
+    ``"tensors"``: ``(tensors, 2)`` (zeroed, added to atomically), returned as is. Nothing is
+    read back to the host. ``kwargs``: further arguments by name (constexprs included).
     """
     params = tables[0]
     if not params:
@@ -73,11 +75,15 @@ def launch(kernel, tables: Sequence[Sequence[torch.Tensor]], rows: Sequence[Sequ
     blocks = blocks_for(params)
     args = [*(addresses(ts, device) for ts in tables), blocks.numel, blocks.tensor, blocks.start,
             values(rows, device)]
-    partials = torch.empty(blocks.blocks, 2, dtype=torch.float32, device=device) if reduce else None
-    if reduce:
+    partials = None
+    if reduce == "blocks":
+        partials = torch.empty(blocks.blocks, 2, dtype=torch.float32, device=device)
+    elif reduce == "tensors":
+        partials = torch.zeros(len(params), 2, dtype=torch.float32, device=device)
+    if partials is not None:
         args.append(partials)
-    kernel[(blocks.blocks,)](*args, NV=len(rows[0]), BLOCK=BLOCK, **constexprs)
-    return partials.sum(0, dtype=torch.float64) if reduce else None
+    kernel[(blocks.blocks,)](*args, NV=len(rows[0]), BLOCK=BLOCK, **kwargs)
+    return partials.sum(0, dtype=torch.float64) if reduce == "blocks" else partials
 
 
 __all__ = ["BLOCK", "BlockMap", "addresses", "block_map", "blocks_for", "launch", "values"]
