@@ -212,3 +212,30 @@ def test_scaled_adam_fused_matches_the_single_tensor_path(clipping_scale):
     assert rel_err(fused, single) <= 1e-6
     if clipping_scale:
         assert opt.state[opt.param_groups[0]["params"][0]]["clip_count"] > 0
+
+
+@pytest.mark.parametrize("cls,kwargs", [(mupkit.optim.Adam, dict(weight_decay=0.05)),
+                                        (mupkit.optim.AdamW, dict(weight_decay=0.1, maximize=True)),
+                                        (mupkit.optim.SGD, dict(lr=0.05, momentum=0.9, nesterov=True)),
+                                        (mupkit.optim.SGD, dict(lr=0.05))])
+def test_torch_based_optimizers_take_the_triton_kernel_for_fused_cuda_steps(cls, kwargs, monkeypatch):
+    """fused=True on CUDA runs the Triton kernel (one launch for all muP groups). Here the route
+    is forced on CPU tensors (the interpreter runs the kernel) and compared with torch's
+    single-tensor step, with the state left in torch's layout."""
+    from mupkit.optim import torch_based
+    def run(route, **impl):
+        monkeypatch.setattr(torch_based, "triton_route", lambda opt: route)
+        torch.manual_seed(0)
+        model = mupkit.build(models.mlp, base=dict(width=16), target=dict(width=48))
+        opt = cls(mupkit.param_groups(model), **{"lr": 1e-2, **kwargs}, **impl)
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(10):
+            for p in model.parameters():
+                p.grad = torch.randn(p.shape, generator=gen)
+            opt.step()
+        return list(model.parameters()), opt
+    triton_params, opt = run(True, fused=True)
+    torch_params, reference = run(False, foreach=False)
+    assert rel_err(triton_params, torch_params) <= 1e-6
+    layout = {tuple(sorted(k for k, v in s.items() if v is not None)) for s in opt.state.values()}
+    assert layout <= {tuple(sorted(k for k, v in s.items() if v is not None)) for s in reference.state.values()} | {()}
