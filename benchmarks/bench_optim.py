@@ -206,6 +206,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--memory-size", type=float, default=2e7)
     parser.add_argument("--groups-size", type=float, default=2e7)
+    parser.add_argument("--sections", nargs="+", default=["time", "memory", "groups"],
+                        choices=["time", "memory", "groups"])
     args = parser.parse_args()
     table = optimizers()
     names = [n for n in table if not args.only or any(o in n for o in args.only)]
@@ -214,7 +216,7 @@ def main() -> None:
     device = torch.cuda.get_device_name() if CUDA else f"CPU, {torch.get_num_threads()} threads"
     bandwidth = streaming_bandwidth()
     print(f"torch {torch.__version__}; {device}; streaming bandwidth {bandwidth / 1e9:.1f} GB/s")
-    for size in map(int, args.sizes):
+    for size in map(int, args.sizes) if "time" in args.sections else []:
         for regime in args.regimes:
             times = timings(size, regime, names, args.windows, args.steps)
             numel, count = layout(size, regime)
@@ -227,9 +229,12 @@ def main() -> None:
                 vs_ref = f"{times[ref] / seconds:12.2f}" if ref in times else f"{'':12s}"
                 print(f"{name:30s} {seconds * 1e3:9.2f} {moved / seconds / 1e9:7.1f} "
                       f"{100 * moved / seconds / bandwidth:6.0f} {seconds / times['torch AdamW fused']:14.2f} {vs_ref}")
-    print(f"\ntransient peak memory of one step, {args.memory_size / 1e6:g}M params (bytes per parameter)")
-    for name in names:
-        print(f"{name:30s} {peak_memory(name, int(args.memory_size)) / args.memory_size:8.2f}")
+    if "memory" in args.sections:
+        print(f"\ntransient peak memory of one step, {args.memory_size / 1e6:g}M params (bytes per parameter)")
+        for name in names:
+            print(f"{name:30s} {peak_memory(name, int(args.memory_size)) / args.memory_size:8.2f}")
+    if "groups" not in args.sections:
+        return
     size = int(args.groups_size)
     print(f"\n1 vs 1000 param groups, {size / 1e6:g}M params in 4096-element tensors (time / time with 1 group; "
           f"the 1000 groups' multipliers take 7 distinct values, or all 1000 distinct)")
