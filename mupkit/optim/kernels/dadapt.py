@@ -14,6 +14,14 @@ import triton.language as tl
 from .elementwise import program_block, tensor_pointer
 from .tables import launch
 
+@triton.jit
+def _store_sums(partials, num, s, r):
+    """This block's terms of ``d``: the numerator term and ``r ||s||_1``."""
+    b = tl.program_id(0)
+    tl.store(partials + 2 * b, num)
+    tl.store(partials + 2 * b + 1, tl.sum(tl.abs(s), axis=0) * r)
+
+
 #: one DAdaptAdam step (valid once ``d`` has started adapting; see ``DAdaptAdam._compiled_step``)
 DADAPT_ADAM_ROW = ("eps", "num_scale", "beta1", "m_scale", "beta2", "one_minus_beta2", "root", "s_scale", "l2",
                    "decay", "r")
@@ -44,9 +52,7 @@ def _dadapt_adam_kernel(p_ptrs, g_ptrs, m_ptrs, v_ptrs, s_ptrs, numels, tensor_o
     tl.store(v_ptr + offs, v, mask=mask)
     tl.store(s_ptr + offs, s, mask=mask)
     tl.store(p_ptr + offs, p, mask=mask)
-    b = tl.program_id(0)
-    tl.store(partials + 2 * b, num)
-    tl.store(partials + 2 * b + 1, tl.sum(tl.abs(s), axis=0) * tl.load(row + 10))
+    _store_sums(partials, num, s, tl.load(row + 10))
 
 
 def dadapt_adam(params, grads, exp_avgs, exp_avg_sqs, s, rows) -> torch.Tensor:
@@ -77,9 +83,7 @@ def _prodigy_sums_kernel(p_ptrs, g_ptrs, p0_ptrs, v_ptrs, s_ptrs, numels, tensor
     s = s * tl.load(row + 4) + g * tl.load(row + 5)
     tl.store(v_ptr + offs, v, mask=mask)
     tl.store(s_ptr + offs, s, mask=mask)
-    b = tl.program_id(0)
-    tl.store(partials + 2 * b, num)
-    tl.store(partials + 2 * b + 1, tl.sum(tl.abs(s), axis=0) * tl.load(row + 6))
+    _store_sums(partials, num, s, tl.load(row + 6))
 
 
 def prodigy_sums(params, grads, p0s, exp_avg_sqs, s, rows) -> torch.Tensor:
