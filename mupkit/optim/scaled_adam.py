@@ -333,8 +333,10 @@ def _fused_step(items: list[dict[str, Any]], group: dict[str, Any], factor: floa
     from . import kernels
     from .kernels import scaled_adam as launchers
     kernels.check_fused("ScaledAdam", [it["param"] for it in items])
-    if any(it["info"].dim is not None for it in items):
-        raise ValueError("ScaledAdam(fused=True) runs on whole tensors; a parameter is sharded (use fused=False)")
+    for it in items:
+        if it["info"].dim is not None:
+            raise ValueError(f"ScaledAdam(fused=True) runs on whole tensors, but parameter {it['name']} (shape "
+                             f"{tuple(it['info'].shape)}) is sharded; use fused=False, which reduces over the shards.")
     beta1, beta2 = group["betas"]
     period = group["size_update_period"]
     for bucket in {(it["param"].device, it["param"].dtype): None for it in items}:
