@@ -204,3 +204,26 @@ def test_groups_with_equal_multipliers_share_one_kernel_call(impl, monkeypatch):
     assert ours.param_groups == before and all(len(g["params"]) == 1 for g in ours.param_groups)
     for p, q in zip(params, ref):
         torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
+def test_default_path_on_the_cpu_follows_tensor_size():
+    """The CPU default is the multi-tensor path for many small tensors (per-op cost shared) and
+    the per-tensor loop for big ones; AdamAtan2's multi-tensor path is the faster at any size."""
+    from mupkit.optim.tensors import CPU_SMALL_TENSOR, default_foreach
+    small = [torch.zeros(4096) for _ in range(8)]
+    big = [torch.zeros(CPU_SMALL_TENSOR * 2) for _ in range(2)]
+    assert default_foreach(small) and not default_foreach(big) and default_foreach(big, cpu="always")
+    assert not default_foreach([])
+    params = [torch.nn.Parameter(torch.randn(4096)) for _ in range(3)]
+    for p in params:
+        p.grad = torch.randn(4096)
+    calls = []
+    opt = mupkit.optim.Adafactor(params)
+    import mupkit.optim.adafactor as adafactor_module
+    original = adafactor_module._run
+    adafactor_module._run = lambda tensors, *a, **k: calls.append(len(tensors)) or original(tensors, *a, **k)
+    try:
+        opt.step()
+    finally:
+        adafactor_module._run = original
+    assert calls == [3]  # one bucket of 3 (the multi-tensor path), not one call per tensor

@@ -59,8 +59,9 @@ class Adafactor(KeepsStateDtypes, ScaledGroups, torch.optim.Optimizer):
     ``(None, 1e-3)``, hf ``(1e-30, 1e-3)``), ``clip_threshold`` (torch's ``d``), ``beta2_decay``
     (hf's ``decay_rate``), ``weight_decay``, ``maximize``; hf only: ``scale_parameter``,
     ``relative_step``, ``warmup_init``. ``beta1``: optional first moment, on the clipped and
-    scaled update (as hf). ``foreach``: the multi-tensor path (default: on CUDA); ``compiled``:
-    ``torch.compile`` of the multi-tensor step (unsharded parameters; per-step scalars are tensors,
+    scaled update (as hf). ``foreach``: the multi-tensor path (default: on CUDA, and on the CPU
+    for small tensors, see :func:`.tensors.default_foreach`); ``compiled``: ``torch.compile`` of
+    the multi-tensor step (unsharded parameters; per-step scalars are tensors,
     so it compiles once per bucket).
     """
 

@@ -41,7 +41,8 @@ class AdamAtan2(KeepsStateDtypes, ScaledGroups, torch.optim.Optimizer):
 
     ``weight_decay``: decoupled, ``p *= 1 - lr * weight_decay`` per step (the reference's
     ``decoupled_wd=True``, decay independent of the LR, is ``weight_decay_policy="independent"``).
-    ``foreach``/``compiled``/``fused``: the implementation (default: foreach on CUDA, single-tensor on CPU;
+    ``foreach``/``compiled``/``fused``: the implementation (default: foreach, the faster eager path on
+    CUDA and on the CPU; ``foreach=False`` is the reference's own op sequence, bitwise;
     ``fused``: the Triton kernel of :mod:`.kernels`, one launch for all tensors, on CUDA).
     """
 
@@ -130,7 +131,7 @@ def adam_atan2(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: 
                maximize: bool = False, foreach: bool | None = None, compiled: bool = False) -> None:
     """Functional Adam-atan2 over parallel lists (steps are 0-dim CPU tensors, incremented here)."""
     if foreach is None:
-        foreach = not compiled and default_foreach(params)
+        foreach = not compiled and default_foreach(params, cpu="always")
     for step in steps:
         step += 1
     if maximize:

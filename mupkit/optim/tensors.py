@@ -3,8 +3,9 @@
 * Low-precision parameters (bf16/fp16) keep their optimizer state in fp32 and do the update
   math in fp32 (:func:`working_copy`, :func:`write_back`): one rounding per step, at the write
   back, instead of one per op.
-* :func:`default_foreach` picks the multi-tensor path the way torch does (on CUDA when every
-  tensor is a plain dense CUDA tensor), and :func:`by_device_and_dtype` buckets tensors for it.
+* :func:`default_foreach` picks the multi-tensor path the way torch does on CUDA (when every
+  tensor is a plain dense CUDA tensor) and by tensor size on the CPU, and
+  :func:`by_device_and_dtype` buckets tensors for it.
 * :func:`cache_sized` cuts a CPU bucket into chunks of about :data:`CPU_CHUNK` elements: each
   foreach op then sweeps data still in cache from the previous op, instead of streaming every
   parameter through memory once per op (on CUDA one launch for all is what pays).
@@ -39,10 +40,24 @@ def write_back(p: torch.Tensor, work: torch.Tensor) -> None:
         p.copy_(work)
 
 
-def default_foreach(params: Sequence[torch.Tensor]) -> bool:
-    """torch's default: the multi-tensor path when all tensors are dense CUDA tensors."""
-    return bool(params) and all(type(p) is torch.Tensor and p.is_cuda for p in params) \
-        and not torch.jit.is_scripting()
+#: mean elements per tensor under which a CPU bucket runs faster through the multi-tensor path,
+#: whose per-op cost is shared by the bucket (benchmarks/RESULTS.md: 4096-element tensors run
+#: 1.2-2.6x faster that way; tensors of a million elements run faster one at a time, in cache)
+CPU_SMALL_TENSOR = 1 << 16
+
+
+def default_foreach(params: Sequence[torch.Tensor], cpu: str = "small") -> bool:
+    """The multi-tensor path by default? On CUDA torch's rule: yes when all tensors are dense CUDA
+    tensors. On the CPU, ``cpu="small"``: when the tensors average under
+    :data:`CPU_SMALL_TENSOR` elements; ``"always"``: yes (an optimizer whose multi-tensor path is
+    the faster one at every size)."""
+    if not params or torch.jit.is_scripting():
+        return False
+    if all(type(p) is torch.Tensor and p.is_cuda for p in params):
+        return True
+    if any(p.is_cuda for p in params):
+        return False
+    return cpu == "always" or sum(p.numel() for p in params) < CPU_SMALL_TENSOR * len(params)
 
 
 def by_device_and_dtype(*lists: Sequence[torch.Tensor]) -> list[tuple[list[torch.Tensor], ...]]:
