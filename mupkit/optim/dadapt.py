@@ -40,8 +40,8 @@ from typing import Any
 import torch
 
 from ..rules import FAMILIES
-from .scaled import ScaledGroups
 from .compiled import FlatKernel
+from .scaled import ScaledGroups
 from .sharding import DTensor, local_tensor
 
 
@@ -312,7 +312,8 @@ class Prodigy(_GlobalStep):
         beta1, beta2 = top["betas"]
         beta3 = top["beta3"] if top["beta3"] is not None else math.sqrt(beta2)
         d, d0, k = top["d"], top["d0"], top["k"]
-        terms, like, sums_scalars, fused = [], None, {}, []
+        terms, like, fused = [], None, []
+        sums_rows, sums_scalars = {}, {}  # per group: the statistics pass's values, and as tensors
         for group in self.param_groups:
             r, step = self._r(group), group["slice_p"]
             for p in group["params"]:
@@ -334,19 +335,19 @@ class Prodigy(_GlobalStep):
                     continue
                 like = g
                 if top["compiled"] or top["fused"]:
-                    if id(group) not in sums_scalars:
+                    if id(group) not in sums_rows:
                         s_scale = (d / d0) * (d if group["safeguard_warmup"] else dlr)
                         l2 = 0.0 if group["decouple"] else group["weight_decay"] * group["wd_scale"]
-                        sums_scalars[id(group)] = [l2, (d / d0) * dlr, beta2, d * d * (1 - beta2), beta3, s_scale, r]
-                    row = sums_scalars[id(group)]
+                        sums_rows[id(group)] = [l2, (d / d0) * dlr, beta2, d * d * (1 - beta2), beta3, s_scale, r]
+                    row = sums_rows[id(group)]
                     if top["fused"]:
                         fused.append([p, p.grad, state["p0"], state["exp_avg_sq"], state["s"],
                                       (*row, 1.0 if state["p0"].dim() == 0 else 0.0)])
                         continue
-                    if id(row) not in sums_scalars:
-                        sums_scalars[id(row)] = _PRODIGY_SUMS.scalars(row, local)
+                    if id(group) not in sums_scalars:
+                        sums_scalars[id(group)] = _PRODIGY_SUMS.scalars(row, local)
                     terms.append(_PRODIGY_SUMS([p, p.grad, state["p0"], state["exp_avg_sq"], state["s"]],
-                                               sums_scalars[id(row)]).to(torch.float64))
+                                               sums_scalars[id(group)]).to(torch.float64))
                     continue
                 view = self._view(p)
                 sliced = g.flatten()[::step]
@@ -412,10 +413,8 @@ class Prodigy(_GlobalStep):
     def _compiled_update(self, p: torch.Tensor, beta1: float, scalars: list[torch.Tensor]) -> None:
         """The parameter (and momentum) update of one tensor in one compiled pass."""
         state = self.state[p]
-        if beta1 > 0:
-            _PRODIGY_MOMENTUM_UPDATE([p, p.grad, state["exp_avg"], state["exp_avg_sq"]], scalars)
-        else:
-            _PRODIGY_UPDATE([p, p.grad, state["exp_avg_sq"]], scalars)
+        momentum = [state["exp_avg"]] if beta1 > 0 else []
+        _PRODIGY_UPDATE_KERNELS[beta1 > 0]([p, p.grad, *momentum, state["exp_avg_sq"]], scalars)
 
 
 def _prodigy_sums(p, g, p0, v, s, l2, num_scale, beta2, v_scale, beta3, s_scale, r):
@@ -442,9 +441,8 @@ def _prodigy_update(p, g, v, l2, beta1, m_scale, eps_d, decay, step):
 
 
 _PRODIGY_SUMS = FlatKernel(_prodigy_sums)
-_PRODIGY_MOMENTUM_UPDATE = FlatKernel(_prodigy_momentum_update)
-_PRODIGY_UPDATE = FlatKernel(_prodigy_update)
-_PRODIGY_UPDATE_KERNELS = {True: _PRODIGY_MOMENTUM_UPDATE, False: _PRODIGY_UPDATE}
+#: the update pass, by whether there is a first moment (beta1 > 0)
+_PRODIGY_UPDATE_KERNELS = {True: FlatKernel(_prodigy_momentum_update), False: FlatKernel(_prodigy_update)}
 
 
 class DAdaptSGD(_GlobalStep):

@@ -44,6 +44,33 @@ def resolve_groups(params: Iterable[Any], family: Family) -> list[Any]:
     return out
 
 
+#: group keys that say which tensors a group holds, not how they are stepped
+MEMBERSHIP_KEYS = ("params", "param_names")
+
+
+def merge_equal_groups(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``groups`` with those of equal hyperparameters joined (new dicts), or ``groups`` itself when
+    no two are equal. State is per parameter, so a step over the joined groups is the same step."""
+    if len(groups) < 2:
+        return groups
+    first = groups[0].keys()
+    values_of = operator.itemgetter(*[k for k in first if k not in MEMBERSHIP_KEYS])
+    merged: dict[Any, dict[str, Any]] = {}
+    for group in groups:
+        try:
+            key = values_of(group) if group.keys() == first else None
+            hash(key)
+        except TypeError:  # an unhashable value
+            key = None
+        if key is None:  # compare by repr
+            key = repr(sorted((k, v) for k, v in group.items() if k not in MEMBERSHIP_KEYS))
+        if key in merged:
+            merged[key]["params"].extend(group["params"])
+        else:
+            merged[key] = {**group, "params": list(group["params"])}
+    return groups if len(merged) == len(groups) else list(merged.values())
+
+
 class ScaledGroups:
     """Mixin for a ``torch.optim.Optimizer`` subclass; set ``family`` on the subclass.
 
@@ -96,30 +123,10 @@ class ScaledGroups:
     @contextlib.contextmanager
     def _merged_groups(self):
         """For the duration of ``step()``, groups whose hyperparameters are all equal (after the
-        muP multipliers are applied) become one group, so torch's foreach and fused kernels launch
-        once per distinct set of values, not once per group. State is per parameter, so this
-        changes nothing but the number of launches."""
+        muP multipliers are applied) become one group (:func:`merge_equal_groups`), so torch's
+        foreach and fused kernels launch once per distinct set of values, not once per group."""
         saved = self.param_groups
-        if len(saved) < 2:
-            yield
-            return
-        keys = [k for k in saved[0] if k not in ("params", "param_names")]
-        values_of = operator.itemgetter(*keys)
-        merged: dict[Any, dict[str, Any]] = {}
-        for group in saved:
-            try:
-                key = values_of(group) if group.keys() == saved[0].keys() else tuple(sorted(map(repr, group.items())))
-                hash(key)
-            except TypeError:  # an unhashable value: compare by repr
-                key = repr(sorted((k, v) for k, v in group.items() if k not in ("params", "param_names")))
-            if key in merged:
-                merged[key]["params"].extend(group["params"])
-            else:
-                merged[key] = {**group, "params": list(group["params"])}
-        if len(merged) == len(saved):
-            yield
-            return
-        self.param_groups = list(merged.values())
+        self.param_groups = merge_equal_groups(saved)
         try:
             yield
         finally:

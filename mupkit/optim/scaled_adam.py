@@ -239,27 +239,24 @@ class ScaledAdam(KeepsStateDtypes, ScaledGroups, torch.optim.Optimizer):
     # ---------------------------------------------------------------- the step
 
     def _update(self, group: dict[str, Any], items: list[dict[str, Any]], factor: float) -> None:
-        if group["fused"]:
-            _fused_step(items, group, factor)
-            return
         foreach = group["foreach"]
         if foreach is None:
             foreach = default_foreach([it["param"] for it in items])
-        if foreach:
-            buckets: dict[tuple, list[dict[str, Any]]] = {}
-            for it in items:
-                buckets.setdefault((it["param"].device, state_dtype(it["param"])), []).append(it)
-            for bucket in buckets.values():
-                _step(bucket, group, factor)
-        else:
+        if not (group["fused"] or foreach):
             for it in items:
                 _step([it], group, factor)
+            return
+        buckets: dict[tuple, list[dict[str, Any]]] = {}
+        for it in items:
+            buckets.setdefault((it["param"].device, it["param"].dtype), []).append(it)
+        for bucket in buckets.values():
+            (_fused_step if group["fused"] else _step)(bucket, group, factor)
 
 
 def _step(items: list[dict[str, Any]], group: dict[str, Any], factor: float) -> None:
     """One ScaledAdam step for parallel lists (a list of one is the single-tensor path)."""
     beta1, beta2 = group["betas"]
-    eps, lr = group["eps"], group["lr"]
+    eps = group["eps"]
     period = group["size_update_period"]
     params = [it["param"] for it in items]
     works = [working_copy(p) for p in params]
@@ -282,13 +279,11 @@ def _step(items: list[dict[str, Any]], group: dict[str, Any], factor: float) -> 
     vs = [it["exp_avg_sq"] for it in items]
     torch._foreach_mul_(vs, beta2)
     torch._foreach_addcmul_(vs, grads, grads, value=1.0 - beta2)
-    corrections = [1.0 - beta2 ** (t + 1) for t in steps]
-    denoms = torch._foreach_div(vs, [c if c < 0.99 else 1.0 for c in corrections])
+    denoms = torch._foreach_div(vs, [_second_moment_correction(beta2, t) for t in steps])
     torch._foreach_sqrt_(denoms)
     torch._foreach_add_(denoms, eps)
     updates = torch._foreach_div(grads, denoms)
-    step_sizes = [-lr * group["lr_scale"] * (group["scalar_lr_scale"] if it["scalar"] else 1.0) for it in items]
-    torch._foreach_mul_(updates, step_sizes)
+    torch._foreach_mul_(updates, [_direction_step_size(group, it["scalar"]) for it in items])
     if sized:
         factors = _size_factors(states, sized, steps, group)
         torch._foreach_mul_([updates[k] for k in sized], [factors[k][0] for k in sized])
@@ -327,45 +322,50 @@ def _size_factors(states: list[dict[str, Any]], sized: list[int], steps: list[in
                 if steps[k] % period == period - 1 and steps[k] > 0 else None) for k in sized}
 
 
+def _second_moment_correction(beta2: float, t: int) -> float:
+    """What ``v`` is divided by at step ``t``: ``1 - beta2^(t+1)`` while that is < 0.99, then 1."""
+    correction = 1.0 - beta2 ** (t + 1)
+    return correction if correction < 0.99 else 1.0
+
+
+def _direction_step_size(group: dict[str, Any], scalar: bool) -> float:
+    """``-lr lr_scale`` (times ``scalar_lr_scale`` for a one-element tensor)."""
+    return -group["lr"] * group["lr_scale"] * (group["scalar_lr_scale"] if scalar else 1.0)
+
+
 def _fused_step(items: list[dict[str, Any]], group: dict[str, Any], factor: float) -> None:
-    """One ScaledAdam step of a group as two Triton launches per (device, dtype) (see
+    """One ScaledAdam step of tensors sharing a device and dtype as two Triton launches (see
     :mod:`.kernels.scaled_adam`); the size bookkeeping between them stays on the device."""
     from . import kernels
     from .kernels import scaled_adam as launchers
-    kernels.check_fused("ScaledAdam", [it["param"] for it in items])
+    params = [it["param"] for it in items]
+    kernels.check_fused("ScaledAdam", params)
     for it in items:
         if it["info"].dim is not None:
             raise ValueError(f"ScaledAdam(fused=True) runs on whole tensors, but parameter {it['name']} (shape "
                              f"{tuple(it['info'].shape)}) is sharded; use fused=False, which reduces over the shards.")
     beta1, beta2 = group["betas"]
     period = group["size_update_period"]
-    for bucket in {(it["param"].device, it["param"].dtype): None for it in items}:
-        mine = [it for it in items if (it["param"].device, it["param"].dtype) == bucket]
-        params, grads = [it["param"] for it in mine], [it["grad"] for it in mine]
-        if factor == 0.0:  # a non-finite gradient norm: the step sees zero gradients
-            grads = [torch.zeros_like(g) for g in grads]
-        states, steps = [it["state"] for it in mine], [it["state"]["step"] for it in mine]
-        sums = launchers.stats(params, grads)
-        sized = [k for k, it in enumerate(mine) if not it["scalar"]]
-        numel = torch.tensor([p.numel() for p in params], dtype=torch.float32, device=sums.device)
-        rms = (sums[:, 1] / numel).sqrt()
-        dots = {k: sums[k, 0] * factor for k in sized}
-        fresh = {k: rms[k] for k in sized if steps[k] % period == period - 1}
-        _record_sizes(states, steps, dots, fresh, period)
-        factors = _size_factors(states, sized, steps, group)
-        one, zero = torch.ones((), device=sums.device), torch.zeros((), device=sums.device)
-        sizes = torch.stack([torch.stack([factors[k][0].float(), (factors[k][1] if factors[k][1] is not None else zero)
-                                          .float()]) if k in factors else torch.stack([one, zero])
-                             for k in range(len(mine))]).contiguous()
-        rows = []
-        for it, t in zip(mine, steps):
-            correction = 1.0 - beta2 ** (t + 1)
-            rows.append((factor, beta2, 1.0 - beta2, correction if correction < 0.99 else 1.0, group["eps"],
-                         -group["lr"] * group["lr_scale"] * (group["scalar_lr_scale"] if it["scalar"] else 1.0),
-                         beta1, 1.0 if it["scalar"] else 0.0, group["scalar_max"]))
-        launchers.update(params, grads, [it["exp_avg_sq"] for it in mine], [it["delta"] for it in mine], rows, sizes)
-        for state in states:
-            state["step"] += 1
+    grads = [it["grad"] for it in items]
+    if factor == 0.0:  # a non-finite gradient norm: the step sees zero gradients
+        grads = [torch.zeros_like(g) for g in grads]
+    states, steps = [it["state"] for it in items], [it["state"]["step"] for it in items]
+    sums = launchers.stats(params, grads)
+    sized = [k for k, it in enumerate(items) if not it["scalar"]]
+    numel = torch.tensor([p.numel() for p in params], dtype=torch.float32, device=sums.device)
+    rms = (sums[:, 1] / numel).sqrt()
+    fresh = {k: rms[k] for k in sized if steps[k] % period == period - 1}
+    _record_sizes(states, steps, {k: sums[k, 0] * factor for k in sized}, fresh, period)
+    factors = _size_factors(states, sized, steps, group)
+    one, zero = torch.ones((), device=sums.device), torch.zeros((), device=sums.device)
+    sizes = torch.stack([torch.stack([floor_rms, zero if ss is None else ss]).float()
+                         for floor_rms, ss in (factors.get(k, (one, None)) for k in range(len(items)))])
+    rows = [(factor, beta2, 1.0 - beta2, _second_moment_correction(beta2, t), group["eps"],
+             _direction_step_size(group, it["scalar"]), beta1, 1.0 if it["scalar"] else 0.0, group["scalar_max"])
+            for it, t in zip(items, steps)]
+    launchers.update(params, grads, [it["exp_avg_sq"] for it in items], [it["delta"] for it in items], rows, sizes)
+    for state in states:
+        state["step"] += 1
 
 
 def _size_step(state: dict[str, Any], group: dict[str, Any], t: int, min_rms: float, max_rms: float) -> torch.Tensor:
