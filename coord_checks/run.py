@@ -45,20 +45,24 @@ def run_depth(name: str) -> tuple[str, ...]:
                                  lr=d.lr_for("adam"), steps=4, seeds=3, batch=d.batch_for("adam", depth=True),
                                  kwargs=d.kwargs(p, width), updates=True) for p in DEPTH_PARAMS]
     checks[2].plot(str(HERE / f"depth_{name}.png"), compare=checks[0])
-    cells = [f"{c.verdict().summary()}<br>{c.verdict(kind='update').summary()}" for c in checks]
+    cells = ["<br>".join(v.summary() for v in c.verdicts()) for c in checks]
     return (*cells, f"depth_{name}.png")
 
 
 def depth_section(depth_rows: list[tuple[str, ...]]) -> list[str]:
     lines = ["## Depth", "",
-             f"Width fixed, depths {DEPTHS[0]}..{DEPTHS[-1]}, Adam, 3 seeds, 4 steps. The verdict fits the "
-             "residual stream against depth (the input of the first and the last block and of the modules after "
-             "the blocks; a branch's own output is scaled by `m_L^-alpha` by design); the second line is the per-block relative update "
+             f"Width fixed, depths {DEPTHS[0]}..{DEPTHS[-1]}, Adam, 3 seeds, 4 steps. Three verdicts per cell. "
+             "First, the residual stream against depth (the input of the first and the last block and of the modules "
+             "after the blocks; a branch's own output is scaled by `m_L^-alpha` by design). Second (`stream_update`), "
+             "the per-block relative update of the stream: `RMS(h_t - h_0) / RMS(h_0)` of the stream each block "
+             "hands to the next, averaged over blocks (each block adds `1/L` of the change, so its mean over the "
+             "blocks is depth-free under a depth rule). Third (`update`), the per-block relative weight update "
              "`||W_t - W_(t-1)|| / ||W_0||`, averaged over blocks (zero-initialized parameters, which have no scale "
-             "to relate to, are not judged). Expected: muP's stream grows with depth; Depth-muP and "
-             "CompleteP keep it flat; the per-block update is judged against the rule's law `m_L^(alpha-1)`: flat under "
-             "CompleteP, `L^-1/2` under Depth-muP (its Adam LR `eta L^-1/2` on an init without depth factor: each "
-             "block adds `1/L` of the stream's change), 0 for muP. Figures: muP above CompleteP.",
+             "to relate to, are not judged), judged against the rule's own law `m_L^(alpha-1)`: flat under "
+             "CompleteP, `L^-1/2` under Depth-muP (its Adam LR `eta L^-1/2` on an init without depth factor: the "
+             "\"lazy\" blocks CompleteP removes), 0 for muP. Expected: muP fails the first two (its stream and the "
+             "stream's relative updates grow with depth); Depth-muP and CompleteP pass all three. Figures: muP above "
+             "CompleteP.",
              "", "| model | muP | Depth-muP | CompleteP |", "|---|---|---|---|"]
     lines += [f"| {n} | {a} | {b} | {c} |" for n, a, b, c, _ in depth_rows]
     return lines + [""] + [f"### {n}, depth\n\n![{n} depth]({fig})\n" for n, *_, fig in depth_rows]

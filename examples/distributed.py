@@ -6,9 +6,10 @@ batch. DDP all-reduces gradients; FSDP2 (``fully_shard`` on every block and the 
 parameters, gradients and optimizer state, and mupkit's plan, keyed by parameter name, follows
 the DTensor parameters. The loss curves (mean over the global batch) are compared with one
 process training on the full batches: they agree to float32 roundoff (the all-reduce sums in a
-different order). Prints the largest difference and saves the curves.
+different order). Prints the largest difference, saves the curves, and exits with status 1 when a
+curve differs by more than ``--tolerance`` (default 1e-5).
 
-    python examples/distributed.py [--steps 60] [--out examples/distributed.png]
+    python examples/distributed.py [--steps 60] [--out examples/distributed.png] [--tolerance 1e-5]
 """
 
 from __future__ import annotations
@@ -76,11 +77,12 @@ def worker(rank: int, mode: str, steps: int, rendezvous: str, out: str) -> None:
         dist.destroy_process_group()
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--out", default="examples/distributed.png")
-    args = parser.parse_args()
+    parser.add_argument("--tolerance", type=float, default=1e-5)
+    args = parser.parse_args(argv)
     torch.manual_seed(0)
     curves = {"single process": train(mupkit.build(models.gpt, **SIZES), batches(args.steps))}
     for mode in ("DDP", "FSDP2"):
@@ -89,12 +91,19 @@ def main() -> None:
             mp.spawn(worker, args=(mode, args.steps, os.path.join(tmp, "rdzv"), out), nprocs=WORLD, join=True)
             curves[mode] = torch.load(out)
     ref = torch.tensor(curves["single process"])
+    worst = 0.0
     for mode in ("DDP", "FSDP2"):
         diff = (torch.tensor(curves[mode]) - ref).abs().max().item()
+        worst = max(worst, diff)
         print(f"{mode} (world size {WORLD}, gloo): max |loss - single-process loss| over {args.steps} steps = {diff:.2e}")
     plot_loss_curves(curves, args.out, title="muP GPT: single process vs DDP vs FSDP2 (2 ranks)")
     print(f"figure: {args.out}")
+    if not worst <= args.tolerance:
+        print(f"FAIL: the distributed loss curves differ from the single-process one by {worst:.2e} > {args.tolerance:g}")
+        return 1
+    print(f"PASS: every curve equals the single-process one to {args.tolerance:g}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import warnings
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -20,6 +21,10 @@ from .umup import unit_plan
 from .shapes import Constructor, ParamShapes, build_on_meta, matches, param_sites, resolve_delta, zip_shapes
 
 Sizes = Mapping[str, Any]
+
+
+class NoDepthRuleWarning(UserWarning):
+    """Base and target differ in depth under a parametrization without a depth rule."""
 
 
 def infer_plan(constructor: Constructor, *, base: Sizes | None = None, target: Sizes, delta: Sizes | None = None,
@@ -52,7 +57,14 @@ def infer_plan(constructor: Constructor, *, base: Sizes | None = None, target: S
         roles = None
         if base is not None:
             metas = [build_on_meta(constructor, kw) for kw in (base, resolve_delta(base, target, delta), target)]
-            roles = assign_roles(zip_shapes(*metas), param_sites(metas[2]), readout=readout, layouts=layouts)
+            shapes = zip_shapes(*metas)
+            if not any(any(s.infinite) for s in shapes.values()):
+                raise ValueError(f"{param.name!r}: no parameter dim differs between base {dict(base)} and delta "
+                                 f"{resolve_delta(base, target, delta)}, so mupkit cannot tell the plain layers' roles "
+                                 f"and every parameter would silently keep SP. Make base and target differ in the "
+                                 f"width kwargs (or pass delta=...), or build the model from mupkit.nn parts, which "
+                                 f"need no base.")
+            roles = assign_roles(shapes, param_sites(metas[2]), readout=readout, layouts=layouts)
         sizes = {"target": dict(target), **({"base": dict(base)} if base is not None else {})}
         return unit_plan(build_on_meta(constructor, target), param, sizes, roles)
     if base is None:
@@ -96,6 +108,13 @@ def infer_plan(constructor: Constructor, *, base: Sizes | None = None, target: S
     sites = param_sites(deep)
     roles = assign_roles(shapes, sites, readout=readout, layouts=layouts)
     rule, outputs = None, set()
+    if depth_keys and param.depth is None and param.rescales:
+        warnings.warn(NoDepthRuleWarning(
+            f"base and target differ in depth ({', '.join(f'{k}: {base[k]} -> {target[k]}' for k in depth_keys)}) but "
+            f"parametrization {param.name!r} has no depth rule: residual branches are not scaled and LRs ignore "
+            f"depth, so hyperparameters will not transfer across depth. Use '{param.name}+depth' (CompleteP for "
+            f"multi-layer branches such as transformer layers, Depth-muP for one-layer ones) or name the rule "
+            f"('{param.name}+completep', '{param.name}+depth-mup')."), stacklevel=2)
     if depth_keys and param.depth is not None:
         outputs = branch_output_templates(deep, list(counts), branch_outputs)
         rule = param.depth if not isinstance(param.depth, str) else auto_depth(_layers_per_branch(deep, counts, outputs))

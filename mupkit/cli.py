@@ -117,10 +117,9 @@ def run_coord_check(args: argparse.Namespace) -> int:
                                   depths=args.depths, base_depth=args.base_depth, depth_arg=args.depth_arg,
                                   updates=bool(args.depths), show_progress=not args.quiet))
     main = checks[-1]
-    for check in checks:
-        print(check.verdict(metric=args.metric, tolerance=args.tolerance), end="\n\n")
-        if check.axis == "depth":  # per-block relative update, averaged over blocks
-            print(check.verdict(metric="l1", kind="update", tolerance=args.tolerance), end="\n\n")
+    for check in checks:  # along depth also the per-block relative updates, averaged over blocks
+        for verdict in check.verdicts(metric=args.metric, tolerance=args.tolerance):
+            print(verdict, end="\n\n")
     if args.out:
         main.plot(args.out, compare=checks[0] if len(checks) > 1 else None, metric=args.metric,
                   tolerance=args.tolerance)
@@ -130,7 +129,7 @@ def run_coord_check(args: argparse.Namespace) -> int:
             path = args.csv if check is main else args.csv.replace(".csv", f".{check.parametrization}.csv")
             check.to_csv(path)
             print(f"table: {path}")
-    return 0 if main.verdict(metric=args.metric, tolerance=args.tolerance).passed else 1
+    return 0 if all(v.passed for v in main.verdicts(metric=args.metric, tolerance=args.tolerance)) else 1
 
 
 def main(argv: list[str] | None = None) -> int:

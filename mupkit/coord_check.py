@@ -16,10 +16,19 @@ and :mod:`mupkit.plotting` for the figure.
 
 Depth checks (``depths=[...]``): module names inside repeated blocks are made comparable across
 depths: block 0 keeps its name, the last block is named ``<container>.last``, the others are not
-compared; parameter updates are averaged over the blocks per template (``blocks.*.mlp.0.weight``),
-the per-block relative update size. Module inputs are recorded too (kind ``"in"``; inside blocks
-only the blocks' own inputs): the residual stream entering the first and last block and the
-modules after the blocks (a final norm, the readout).
+compared. Module inputs are recorded too (kind ``"in"``; inside blocks only the blocks' own
+inputs): the residual stream entering the first and last block and the modules after the blocks
+(a final norm, the readout). Two per-block relative update sizes are averaged over the blocks:
+
+* kind ``"stream_update"`` (module ``<container>.*``): ``RMS(h_t - h_0) / RMS(h_0)`` of the
+  residual stream ``h`` each block hands to the next (the inputs of blocks ``1..L-1``), the
+  relative change of the features the blocks build. Depth-muP and CompleteP keep it Theta(1) in
+  L: each block adds ``1/L`` of the change, so after block ``k`` it is ``~ k/L``, whose mean over
+  ``k = 1..L-1`` is ``1/2`` at every L. Without depth scaling it grows with L (TP VI Sec. 3;
+  Dey et al. 2025, Sec. 3).
+* kind ``"update"`` (template ``<container>.*.<rest>``): each parameter's ``||dW|| / ||W_0||``,
+  which follows the depth rule's own law ``m_L^(alpha - 1)``: flat under CompleteP, ``L^-1/2``
+  under Depth-muP (its "lazy" blocks), see :mod:`mupkit.verdict`.
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ from __future__ import annotations
 import csv
 import math
 import re
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -34,7 +44,7 @@ import torch
 from torch import nn
 
 from . import optim as mupkit_optim
-from .build import build, infer_plan
+from .build import NoDepthRuleWarning, build, infer_plan
 from .data import Batch, synthetic_batch
 from .groups import param_groups
 from .plan import Plan
@@ -87,6 +97,13 @@ class CoordCheck:
         """Fit and judge the slopes; see :func:`mupkit.verdict.verdict`."""
         from .verdict import verdict
         return verdict(self, **kwargs)
+
+    def verdicts(self, **kwargs) -> list:
+        """Every verdict the check is judged by: the activations (:attr:`judged_kind`) and, along
+        depth, the per-block relative updates of the stream (``"stream_update"``) and of the
+        parameters (``"update"``), both measured as ``l1`` records."""
+        extra = ("stream_update", "update") if self.axis == "depth" else ()
+        return [self.verdict(**kwargs)] + [self.verdict(**{**kwargs, "metric": "l1", "kind": k}) for k in extra]
 
     def plot(self, path: str, *, compare: "CoordCheck | None" = None, **kwargs) -> None:
         """Write the figure; ``compare``: a second check (e.g. SP) drawn as another row."""
@@ -219,8 +236,8 @@ def coord_check(constructor: Constructor, widths: Sequence[int] | int, *, base: 
     def target(width: int, depth: int | None) -> dict[str, Any]:
         return {width_arg: width, **fixed, **({depth_arg: depth} if depth is not None else {})}
 
-    probe = infer_plan(constructor, target=target(widths[-1], depths[-1] if depths else None),
-                       parametrization=parametrization, **sizes)
+    probe = _control(infer_plan)(constructor, target=target(widths[-1], depths[-1] if depths else None),
+                                 parametrization=parametrization, **sizes)
     expected = _expected_at_init(probe, expected_at_init)
     containers = list(probe.depth.get("blocks", {}))
     if zero_init == "auto":
@@ -233,8 +250,8 @@ def coord_check(constructor: Constructor, widths: Sequence[int] | int, *, base: 
                                        label=lambda r: f"width {r[0]}" + (f" depth {r[1]}" if r[1] else "")
                                        + f" seed {r[2]}"):
         torch.manual_seed(seed)
-        model = build(constructor, target=target(width, depth), parametrization=parametrization,
-                      device=device, zero_init=zero_init, **sizes)
+        model = _control(build)(constructor, target=target(width, depth), parametrization=parametrization,
+                                device=device, zero_init=zero_init, **sizes)
         model.train()
         if batch is None:
             x, y = synthetic_batch(model, seed=1234, device=device)
@@ -253,15 +270,27 @@ def coord_check(constructor: Constructor, widths: Sequence[int] | int, *, base: 
                       0.0 if alpha is None else DepthRule(alpha).block_update_exponent)
 
 
+def _control(fn: Callable) -> Callable:
+    """``fn`` without :class:`~mupkit.build.NoDepthRuleWarning`: a depth check under a
+    parametrization without a depth rule is the control that shows what the rule fixes."""
+    def call(*args, **kwargs):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NoDepthRuleWarning)
+            return fn(*args, **kwargs)
+    return call
+
+
 def _comparable_across_depth(rows: list[dict[str, Any]], blocks: Mapping[str, int]) -> list[dict[str, Any]]:
-    """Rename block modules (block 0 kept, last block -> ``<container>.last``, others dropped) and
-    average parameter updates over the blocks per template (``<container>.*.<rest>``)."""
-    out, updates = [], {}
+    """Rename block modules (block 0 kept, last block -> ``<container>.last``, others dropped),
+    average parameter updates over the blocks per template (``<container>.*.<rest>``) and the
+    relative change of the stream entering each block over the blocks (``<container>.*``)."""
+    out, updates, streams = [], {}, {}
     for row in rows:
         name = row["module"]
         hit = next(((c, name[len(c) + 1:]) for c in blocks if name.startswith(c + ".")), None)
         if hit is None:
-            out.append(row)
+            if row["kind"] != "update":  # per-block updates only
+                out.append(row)
             continue
         container, rest = hit
         parsed = re.match(r"(\d+)(?:\.(.*)|([#\[].*))?$", rest)
@@ -276,12 +305,21 @@ def _comparable_across_depth(rows: list[dict[str, Any]], blocks: Mapping[str, in
         elif row["kind"] == "in" and tail:
             continue  # inside a branch; the stream is the input of the block itself
         else:
+            if row["kind"] == "in" and int(index) > 0:  # the stream block ``index - 1`` hands on
+                streams.setdefault((f"{container}.*{suffix}", index), {})[row["step"]] = row
             if int(index) == 0:
                 out.append(row)
             if int(index) == blocks[container] - 1:  # also block 0 when the depth is 1
                 out.append({**row, "module": f"{container}.last" + (f".{tail}" if tail else "") + suffix})
     out.extend({"module": name, "kind": "update", "step": step, "l1": sum(v) / len(v)}
                for (name, step), v in updates.items())
+    relative: dict[tuple[str, int], list[float]] = {}
+    for (name, _), by_step in streams.items():
+        for step, row in by_step.items():
+            if step > 0 and "delta_rms" in row and by_step[0]["rms"] > 0:
+                relative.setdefault((name, step), []).append(row["delta_rms"] / by_step[0]["rms"])
+    out.extend({"module": name, "kind": "stream_update", "step": step, "l1": sum(v) / len(v)}
+               for (name, step), v in relative.items())
     return out
 
 

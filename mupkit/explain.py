@@ -67,7 +67,9 @@ def explain(model_or_plan: nn.Module | Plan) -> str:
         else:
             head += (f"\ndepth: {blocks}; alpha = {depth['alpha']:g} (branch x m_L^-alpha, LR x m_L^(alpha-1) "
                      f"inside blocks); branch outputs {', '.join(depth['branch_outputs'])}")
-            if depth["alpha"] == 1.0:
-                head += ("\nCompleteP (Dey et al. 2025) is mupkit's default for blocks with multi-layer branches "
-                         "(transformer layers), where Depth-muP's theory breaks down (Yang et al. 2023).")
+            if plan.parametrization.endswith("+depth"):  # the rule was chosen from the block structure
+                chosen = "CompleteP" if depth["alpha"] == 1.0 else "Depth-muP"
+                head += (f"\n{chosen} chosen by '+depth': CompleteP (Dey et al. 2025) for blocks with multi-layer "
+                         f"branches (transformer layers), where Depth-muP's theory breaks down (Yang et al. 2023), "
+                         f"Depth-muP for one-layer branches.")
     return "\n".join([head, *lines])

@@ -33,6 +33,12 @@ def effective_weight_decay(weight_decay: float, policy: str, *, wd_scale: float,
     return weight_decay / (reference_lr * lr_scale)
 
 
+def plan_weight_decay_policy(parametrization: str) -> str:
+    """The default weight-decay policy of a parametrization: ``independent`` for u-muP (its decay
+    does not move with the peak LR, Blake et al. 2024, Sec. 4.4), ``coupled`` otherwise."""
+    return "independent" if parametrization.split("+")[0] == "umup" else "coupled"
+
+
 def resolve_family(optimizer: Any) -> Family:
     """A family from its name, a mupkit optimizer class (``family`` attribute) or a torch class."""
     if isinstance(optimizer, str):
@@ -56,7 +62,7 @@ def resolve_family(optimizer: Any) -> Family:
 
 def param_groups(model: nn.Module, *, optimizer: Any = None, lr: float | None = None,
                  weight_decay: float | None = None, eps: float | None = None,
-                 weight_decay_policy: str = "coupled") -> list[dict[str, Any]]:
+                 weight_decay_policy: str | None = None) -> list[dict[str, Any]]:
     """Parameter groups for ``model``'s trainable parameters, one per distinct set of multipliers.
 
     * ``optimizer=None`` (for ``mupkit.optim``): each group carries ``mupkit_scales``, the
@@ -70,16 +76,22 @@ def param_groups(model: nn.Module, *, optimizer: Any = None, lr: float | None = 
     Weight-decay policies: ``coupled`` (mup semantics; ``wd * wd_scale`` keeps the per-step
     decay ``lr * wd`` width-invariant) and ``independent`` (decoupled-decay families only: the
     per-step decay is ``weight_decay`` at the initial LR and follows the schedule, independent
-    of width and of the peak LR; Wortsman et al. 2023, used by u-muP and CompleteP).
+    of width and of the peak LR; Wortsman et al. 2023, used by u-muP and CompleteP). Default
+    (``None``): ``independent`` for a u-muP plan with a decoupled-decay optimizer (u-muP's rule,
+    Blake et al. 2024, Sec. 4.4), else ``coupled``; for mupkit optimizers the groups carry the
+    plan's default and the optimizer applies it when its decay is decoupled.
 
     Never mutates anything it is given; never emits an empty group; every trainable parameter
     appears exactly once (tied weights once).
     """
-    if weight_decay_policy not in WEIGHT_DECAY_POLICIES:
+    if weight_decay_policy is not None and weight_decay_policy not in WEIGHT_DECAY_POLICIES:
         raise ValueError(f"weight_decay_policy={weight_decay_policy!r}; use one of {WEIGHT_DECAY_POLICIES}")
     plan = plan_of(model)
     owner = plan_owner(model)
     family = None if optimizer is None else resolve_family(optimizer)
+    plan_policy = plan_weight_decay_policy(plan.parametrization)
+    if weight_decay_policy is None and family is not None:
+        weight_decay_policy = plan_policy if family.decoupled_wd else "coupled"
     if family is None and (lr is not None or weight_decay is not None or eps is not None):
         raise ValueError("lr/weight_decay/eps were given without optimizer=..., so mupkit cannot tell how to "
                          "scale them. Pass optimizer='adam'|'adamw'|'sgd' (or the optimizer class), or drop "
@@ -108,7 +120,10 @@ def param_groups(model: nn.Module, *, optimizer: Any = None, lr: float | None = 
             key = (s.lr, s.wd, s.eps)
         group = groups.get(key)
         if group is None:
-            group = groups[key] = _new_group(spec, family, lr, weight_decay, eps, weight_decay_policy)
+            group = groups[key] = _new_group(spec, family, lr, weight_decay, eps, weight_decay_policy or plan_policy)
+            if family is None:  # a mupkit optimizer resolves it against its own family
+                group["weight_decay_policy" if weight_decay_policy else "plan_weight_decay_policy"] = \
+                    weight_decay_policy or plan_policy
         group["params"].append(p)
         group["param_names"].append(name)
     return list(groups.values())

@@ -119,7 +119,9 @@ class DepthRule:
       nanoGPT-mup does, and also when base and target have the same depth (plain ``"mup"`` keeps
       eps fixed, as microsoft/mup does);
     * no depth factor on init: the init is the user's, measured at the base depth;
-    * weight decay: mupkit's policies (coupled: ``lr * wd`` kept as at the base).
+    * weight decay: no depth factor (the table's hidden WD ``lambda m_N`` at every alpha), so the
+      coupled per-step decay ``lr * wd`` goes like ``m_L^(alpha - 1)`` inside the blocks, as the
+      LR does (depth-independent at ``alpha = 1``).
     """
 
     alpha: float
@@ -225,12 +227,13 @@ def scales_for(rule: RoleRule, family: Family, m_in: float, m_out: float, absorb
     blocks; ``absorbed`` includes the branch multiplier when the parameter ends a branch).
     """
     lr = rule.lr[family.update](m_in, m_out)
+    wd = 1.0 / lr  # coupled: lr * wd as at the base width; the depth rule adds no WD factor
     eps = rule.init(m_in, m_out) if family.update == "adafactor" else rule.eps(m_in, m_out)
     if depth is not None:
         lr *= depth.lr(family.update, m_depth)
         if family.update == "adam":
             eps = depth.eps(max(m_in, m_out), m_depth)
-    return absorb(Scales(lr=lr, wd=1.0 / lr, eps=eps), family, absorbed)
+    return absorb(Scales(lr=lr, wd=wd, eps=eps), family, absorbed)
 
 
 def absorb(scales: Scales, family: Family, c: float) -> Scales:

@@ -32,10 +32,14 @@ from .shapes import Constructor
 TrainFn = Callable[[nn.Module, Mapping[str, float], int], "float | Sequence[float]"]
 
 
+#: what identifies a trial; a stored record differing in any of these is another trial
+TRIAL_FIELDS = ("model", "kwargs", "base", "delta", "tag", "parametrization", "size", "hparams", "seed")
+
+
 def _key(record: Mapping[str, Any]) -> str:
-    """A trial's identity: model, fixed kwargs, tag, parametrization, size, hyperparameters, seed."""
-    return json.dumps([record.get("model"), record.get("kwargs"), record.get("tag"), record.get("parametrization"),
-                       record.get("size"), record.get("hparams"), record.get("seed")], sort_keys=True, default=repr)
+    """A trial's identity: the values of :data:`TRIAL_FIELDS` (model, fixed kwargs, the base and
+    delta sizes the parametrization is relative to, tag, parametrization, size, hyperparameters, seed)."""
+    return json.dumps([record.get(k) for k in TRIAL_FIELDS], sort_keys=True, default=repr)
 
 
 def model_name(constructor: Constructor) -> str:
@@ -66,8 +70,8 @@ def sweep(constructor: Constructor, sizes: Sequence[int | Mapping[str, Any]], *,
     file trials are appended to and resumed from (None: keep them in memory only); ``delta``: the
     width probe for shape inference (default: ``base`` with ``width_arg`` doubled); ``tag``: what
     else defines a trial (e.g. ``"steps=200"``). A trial is identified by the constructor's name,
-    its fixed kwargs, the tag, parametrization, size, hyperparameters and seed, so one results
-    file can hold several models and a changed setting never reuses stale trials.
+    its fixed kwargs, the base and delta sizes, the tag, parametrization, size, hyperparameters and
+    seed, so one results file can hold several models and a changed setting never reuses stale trials.
     """
     seeds = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
     along = along or next(iter(grid))
@@ -83,7 +87,8 @@ def sweep(constructor: Constructor, sizes: Sequence[int | Mapping[str, Any]], *,
 
     def identity(parametrization: str, size: dict[str, Any], hparams: dict[str, float], seed: int) -> dict[str, Any]:
         fixed = kwargs(parametrization) if callable(kwargs) else dict(kwargs or {})
-        return {"model": name, "kwargs": json.loads(json.dumps(fixed, default=repr)), "tag": tag,
+        return {"model": name, "kwargs": _as_json(fixed), "base": _as_json(base),
+                "delta": None if delta is None else _as_json(delta), "tag": tag,
                 "parametrization": parametrization, "size": size, "hparams": hparams, "seed": seed}
 
     trials = [identity(p, _as_size(s, width_arg), h, seed) for p in parametrizations for s in sizes for h in points
@@ -103,8 +108,7 @@ def sweep(constructor: Constructor, sizes: Sequence[int | Mapping[str, Any]], *,
         record = {**trial, "final_loss": final, "tail_loss": tail_mean, "losses": losses}
         records.append(record)
         if path is not None:
-            with path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
+            _append(path, record)
     wanted = {_key(t) for t in trials}
     return Sweep([r for r in records if _key(r) in wanted], along, width_arg)
 
@@ -118,6 +122,22 @@ def load_records(path: str | pathlib.Path) -> list[dict[str, Any]]:
         except json.JSONDecodeError:
             continue
     return out
+
+
+def _append(path: pathlib.Path, record: Mapping[str, Any]) -> None:
+    """Append one JSON line; first end a torn last line (a kill mid-write) so this record stays whole."""
+    torn = False
+    if path.exists() and path.stat().st_size:
+        with path.open("rb") as f:
+            f.seek(-1, 2)
+            torn = f.read(1) != b"\n"
+    with path.open("a") as f:
+        f.write(("\n" if torn else "") + json.dumps(record) + "\n")
+
+
+def _as_json(value: Any) -> Any:
+    """``value`` as it reads back from JSON (tuples as lists, other objects by repr)."""
+    return json.loads(json.dumps(value, default=repr))
 
 
 def _as_size(size: int | Mapping[str, Any], width_arg: str) -> dict[str, Any]:
@@ -195,14 +215,17 @@ class Sweep:
         return out
 
     def drift(self, parametrization: str) -> float:
-        """How far the optimum moves between the smallest and largest size, in grid steps
-        (``|log2(best_L / best_S)| / log2(grid factor)``; grid points, so 1.0 = one neighbour)."""
+        """How far the optimum moves across the sizes, in grid steps: the range of the grid optima,
+        ``log2(max best / min best) / log2(grid factor)`` (so 1.0 = one neighbour; a path that
+        goes out and comes back counts its full excursion). The grid factor is this
+        parametrization's own (the median ratio of neighbouring swept values)."""
         optima = self.optima(parametrization)
-        values = sorted({r["hparams"][self.along] for r in self.records})
+        values = sorted({r["hparams"][self.along] for r in self.records if r["parametrization"] == parametrization})
         if len(optima) < 2 or len(values) < 2:
             return 0.0
         step = float(np.median(np.diff(np.log2(values))))
-        return abs(math.log2(optima[-1].grid_best / optima[0].grid_best)) / step
+        best = [o.grid_best for o in optima]
+        return math.log2(max(best) / min(best)) / step
 
     def recommend(self, parametrization: str, target: int | Mapping[str, Any]) -> tuple[float, str]:
         """The swept hyperparameter for a ``target`` size, and how it was chosen: the largest

@@ -82,8 +82,17 @@ def unit_plan(model: nn.Module, param: Parametrization, sizes: Mapping[str, Any]
         else:
             plain.append(f"{name} {shape} in {type(model.get_submodule(module_name)).__name__}")
             continue
-        base, infinite, m_in, m_out, out_axis, in_axis = _fans(role, _fan_out_first(shape, fan_out_axis, role))
-        rule = param.rules[role]
+        # a plain matmul input layer (nn.Linear, a convolution) is a unit-scaled linear with a fixed
+        # fan-in: A_W = fan_in^-1/2 and LR fan_in^-1/2, the hidden rule; u-muP's fan_out^-1/2 LR is for
+        # embedding lookups only (graphcore's uu.Linear as a first layer; Aleph Alpha's INPUT_WEIGHT)
+        as_weight = role is Role.INPUT and local not in declared and local == "weight" \
+            and not isinstance(model.get_submodule(module_name), (nn.Embedding, nn.EmbeddingBag))
+        rule_role = Role.HIDDEN if as_weight else role
+        base, infinite, m_in, m_out, out_axis, in_axis = _fans(rule_role,
+                                                               _fan_out_first(shape, fan_out_axis, rule_role))
+        if as_weight:
+            base, infinite = (1, *shape[1:]), (True,) + (False,) * (len(shape) - 1)  # only fan-out is width
+        rule = param.rules[rule_role]
         a_w = rule.forward(m_in, m_out)
         absorbed = 1.0 if local in declared else a_w
         under_weight = 1.0 if local in declared else _weight_multiplier(specs, module_name, local)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import pathlib
 
 import pytest
 import torch
@@ -64,10 +65,16 @@ def test_rerun_trains_nothing_and_an_interrupted_sweep_resumes(tmp_path):
     assert by_trial(resumed.records) == by_trial(full.records)  # same trials, same (deterministic) curves
 
 
-def test_a_torn_last_line_is_skipped(tmp_path):
+def test_a_torn_last_line_is_skipped_and_the_next_record_stays_whole(tmp_path):
     path = tmp_path / "r.jsonl"
-    path.write_text(json.dumps({"a": 1}) + "\n" + '{"parametrization": "mu')
+    path.write_text(json.dumps({"a": 1}) + "\n" + '{"parametrization": "mu')  # killed mid-write
     assert load_records(path) == [{"a": 1}]
+    calls = []
+    sweep(models.mlp, [32], base=dict(width=32), grid={"lr": LRS[:2]}, train=regression_train(calls),
+          parametrizations=["mup"], seeds=1, results=path, show_progress=False)
+    records = load_records(path)
+    assert len(calls) == 2 and [r.get("a") for r in records] == [1, None, None]
+    assert [r["hparams"]["lr"] for r in records[1:]] == LRS[:2]
 
 
 def synthetic(vertices: dict[int, float], lrs=LRS, curvature=0.3, seeds=(0, 1)) -> Sweep:
@@ -101,10 +108,33 @@ def test_optimum_fit_drift_and_recommendation():
     assert "grid's edge" in edge.summary()
 
 
+def test_drift_counts_the_whole_excursion_of_the_optimum():
+    s = synthetic({64: 2 ** -7, 128: 2 ** -5, 256: 2 ** -7})  # out two grid steps and back
+    assert [o.grid_best for o in s.optima("mup")] == [2 ** -7, 2 ** -5, 2 ** -7]
+    assert s.drift("mup") == 2.0
+    value, how = s.recommend("mup", 1024)
+    assert "extrapolated" in how
+
+
 def test_diverged_trials_count_as_infinite_loss():
-    s = synthetic({64: 2 ** -7})
-    s.records[-1]["tail_loss"] = math.inf  # the largest LR of seed 1 diverged
-    assert s.optima("mup")[0].grid_best == 2 ** -7
+    """A trial whose losses turn NaN or inf is stored as diverged (inf), and never wins, even at
+    the LR that would otherwise be the optimum."""
+    best = 2.0 ** -7
+
+    def train(model, hparams, seed):
+        losses = regression_train()(model, hparams, seed)
+        return losses[:-1] + [math.nan] if hparams["lr"] == best and seed == 1 else losses
+
+    s = sweep(models.mlp, [32], base=dict(width=32), grid={"lr": LRS}, train=train, parametrizations=["mup"],
+              seeds=2, show_progress=False)
+    diverged = [r for r in s.records if r["hparams"]["lr"] == best and r["seed"] == 1]
+    assert diverged[0]["final_loss"] == math.inf and diverged[0]["tail_loss"] == math.inf
+    clean = synthetic({64: best})
+    assert clean.optima("mup")[0].grid_best == best
+    for r in clean.records:
+        if r["hparams"]["lr"] == best and r["seed"] == 1:
+            r["tail_loss"] = math.inf
+    assert clean.optima("mup")[0].grid_best in (best / 2, best * 2)
 
 
 def test_cli_transfer_on_a_user_model_and_resume(tmp_path, capsys):
@@ -155,3 +185,27 @@ def test_one_results_file_keeps_models_and_settings_apart(tmp_path):
     assert len(calls) == 3 * 4
     sweep(models.mlp, [32, 64], train=regression_train(calls), kwargs={"bias": False}, **kw)  # resumed
     assert len(calls) == 12 and len(load_records(path)) == 12
+    sweep(models.mlp, [32, 64], train=regression_train(calls), **{**kw, "base": dict(width=64)})  # another base
+    assert len(calls) == 16
+
+
+def test_digits_task_trains_the_mlp_on_real_images():
+    x, y = tasks.digits_data()
+    assert x.shape == (1797, 64) and int(y.max()) == 9  # scikit-learn's 8x8 digits
+    model = mupkit.build(models.mlp, base=dict(width=32), target=dict(width=64), parametrization="mup")
+    losses = tasks.digits(steps=60)(model, {"lr": 2.0 ** -7}, 0)
+    assert len(losses) == 60 and sum(losses[-10:]) / 10 < 0.6 * sum(losses[:10]) / 10, losses
+
+
+@pytest.mark.parametrize("results,models_", [("transfer_gpt.jsonl", ["mupkit.models.gpt"]),
+                                             ("transfer_digits.jsonl", ["mupkit.models.mlp"])])
+def test_committed_sweeps_show_transfer_under_mup_and_drift_under_sp(results, models_):
+    """The committed example results (issue 9's acceptance): across widths 64..512 the muP optimum
+    moves by at most one grid point and SP's by at least two."""
+    path = pathlib.Path(__file__).parents[1] / "examples" / results
+    records = [r for r in load_records(path) if r["model"] in models_ and r["size"]["width"] <= 512]
+    s = Sweep(records)
+    assert sorted({r["size"]["width"] for r in records}) == [64, 128, 256, 512]
+    assert len({r["hparams"]["lr"] for r in records if r["parametrization"] == "mup"}) >= 5
+    assert len({r["seed"] for r in records}) >= 2
+    assert s.drift("mup") <= 1.0 and s.drift("sp") >= 2.0, s.summary()

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 import mupkit
 import mupkit.nn.functional as M
+from mupkit import models
 from mupkit.cli import main as cli
 from mupkit.zoo import BUILTIN
 
@@ -178,11 +179,14 @@ def test_unsupported_arguments_are_clear_errors():
 
 # ---- modules -----------------------------------------------------------------------------
 
-def twin_decoders(width=32, vocab=50, depth=3, heads=4):
-    """graphcore's TransformerDecoder and mupkit's, with the same weights."""
+def twin_decoders(width=32, vocab=50, depth=3, heads=4, alpha_res=1.0, alpha_res_attn_ratio=1.0):
+    """graphcore's TransformerDecoder and mupkit's, with the same weights (and residual alphas)."""
     torch.manual_seed(0)
-    theirs = uu.TransformerDecoder(width, vocab, depth, heads)
-    ours = mupkit.build(mupkit.nn.TransformerDecoder, target=dict(width=width, vocab=vocab, depth=depth, heads=heads),
+    rule = uu.core.functional.transformer_residual_scaling_rule(alpha_res, alpha_res_attn_ratio)
+    theirs = uu.TransformerDecoder(width, vocab, depth, heads, residual_scaling=rule)
+    ours = mupkit.build(mupkit.nn.TransformerDecoder, target=dict(width=width, vocab=vocab, depth=depth, heads=heads,
+                                                                  alpha_res=alpha_res,
+                                                                  alpha_res_attn_ratio=alpha_res_attn_ratio),
                         parametrization="umup")
     names = {"embedding.weight": "embedding.weight", "projection.weight": "readout.weight"}
     for i in range(depth):
@@ -207,6 +211,28 @@ def test_transformer_decoder_matches_unit_scaling():
         assert close(grads[names[k]].grad, p.grad), k
 
 
+def test_umup_hyperparameters_reach_the_ops_as_in_unit_scaling():
+    """Non-default alpha_res / alpha_res_attn_ratio (residual taus), alpha_attn_softmax (attention
+    mult) and alpha_loss_softmax (loss mult) give graphcore's outputs and gradients."""
+    theirs, ours, names = twin_decoders(alpha_res=2.0, alpha_res_attn_ratio=0.5)
+    plain, _, _ = twin_decoders()
+    ids = torch.randint(0, 50, (4, 16))
+    loss_a, loss_b = ours.loss(ids), theirs.loss(ids)
+    assert close(loss_a, loss_b) and not close(loss_b, plain.loss(ids))  # the alphas change the model
+    loss_a.backward()
+    loss_b.backward()
+    grads = dict(ours.named_parameters())
+    for k, p in theirs.named_parameters():
+        assert close(grads[names[k]].grad, p.grad), k
+    torch.manual_seed(1)
+    x = torch.randn(2, 8, 32)
+    mine, ref = mupkit.nn.MHSA(32, 4, is_causal=True, alpha_attn_softmax=0.25), uu.MHSA(32, 4, is_causal=True, mult=0.25)
+    ref.load_state_dict({"linear_qkv.weight": mine.qkv.weight, "linear_o.weight": mine.proj.weight})
+    assert close(mine(x), ref(x))
+    logits, targets = torch.randn(64, 50), torch.randint(0, 50, (64,))
+    assert close(M.cross_entropy(logits, targets, mult=3.0), uu.functional.cross_entropy(logits, targets, mult=3.0))
+
+
 def test_lr_multipliers_equal_scaled_parameters():
     """Per parameter: lr and (independent) weight decay of graphcore's scaled_parameters for
     Adam/AdamW and SGD (``readout_constraint=None``), against mupkit's param_groups."""
@@ -215,8 +241,7 @@ def test_lr_multipliers_equal_scaled_parameters():
         ref = uu.optim.scaled_parameters(theirs.parameters(), func, lr=0.1, weight_decay=1e-3)
         by_param = {id(p): g for g in ref for p in g["params"]}
         expected = {names[k]: by_param[id(p)] for k, p in theirs.named_parameters()}
-        policy = "independent" if optimizer == "adamw" else "coupled"
-        groups = mupkit.param_groups(ours, optimizer=optimizer, lr=0.1, weight_decay=1e-3, weight_decay_policy=policy)
+        groups = mupkit.param_groups(ours, optimizer=optimizer, lr=0.1, weight_decay=1e-3)  # u-muP's default policy
         seen = 0
         for group in groups:
             for name in group["param_names"]:
@@ -225,6 +250,25 @@ def test_lr_multipliers_equal_scaled_parameters():
                     assert group["weight_decay"] == pytest.approx(expected[name]["weight_decay"], rel=1e-12), name
                 seen += 1
         assert seen == len(expected)
+
+
+def test_umup_weight_decay_is_independent_of_the_peak_lr_by_default():
+    """u-muP plans default to the independent policy for decoupled decay (AdamW); an L2 optimizer
+    (Adam) keeps coupled decay; an explicit policy wins."""
+    model = mupkit.build(mupkit.nn.TransformerDecoder, target=dict(width=64, depth=2), parametrization="umup")
+    policies = lambda opt: {g["weight_decay_policy"] for g in opt.param_groups}  # noqa: E731
+    assert policies(mupkit.optim.AdamW(mupkit.param_groups(model), lr=1e-2, weight_decay=0.1)) == {"independent"}
+    assert policies(mupkit.optim.Adam(mupkit.param_groups(model), lr=1e-2, weight_decay=0.1)) == {"coupled"}
+    explicit = mupkit.optim.AdamW(mupkit.param_groups(model), lr=1e-2, weight_decay=0.1, weight_decay_policy="coupled")
+    assert policies(explicit) == {"coupled"}
+    mup = mupkit.build(models.mlp, base=dict(width=32), target=dict(width=64))
+    assert policies(mupkit.optim.AdamW(mupkit.param_groups(mup), lr=1e-2, weight_decay=0.1)) == {"coupled"}
+    opt = mupkit.optim.AdamW(mupkit.param_groups(model), lr=1e-2, weight_decay=0.1)  # decay per step: wd * lr / lr_0
+    p = next(model.parameters())
+    p.grad = torch.zeros_like(p)
+    before = p.detach().clone()
+    opt.step()
+    assert torch.allclose(p.detach(), before * (1 - 0.1), rtol=0, atol=1e-7)
 
 
 def test_explain_shows_every_scale_and_plan_survives_copies():
@@ -356,3 +400,18 @@ def test_cli_runs_the_umup_transformer(tmp_path, capsys):
     code = cli(["coord-check", "--model", "umup-transformer", "--param", "umup", "--steps", "2", "--quiet",
                 "--out", str(tmp_path / "u.png")])
     assert code == 0 and "PASS: umup" in capsys.readouterr().out and (tmp_path / "u.png").exists()
+
+
+def test_plain_linear_input_layer_is_unit_scaled_and_equal_sizes_are_refused():
+    """A plain nn.Linear first layer is a unit-scaled linear with a fixed fan-in (A_W and Adam LR
+    fan_in^-1/2, as graphcore's uu.Linear used as a first layer), not an embedding lookup; a plain
+    model whose base and target do not differ in width is refused, never silently left in SP."""
+    torch.manual_seed(0)
+    model = mupkit.build(models.mlp, base=dict(width=64), target=dict(width=256), parametrization="umup")
+    spec = mupkit.plan_of(model)["0.weight"]
+    assert spec.role is mupkit.Role.INPUT and spec.absorbed == pytest.approx(64 ** -0.5)
+    assert spec.scales["adam"].lr == pytest.approx(64 ** -0.5 * 64 ** -0.5)  # C_W = fan_in^-1/2, times A_W
+    out = model[0](torch.randn(4096, 64)) - model[0].bias
+    assert 0.9 < out.pow(2).mean().sqrt().item() < 1.1  # unit scale, not sqrt(fan_in)
+    with pytest.raises(ValueError, match="no parameter dim differs"):
+        mupkit.build(models.mlp, base=dict(width=64), target=dict(width=64), parametrization="umup")

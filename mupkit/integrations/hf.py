@@ -17,6 +17,9 @@ treat it like mupkit's own GPT; the HF model is its ``hf`` attribute.
 
 from __future__ import annotations
 
+import sys
+import warnings
+
 import torch
 from torch import nn
 
@@ -48,6 +51,28 @@ def mup_attention(model: nn.Module, base_head_dim: int) -> nn.Module:
     return model
 
 
+def hide_unloadable_torchvision() -> None:
+    """Make a torchvision that cannot load look absent to transformers (with a warning).
+
+    A torchvision wheel built for another torch (e.g. PyPI's CUDA wheel beside a CPU-only torch)
+    fails at import ("operator torchvision::nms does not exist"), and transformers imports
+    torchvision whenever it finds it, so building any HF model would fail on an import these text
+    models never need. An entry of None in ``sys.modules`` makes ``importlib.util.find_spec``
+    report the package as absent; a torchvision that imports cleanly is left alone.
+    """
+    if "torchvision" in sys.modules and sys.modules["torchvision"] is None:
+        return
+    try:
+        import torchvision  # noqa: F401
+    except Exception as err:  # noqa: BLE001 - any failure means transformers cannot use it either
+        for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
+            del sys.modules[name]
+        sys.modules["torchvision"] = None
+        warnings.warn(f"torchvision is installed but cannot load ({err!r}); mupkit hides it from transformers, "
+                      f"whose text models do not need it. Install the torchvision build matching torch "
+                      f"{torch.__version__} (or uninstall torchvision) to silence this.", stacklevel=3)
+
+
 def _head_dim(width: int, n_head: int) -> int:
     if width % n_head:
         raise ValueError(f"width={width} is not divisible by n_head={n_head}: every HF attention head needs width / "
@@ -58,6 +83,7 @@ def _head_dim(width: int, n_head: int) -> int:
 def gpt2(width: int = 64, *, depth: int = 2, n_head: int = 4, vocab: int = 256, max_len: int = 64,
          base_width: int | None = None, tie: bool = True) -> CausalLM:
     """``GPT2LMHeadModel`` with ``n_embd=width`` (dropout off); ``base_width``: muP attention."""
+    hide_unloadable_torchvision()
     from transformers import GPT2Config, GPT2LMHeadModel
 
     config = GPT2Config(n_embd=width, n_layer=depth, n_head=n_head, vocab_size=vocab, n_positions=max_len,
@@ -75,6 +101,7 @@ def llama(width: int = 64, *, depth: int = 2, n_head: int = 4, vocab: int = 256,
     width`` (an integer ratio keeps the width multipliers exact; Llama's 8/3 rounded to a multiple
     works too, with slightly uneven multipliers), full multi-head attention; ``base_width``: muP
     attention."""
+    hide_unloadable_torchvision()
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(hidden_size=width, intermediate_size=mlp_ratio * width,

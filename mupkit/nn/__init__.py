@@ -7,10 +7,10 @@
 """
 
 from . import functional
-from .multipliers import InputScale, attention_scale, residual, residual_scale
+from .multipliers import InputScale, attention_scale, branch_multiplier, residual, residual_scale
 from .unit import (MHSA, MLP, DepthModuleList, Embedding, LayerNorm, Linear, LinearReadout, RMSNorm,
                    TransformerDecoder, TransformerLayer)
 
 __all__ = ["DepthModuleList", "Embedding", "InputScale", "LayerNorm", "Linear", "LinearReadout", "MHSA", "MLP",
-           "RMSNorm", "TransformerDecoder", "TransformerLayer", "attention_scale", "functional", "residual",
+           "RMSNorm", "TransformerDecoder", "TransformerLayer", "attention_scale", "branch_multiplier", "functional", "residual",
            "residual_scale"]

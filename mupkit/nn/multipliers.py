@@ -52,8 +52,36 @@ def residual_scale(depth: int, base_depth: int, alpha: float) -> float:
     return DepthRule(alpha).branch_multiplier(depth / base_depth)
 
 
-def residual(x, branch, scale: float):
+def branch_multiplier(plan_or_model, container: str | None = None) -> float:
+    """``(L / L_base)^-alpha`` of ``container`` (default: the only block container) from a
+    :class:`~mupkit.plan.Plan`, or from the model carrying one (:func:`mupkit.build`)."""
+    from ..plan import Plan, plan_of
+    plan = plan_or_model if isinstance(plan_or_model, Plan) else plan_of(plan_or_model)
+    depth = plan.depth
+    if not depth.get("blocks") or depth.get("alpha") is None:
+        raise ValueError(f"the plan ({plan.parametrization!r}) has no depth rule for repeated blocks; build the "
+                         f"model with base and target depths and a depth parametrization (e.g. 'mup+completep').")
+    if depth.get("branch_outputs"):
+        raise ValueError(f"the plan already folds the branch multiplier into {depth['branch_outputs']}; adding it in "
+                         f"the forward too would apply it twice. Build with branch_outputs=[] to scale explicitly.")
+    containers = depth["blocks"]
+    if container is None:
+        if len(containers) != 1:
+            raise ValueError(f"the plan has several block containers {sorted(containers)}; pass container=...")
+        container = next(iter(containers))
+    if container not in containers:
+        raise ValueError(f"container={container!r} is not a block container of the plan: {sorted(containers)}")
+    base_depth, depth_now = containers[container]
+    from ..rules import DepthRule
+    return DepthRule(depth["alpha"]).branch_multiplier(depth_now / base_depth)
+
+
+def residual(x, branch, scale, container: str | None = None):
     """``x + scale * branch``: a residual add with an explicit depth multiplier, for branches that
     do not end in a Linear/Conv layer (build such models with ``branch_outputs=[]`` so mupkit does
-    not also fold the multiplier into a weight)."""
+    not also fold the multiplier into a weight). ``scale``: a number (e.g. :func:`residual_scale`),
+    or the built model (or its plan), whose depth rule gives ``(L / L_base)^-alpha`` for
+    ``container`` (:func:`branch_multiplier`)."""
+    if not isinstance(scale, (int, float)):
+        scale = branch_multiplier(scale, container)
     return x + scale * branch

@@ -51,7 +51,7 @@ class AdamAtan2(KeepsStateDtypes, ScaledGroups, torch.optim.Optimizer):
     def __init__(self, params, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.99),
                  weight_decay: float = 0.0, *, a: float | None = None, b: float | None = None,
                  formulation: str = "lucidrains", maximize: bool = False, foreach: bool | None = None,
-                 compiled: bool = False, fused: bool = False, weight_decay_policy: str = "coupled"):
+                 compiled: bool = False, fused: bool = False, weight_decay_policy: str | None = None):
         if formulation not in FORMULATIONS:
             raise ValueError(f"formulation={formulation!r}; use one of {FORMULATIONS}")
         a = (1.27 if formulation == "lucidrains" else 1.0) if a is None else a

@@ -76,18 +76,17 @@ class ScaledGroups:
 
     ``weight_decay_policy``: ``"coupled"`` (effective wd = ``weight_decay * wd_scale``) or
     ``"independent"`` (decoupled families only: per-step decay ``weight_decay * lr_t / lr_0``,
-    where ``lr_0`` is the group's lr when the optimizer was made; width-invariant).
+    where ``lr_0`` is the group's lr when the optimizer was made; width-invariant). A group's own
+    ``weight_decay_policy`` wins; ``None`` (default): the plan's default carried by
+    :func:`mupkit.param_groups` (u-muP: independent) when this optimizer's decay is decoupled,
+    else coupled.
     """
 
     family: Family
 
-    def __init__(self, params, *args, weight_decay_policy: str = "coupled", **kwargs):
-        if weight_decay_policy not in WEIGHT_DECAY_POLICIES:
-            raise ValueError(f"weight_decay_policy={weight_decay_policy!r}; use one of {WEIGHT_DECAY_POLICIES}")
-        if weight_decay_policy == "independent" and not self.family.decoupled_wd:
-            raise ValueError(f"{type(self).__name__} adds weight decay to the gradient (family "
-                             f"{self.family.name!r}); weight_decay_policy='independent' needs decoupled decay. "
-                             f"Use mupkit.optim.AdamW, or weight_decay_policy='coupled'.")
+    def __init__(self, params, *args, weight_decay_policy: str | None = None, **kwargs):
+        if weight_decay_policy is not None:
+            self._check_policy(weight_decay_policy)
         if kwargs.get("decoupled_weight_decay") and not self.family.decoupled_wd:
             raise ValueError(f"{type(self).__name__}(decoupled_weight_decay=True) is AdamW; use mupkit.optim.AdamW "
                              f"so the weight-decay multipliers follow the decoupled rule.")
@@ -95,8 +94,19 @@ class ScaledGroups:
         for group in self.param_groups:
             for key in SCALE_KEYS:
                 group.setdefault(key, 1.0)
-            group.setdefault("weight_decay_policy", weight_decay_policy)
+            plan_policy = group.pop("plan_weight_decay_policy", None)
+            group["weight_decay_policy"] = group.get("weight_decay_policy") or weight_decay_policy \
+                or (plan_policy if self.family.decoupled_wd else None) or "coupled"
+            self._check_policy(group["weight_decay_policy"])
             group.setdefault("wd_reference_lr", group["lr"])
+
+    def _check_policy(self, policy: str) -> None:
+        if policy not in WEIGHT_DECAY_POLICIES:
+            raise ValueError(f"weight_decay_policy={policy!r}; use one of {WEIGHT_DECAY_POLICIES}")
+        if policy == "independent" and not self.family.decoupled_wd:
+            raise ValueError(f"{type(self).__name__} adds weight decay to the gradient (family "
+                             f"{self.family.name!r}); weight_decay_policy='independent' needs decoupled decay. "
+                             f"Use mupkit.optim.AdamW, or weight_decay_policy='coupled'.")
 
     @contextlib.contextmanager
     def _effective_hyperparameters(self):
