@@ -99,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     plot_loss_curves(curves, args.out, title="muP GPT: single process vs DDP vs FSDP2 (2 ranks)")
     print(f"figure: {args.out}")
     if not worst <= args.tolerance:
-        print(f"FAIL: the distributed loss curves differ from the single-process one by {worst:.2e} > {args.tolerance:g}")
+        print(f"FAIL: the distributed loss curves differ from the single-process one by {worst:.2e} "
+              f"> {args.tolerance:g}")
         return 1
     print(f"PASS: every curve equals the single-process one to {args.tolerance:g}")
     return 0

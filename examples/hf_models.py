@@ -51,8 +51,8 @@ def main(argv: list[str] | None = None) -> int:
         train = tasks.text_lm(steps=args.steps)
         final = {}
         for width in (64, 256):
-            model = mupkit.build(constructor, base=dict(width=64, base_width=64), target=dict(width=width, base_width=64),
-                                 delta=dict(width=128, base_width=64))
+            model = mupkit.build(constructor, base=dict(width=64, base_width=64), delta=dict(width=128, base_width=64),
+                                 target=dict(width=width, base_width=64))
             losses = train(model, {"lr": args.lr}, 0)
             final[width] = sum(losses[-10:]) / 10
         print(f"HF {name} muP, AdamW lr={args.lr:g}, {args.steps} steps on stdlib text: mean loss of the last 10 "

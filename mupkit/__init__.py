@@ -18,6 +18,6 @@ from .rules import FAMILIES, PARAMETRIZATIONS
 
 __version__ = "0.1.0"
 
-__all__ = ["CoordCheck", "FAMILIES", "NoDepthRuleWarning", "PARAMETRIZATIONS", "ParamSpec", "Plan", "Role", "build", "coord_check", "explain", "infer_plan",
-           "load_bsh", "models", "nn", "optim", "param_groups", "parametrize", "plan_from_base_shapes", "plan_of",
-           "save_bsh"]
+__all__ = ["CoordCheck", "FAMILIES", "NoDepthRuleWarning", "PARAMETRIZATIONS", "ParamSpec", "Plan", "Role", "build",
+           "coord_check", "explain", "infer_plan", "load_bsh", "models", "nn", "optim", "param_groups", "parametrize",
+           "plan_from_base_shapes", "plan_of", "save_bsh"]

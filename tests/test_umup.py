@@ -226,7 +226,8 @@ def test_umup_hyperparameters_reach_the_ops_as_in_unit_scaling():
         assert close(grads[names[k]].grad, p.grad), k
     torch.manual_seed(1)
     x = torch.randn(2, 8, 32)
-    mine, ref = mupkit.nn.MHSA(32, 4, is_causal=True, alpha_attn_softmax=0.25), uu.MHSA(32, 4, is_causal=True, mult=0.25)
+    mine = mupkit.nn.MHSA(32, 4, is_causal=True, alpha_attn_softmax=0.25)
+    ref = uu.MHSA(32, 4, is_causal=True, mult=0.25)
     ref.load_state_dict({"linear_qkv.weight": mine.qkv.weight, "linear_o.weight": mine.proj.weight})
     assert close(mine(x), ref(x))
     logits, targets = torch.randn(64, 50), torch.randint(0, 50, (64,))

@@ -12,5 +12,5 @@ from .unit import (MHSA, MLP, DepthModuleList, Embedding, LayerNorm, Linear, Lin
                    TransformerDecoder, TransformerLayer)
 
 __all__ = ["DepthModuleList", "Embedding", "InputScale", "LayerNorm", "Linear", "LinearReadout", "MHSA", "MLP",
-           "RMSNorm", "TransformerDecoder", "TransformerLayer", "attention_scale", "branch_multiplier", "functional", "residual",
-           "residual_scale"]
+           "RMSNorm", "TransformerDecoder", "TransformerLayer", "attention_scale", "branch_multiplier", "functional",
+           "residual", "residual_scale"]
