@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .plan import plan_of, plan_owner
-from .rules import FAMILIES, Family
+from .rules import FAMILIES, PARAMETRIZATIONS, Family
 
 #: torch optimizer classes -> family (entrywise-normalized ones are "adam"-like; see mup/optim.py)
 TORCH_FAMILIES = {
@@ -31,12 +31,6 @@ def effective_weight_decay(weight_decay: float, policy: str, *, wd_scale: float,
     if policy == "coupled":
         return weight_decay * wd_scale
     return weight_decay / (reference_lr * lr_scale)
-
-
-def plan_weight_decay_policy(parametrization: str) -> str:
-    """The default weight-decay policy of a parametrization: ``independent`` for u-muP (its decay
-    does not move with the peak LR, Blake et al. 2024, Sec. 4.4), ``coupled`` otherwise."""
-    return "independent" if parametrization.split("+")[0] == "umup" else "coupled"
 
 
 def resolve_family(optimizer: Any) -> Family:
@@ -89,7 +83,8 @@ def param_groups(model: nn.Module, *, optimizer: Any = None, lr: float | None = 
     plan = plan_of(model)
     owner = plan_owner(model)
     family = None if optimizer is None else resolve_family(optimizer)
-    plan_policy = plan_weight_decay_policy(plan.parametrization)
+    width_rules = PARAMETRIZATIONS.get(plan.parametrization.partition("+")[0])  # a custom table: coupled
+    plan_policy = width_rules.weight_decay_policy if width_rules is not None else "coupled"
     if weight_decay_policy is None and family is not None:
         weight_decay_policy = plan_policy if family.decoupled_wd else "coupled"
     if family is None and (lr is not None or weight_decay is not None or eps is not None):

@@ -165,6 +165,9 @@ class Parametrization:
     #: rules evaluated at the parameter's own fans, as if the base width were 1 (u-muP has no base
     #: shapes); ``forward`` is then applied by the unit-scaled op or absorbed into a plain layer
     absolute: bool = False
+    #: default weight-decay policy for decoupled decay (:func:`mupkit.param_groups`): ``coupled``
+    #: (mup's ``lr * wd`` at the base) or ``independent`` of the peak LR (u-muP, Sec. 4.4)
+    weight_decay_policy: str = "coupled"
 
 
 _VECTOR_LIKE = RoleRule(lr={"adam": ONE, "sgd": Power(b=1), "adafactor": ONE})
@@ -198,7 +201,7 @@ UMUP = Parametrization("umup", {
     Role.HIDDEN: RoleRule(forward=Power(a=-0.5), lr=_same_for_every_family(Power(a=-0.5))),
     Role.OUTPUT: RoleRule(forward=Power(a=-1)),
     Role.SCALAR: RoleRule(),
-}, depth=DepthRule(0.5, unit_scaled=True), absolute=True)
+}, depth=DepthRule(0.5, unit_scaled=True), absolute=True, weight_decay_policy="independent")
 
 PARAMETRIZATIONS: dict[str, Parametrization] = {p.name: p for p in (SP, MUP, UMUP)}
 
