@@ -27,6 +27,15 @@ class NoDepthRuleWarning(UserWarning):
     """Base and target differ in depth under a parametrization without a depth rule."""
 
 
+def _require_width(shapes: Mapping[str, ParamShapes], param: Parametrization, base: Sizes, delta: Sizes,
+                   alternative: str) -> None:
+    """Raise unless some parameter dim differs between base and delta (scales with width)."""
+    if not any(any(s.infinite) for s in shapes.values()):
+        raise ValueError(f"no parameter dim differs between base {dict(base)} and delta {dict(delta)}, so nothing "
+                         f"scales with width and {param.name!r} would silently be SP. Make base and target differ "
+                         f"in the width kwargs (or pass delta=...), {alternative}.")
+
+
 def infer_plan(constructor: Constructor, *, base: Sizes | None = None, target: Sizes, delta: Sizes | None = None,
                parametrization: str | Parametrization = "mup", readout: Sequence[str] | None = None,
                layouts: Mapping[str, str] | None = None, branch_outputs: Sequence[str] | None = None) -> Plan:
@@ -56,14 +65,10 @@ def infer_plan(constructor: Constructor, *, base: Sizes | None = None, target: S
     if param.absolute:
         roles = None
         if base is not None:
-            metas = [build_on_meta(constructor, kw) for kw in (base, resolve_delta(base, target, delta), target)]
+            delta = resolve_delta(base, target, delta)
+            metas = [build_on_meta(constructor, kw) for kw in (base, delta, target)]
             shapes = zip_shapes(*metas)
-            if not any(any(s.infinite) for s in shapes.values()):
-                raise ValueError(f"{param.name!r}: no parameter dim differs between base {dict(base)} and delta "
-                                 f"{resolve_delta(base, target, delta)}, so mupkit cannot tell the plain layers' roles "
-                                 f"and every parameter would silently keep SP. Make base and target differ in the "
-                                 f"width kwargs (or pass delta=...), or build the model from mupkit.nn parts, which "
-                                 f"need no base.")
+            _require_width(shapes, param, base, delta, "or build the model from mupkit.nn parts, which need no base")
             roles = assign_roles(shapes, param_sites(metas[2]), readout=readout, layouts=layouts)
         sizes = {"target": dict(target), **({"base": dict(base)} if base is not None else {})}
         return unit_plan(build_on_meta(constructor, target), param, sizes, roles)
@@ -78,10 +83,8 @@ def infer_plan(constructor: Constructor, *, base: Sizes | None = None, target: S
     delta = resolve_delta(base, width_target, None if delta is None else {**delta, **{k: base[k] for k in depth_keys}})
     metas = [build_on_meta(constructor, kw) for kw in (base, delta, width_target)]
     width_shapes = zip_shapes(*metas)
-    if param.rescales and not any(any(s.infinite) for s in width_shapes.values()) and not depth_keys:
-        raise ValueError(f"no parameter dim differs between base {dict(base)} and delta {dict(delta)}, so "
-                         f"nothing scales with width and {param.name!r} would silently be SP. Make base and "
-                         f"target differ in the width kwargs (or pass delta=...), or pass parametrization='sp'.")
+    if param.rescales and not depth_keys:
+        _require_width(width_shapes, param, base, delta, "or pass parametrization='sp'")
     deep = build_on_meta(constructor, target) if depth_keys else metas[2]
     sites_in_blocks, counts = {}, {}
     counterpart = {n: n for n in width_shapes}

@@ -33,6 +33,7 @@ inputs): the residual stream entering the first and last block and the modules a
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import math
 import re
@@ -236,8 +237,9 @@ def coord_check(constructor: Constructor, widths: Sequence[int] | int, *, base: 
     def target(width: int, depth: int | None) -> dict[str, Any]:
         return {width_arg: width, **fixed, **({depth_arg: depth} if depth is not None else {})}
 
-    probe = _control(infer_plan)(constructor, target=target(widths[-1], depths[-1] if depths else None),
-                                 parametrization=parametrization, **sizes)
+    with _depth_control():
+        probe = infer_plan(constructor, target=target(widths[-1], depths[-1] if depths else None),
+                           parametrization=parametrization, **sizes)
     expected = _expected_at_init(probe, expected_at_init)
     containers = list(probe.depth.get("blocks", {}))
     if zero_init == "auto":
@@ -250,8 +252,9 @@ def coord_check(constructor: Constructor, widths: Sequence[int] | int, *, base: 
                                        label=lambda r: f"width {r[0]}" + (f" depth {r[1]}" if r[1] else "")
                                        + f" seed {r[2]}"):
         torch.manual_seed(seed)
-        model = _control(build)(constructor, target=target(width, depth), parametrization=parametrization,
-                                device=device, zero_init=zero_init, **sizes)
+        with _depth_control():
+            model = build(constructor, target=target(width, depth), parametrization=parametrization,
+                          device=device, zero_init=zero_init, **sizes)
         model.train()
         if batch is None:
             x, y = synthetic_batch(model, seed=1234, device=device)
@@ -270,20 +273,19 @@ def coord_check(constructor: Constructor, widths: Sequence[int] | int, *, base: 
                       0.0 if alpha is None else DepthRule(alpha).block_update_exponent)
 
 
-def _control(fn: Callable) -> Callable:
-    """``fn`` without :class:`~mupkit.build.NoDepthRuleWarning`: a depth check under a
-    parametrization without a depth rule is the control that shows what the rule fixes."""
-    def call(*args, **kwargs):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", NoDepthRuleWarning)
-            return fn(*args, **kwargs)
-    return call
+@contextlib.contextmanager
+def _depth_control():
+    """Silence :class:`~mupkit.build.NoDepthRuleWarning`: a depth check under a parametrization
+    without a depth rule is the control that shows what the rule fixes."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NoDepthRuleWarning)
+        yield
 
 
 def _comparable_across_depth(rows: list[dict[str, Any]], blocks: Mapping[str, int]) -> list[dict[str, Any]]:
     """Rename block modules (block 0 kept, last block -> ``<container>.last``, others dropped),
     average parameter updates over the blocks per template (``<container>.*.<rest>``) and the
-    relative change of the stream entering each block over the blocks (``<container>.*``)."""
+    relative change of the stream entering blocks ``1..L-1`` over those blocks (``<container>.*``)."""
     out, updates, streams = [], {}, {}
     for row in rows:
         name = row["module"]

@@ -33,6 +33,13 @@ def effective_weight_decay(weight_decay: float, policy: str, *, wd_scale: float,
     return weight_decay / (reference_lr * lr_scale)
 
 
+def _default_weight_decay_policy(parametrization: str) -> str:
+    """The plan's default policy for decoupled decay: its width table's (u-muP: independent);
+    ``coupled`` for a custom table, which is not registered by name."""
+    width_rules = PARAMETRIZATIONS.get(parametrization.partition("+")[0])
+    return width_rules.weight_decay_policy if width_rules is not None else "coupled"
+
+
 def resolve_family(optimizer: Any) -> Family:
     """A family from its name, a mupkit optimizer class (``family`` attribute) or a torch class."""
     if isinstance(optimizer, str):
@@ -83,8 +90,7 @@ def param_groups(model: nn.Module, *, optimizer: Any = None, lr: float | None = 
     plan = plan_of(model)
     owner = plan_owner(model)
     family = None if optimizer is None else resolve_family(optimizer)
-    width_rules = PARAMETRIZATIONS.get(plan.parametrization.partition("+")[0])  # a custom table: coupled
-    plan_policy = width_rules.weight_decay_policy if width_rules is not None else "coupled"
+    plan_policy = _default_weight_decay_policy(plan.parametrization)
     if weight_decay_policy is None and family is not None:
         weight_decay_policy = plan_policy if family.decoupled_wd else "coupled"
     if family is None and (lr is not None or weight_decay is not None or eps is not None):
@@ -115,10 +121,11 @@ def param_groups(model: nn.Module, *, optimizer: Any = None, lr: float | None = 
             key = (s.lr, s.wd, s.eps)
         group = groups.get(key)
         if group is None:
-            group = groups[key] = _new_group(spec, family, lr, weight_decay, eps, weight_decay_policy or plan_policy)
-            if family is None:  # a mupkit optimizer resolves it against its own family
-                group["weight_decay_policy" if weight_decay_policy else "plan_weight_decay_policy"] = \
-                    weight_decay_policy or plan_policy
+            group = groups[key] = _new_group(spec, family, lr, weight_decay, eps, weight_decay_policy)
+            if family is None and weight_decay_policy is not None:
+                group["weight_decay_policy"] = weight_decay_policy
+            elif family is None:  # the mupkit optimizer applies it if its decay is decoupled
+                group["plan_weight_decay_policy"] = plan_policy
         group["params"].append(p)
         group["param_names"].append(name)
     return list(groups.values())

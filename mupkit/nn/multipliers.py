@@ -72,8 +72,7 @@ def branch_multiplier(plan_or_model, container: str | None = None) -> float:
     if container not in containers:
         raise ValueError(f"container={container!r} is not a block container of the plan: {sorted(containers)}")
     base_depth, depth_now = containers[container]
-    from ..rules import DepthRule
-    return DepthRule(depth["alpha"]).branch_multiplier(depth_now / base_depth)
+    return residual_scale(depth_now, base_depth, depth["alpha"])
 
 
 def residual(x, branch, scale, container: str | None = None):

@@ -95,8 +95,12 @@ class ScaledGroups:
             for key in SCALE_KEYS:
                 group.setdefault(key, 1.0)
             plan_policy = group.pop("plan_weight_decay_policy", None)
-            group["weight_decay_policy"] = group.get("weight_decay_policy") or weight_decay_policy \
-                or (plan_policy if self.family.decoupled_wd else None) or "coupled"
+            if "weight_decay_policy" not in group:  # else the group's own (explicit) policy wins
+                if weight_decay_policy is not None:
+                    group["weight_decay_policy"] = weight_decay_policy
+                else:
+                    decoupled_default = plan_policy if self.family.decoupled_wd else None
+                    group["weight_decay_policy"] = decoupled_default or "coupled"
             self._check_policy(group["weight_decay_policy"])
             group.setdefault("wd_reference_lr", group["lr"])
 
