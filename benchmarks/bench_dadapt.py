@@ -18,13 +18,15 @@ def main() -> None:
     import prodigyopt
     compare("DAdaptAdam", {
         "dadaptation DAdaptAdam": lambda: dadaptation.DAdaptAdam(params),
-        "mupkit DAdaptAdam (muP groups)": lambda: mupkit.optim.DAdaptAdam(groups),
+        "mupkit DAdaptAdam default (muP groups)": lambda: mupkit.optim.DAdaptAdam(groups),
+        "mupkit DAdaptAdam eager (muP groups)": lambda: mupkit.optim.DAdaptAdam(groups, compiled=False),
         "mupkit DAdaptAdam compiled (muP groups)": lambda: mupkit.optim.DAdaptAdam(groups, compiled=True),
         "torch AdamW fused": lambda: torch.optim.AdamW(params, lr=1e-3, fused=True),
     }, "dadaptation DAdaptAdam", args.steps, args.repeats)
     compare("Prodigy", {
         "prodigyopt Prodigy": lambda: prodigyopt.Prodigy(params),
-        "mupkit Prodigy (muP groups)": lambda: mupkit.optim.Prodigy(groups),
+        "mupkit Prodigy default (muP groups)": lambda: mupkit.optim.Prodigy(groups),
+        "mupkit Prodigy eager (muP groups)": lambda: mupkit.optim.Prodigy(groups, compiled=False),
         "mupkit Prodigy compiled (muP groups)": lambda: mupkit.optim.Prodigy(groups, compiled=True),
         "torch AdamW fused": lambda: torch.optim.AdamW(params, lr=1e-3, fused=True),
     }, "prodigyopt Prodigy", args.steps, args.repeats)

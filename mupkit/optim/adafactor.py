@@ -44,6 +44,7 @@ from typing import Any
 import torch
 
 from ..rules import FAMILIES
+from .compiled import AUTO_COMPILE_MAX_TENSORS, compiled_by_default, left_to_default
 from .scaled import ScaledGroups
 from .sharding import ShardInfo, global_rms, local_tensor, shard_info, state_like, sum_over
 from .tensors import KeepsStateDtypes, compile_safe, default_foreach, state_dtype, working_copy, write_back
@@ -61,8 +62,10 @@ class Adafactor(KeepsStateDtypes, ScaledGroups, torch.optim.Optimizer):
     ``relative_step``, ``warmup_init``. ``beta1``: optional first moment, on the clipped and
     scaled update (as hf). ``foreach``: the multi-tensor path (default: on CUDA, and on the CPU
     for small tensors, see :func:`.tensors.default_foreach`); ``compiled``: ``torch.compile`` of
-    the multi-tensor step (unsharded parameters; per-step scalars are tensors,
-    so it compiles once per bucket).
+    the multi-tensor step (unsharded parameters; per-step scalars are tensors, so it compiles
+    once per bucket). ``compiled=None`` (default, with ``foreach=None``): on the CPU, a large
+    model's large tensors are compiled (:func:`.compiled.compiled_by_default`), the rest take
+    the eager default; ``False``: nothing is compiled.
     """
 
     family = FAMILIES["adafactor"]
@@ -71,7 +74,7 @@ class Adafactor(KeepsStateDtypes, ScaledGroups, torch.optim.Optimizer):
                  beta2_decay: float = -0.8, eps: tuple[float | None, float] | None = None,
                  clip_threshold: float = 1.0, weight_decay: float = 0.0, scale_parameter: bool = True,
                  relative_step: bool = True, warmup_init: bool = False, maximize: bool = False,
-                 foreach: bool | None = None, compiled: bool = False, fused: bool = False):
+                 foreach: bool | None = None, compiled: bool | None = None, fused: bool = False):
         if mode not in MODES:
             raise ValueError(f"mode={mode!r}; use one of {MODES}")
         if mode == "torch":
@@ -115,8 +118,12 @@ class Adafactor(KeepsStateDtypes, ScaledGroups, torch.optim.Optimizer):
     def step(self, closure=None):
         loss = self._loss(closure)
         fused: dict[tuple, list[dict[str, Any]]] = {}  # every fused group's tensors, by launch bucket
+        auto = [p for group in self.param_groups if left_to_default(group) for p in group["params"]
+                if p.grad is not None]
+        auto_compiled = {id(p) for p, yes in zip(auto, compiled_by_default(auto, AUTO_COMPILE_MAX_TENSORS)) if yes}
         for group in self.param_groups:
-            tensors = [self._tensors(group, i, p) for i, p in enumerate(group["params"]) if p.grad is not None]
+            with_grad = [(i, p) for i, p in enumerate(group["params"]) if p.grad is not None]
+            tensors = [self._tensors(group, i, p) for i, p in with_grad]
             if not tensors:
                 continue
             cfg = {k: group[k] for k in ("mode", "eps", "clip_threshold", "scale_parameter", "beta1", "lr_scale",
@@ -127,18 +134,17 @@ class Adafactor(KeepsStateDtypes, ScaledGroups, torch.optim.Optimizer):
                     key = (item["param"].device, item["param"].dtype, group["mode"], group["beta1"] is not None)
                     fused.setdefault(key, []).append(item)
                 continue
-            foreach, compiled = group["foreach"], group["compiled"]
+            chosen = [bool(group["compiled"]) or id(p) in auto_compiled for _, p in with_grad]
+            self._run_buckets([t for t, c in zip(tensors, chosen) if c], group, cfg, compiled=True)
+            eager = [t for t, c in zip(tensors, chosen) if not c]
+            foreach = group["foreach"]
             if foreach is None:
-                foreach = not compiled and default_foreach([t["param"] for t in tensors])
-            if not (foreach or compiled):
-                for t in tensors:
+                foreach = default_foreach([t["param"] for t in eager])
+            if foreach:
+                self._run_buckets(eager, group, cfg, compiled=False)
+            else:
+                for t in eager:
                     _run([t], group, cfg, compiled=False)
-                continue
-            buckets: dict[tuple, list[dict[str, Any]]] = {}
-            for t in tensors:
-                buckets.setdefault((t["param"].device, state_dtype(t["param"])), []).append(t)
-            for bucket in buckets.values():
-                _run(bucket, group, cfg, compiled)
         if fused:
             from . import kernels
             kernels.check_fused("Adafactor", [it["param"] for items in fused.values() for it in items])
@@ -146,6 +152,15 @@ class Adafactor(KeepsStateDtypes, ScaledGroups, torch.optim.Optimizer):
             for (_, _, mode, momentum), items in fused.items():
                 launch(items, hf=mode == "hf", momentum=momentum)
         return loss
+
+    @staticmethod
+    def _run_buckets(tensors: list[dict[str, Any]], group: dict[str, Any], cfg: dict[str, Any], compiled: bool):
+        """The multi-tensor step (eager or compiled) once per (device, state dtype) bucket."""
+        buckets: dict[tuple, list[dict[str, Any]]] = {}
+        for t in tensors:
+            buckets.setdefault((t["param"].device, state_dtype(t["param"])), []).append(t)
+        for bucket in buckets.values():
+            _run(bucket, group, cfg, compiled)
 
     def _tensors(self, group: dict[str, Any], index: int, p: torch.Tensor) -> dict[str, Any]:
         """The parameter's local shard, gradient, state and shard layout."""

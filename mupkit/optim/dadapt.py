@@ -40,7 +40,7 @@ from typing import Any
 import torch
 
 from ..rules import FAMILIES
-from .compiled import FlatKernel
+from .compiled import FlatKernel, compiled_by_default, flattenable
 from .scaled import ScaledGroups
 from .sharding import DTensor, local_tensor
 
@@ -70,6 +70,20 @@ class _GlobalStep(ScaledGroups, torch.optim.Optimizer):
         self._sharded_groups = {id(p.device_mesh.get_group()): p.device_mesh.get_group()
                                 for g in self.param_groups for p in g["params"]
                                 if DTensor is not None and isinstance(p, DTensor)}
+
+    def _compiled_ids(self) -> set[int]:
+        """ids of the parameters whose passes run compiled this step: every one with
+        ``compiled=True``; with ``compiled=None`` (default) those :func:`.compiled.compiled_by_default`
+        picks, the others then run the same one-pass functions eagerly, which needs plain
+        contiguous tensors (no DTensor shards) and ``slice_p = 1``; else none (the eager path)."""
+        top = self.param_groups[0]
+        params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+        if top["compiled"]:
+            return {id(p) for p in params}
+        flat = all(flattenable(p) for p in params) and all(group.get("slice_p", 1) == 1 for group in self.param_groups)
+        if top["compiled"] is False or top["fused"] or not flat:
+            return set()
+        return {id(p) for p, yes in zip(params, compiled_by_default(params)) if yes}
 
     def _view(self, p: torch.Tensor) -> dict[str, Any]:
         """``p``'s state with rank-local views of DTensor entries (in-place updates reach them)."""
@@ -139,13 +153,15 @@ class DAdaptAdam(_GlobalStep):
     ``compiled=True``: each tensor's step as one ``torch.compile``d pass (CPU or GPU);
     ``fused=True``: one Triton launch for all tensors (CUDA, fp32), see :mod:`.kernels`. Both
     start once ``d`` adapts (the first steps, while every gradient is zero, run eagerly).
+    ``compiled=None`` (default): on the CPU, a large model's large tensors take the compiled pass
+    (:meth:`_compiled_ids`); ``compiled=False``: the eager path.
     """
 
     family = FAMILIES["adamw"]
 
     def __init__(self, params, lr: float = 1.0, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, decouple: bool = False, use_bias_correction: bool = False,
-                 d0: float = 1e-6, growth_rate: float = math.inf, *, compiled: bool = False, fused: bool = False):
+                 d0: float = 1e-6, growth_rate: float = math.inf, *, compiled: bool | None = None, fused: bool = False):
         if compiled and fused:
             raise ValueError("choose one of compiled=True and fused=True")
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, decouple=decouple,
@@ -157,8 +173,9 @@ class DAdaptAdam(_GlobalStep):
     def step(self, closure=None):
         loss = self._loss(closure)
         top, dlr = self._adam_step_size()
-        if (top["compiled"] or top["fused"]) and top["k"] > 0:
-            self._one_pass_step(top, dlr)
+        compiled = self._compiled_ids()
+        if (compiled or top["fused"]) and top["k"] > 0:
+            self._one_pass_step(top, dlr, compiled)
             return loss
         beta1, beta2 = top["betas"]
         root = math.sqrt(beta2)
@@ -211,9 +228,9 @@ class DAdaptAdam(_GlobalStep):
         self._store(numerator=numerator, d=d, k=top["k"] + 1)
         return True
 
-    def _one_pass_step(self, top: dict[str, Any], dlr: float) -> None:
-        """The whole step in one pass per tensor (``compiled``: a compiled function per tensor;
-        ``fused``: one Triton launch for all). The parameter update does not depend on this step's
+    def _one_pass_step(self, top: dict[str, Any], dlr: float, compiled: set[int]) -> None:
+        """The whole step in one pass per tensor (a compiled function for the tensors whose ids are
+        in ``compiled``, the same function eagerly for the rest; ``fused``: one Triton launch for all). The parameter update does not depend on this step's
         ``d``, so it runs before the reduction; that is only valid once some gradient was nonzero
         (``k > 0``), since the reference skips the update while ``den`` is 0."""
         beta1, beta2 = top["betas"]
@@ -240,8 +257,8 @@ class DAdaptAdam(_GlobalStep):
         for p, state, row in items:
             if id(row) not in scalars:
                 scalars[id(row)] = _DADAPT_ADAM.scalars(row, p)
-            terms.append(_DADAPT_ADAM([p, p.grad, state["exp_avg"], state["exp_avg_sq"], state["s"]], scalars[id(row)])
-                         .to(torch.float64))
+            terms.append(_DADAPT_ADAM([p, p.grad, state["exp_avg"], state["exp_avg_sq"], state["s"]], scalars[id(row)],
+                                      compiled=id(p) in compiled).to(torch.float64))
         self._advance(top, *self._reduce(terms, items[-1][0] if items else None))
 
 
@@ -285,6 +302,8 @@ class Prodigy(_GlobalStep):
 
     ``compiled=True``: a compiled statistics pass and update pass per tensor; ``fused=True``:
     the same two passes as Triton launches over all tensors (CUDA, fp32, ``slice_p=1``).
+    ``compiled=None`` (default): on the CPU, a large model's large tensors take the compiled passes
+    (:meth:`_compiled_ids`); ``compiled=False``: the eager path.
     """
 
     family = FAMILIES["adamw"]
@@ -292,7 +311,7 @@ class Prodigy(_GlobalStep):
     def __init__(self, params, lr: float = 1.0, betas: tuple[float, float] = (0.9, 0.999), beta3: float | None = None,
                  eps: float = 1e-8, weight_decay: float = 0.0, decouple: bool = True, use_bias_correction: bool = False,
                  safeguard_warmup: bool = False, d0: float = 1e-6, d_coef: float = 1.0, growth_rate: float = math.inf,
-                 slice_p: int = 1, *, compiled: bool = False, fused: bool = False):
+                 slice_p: int = 1, *, compiled: bool | None = None, fused: bool = False):
         if slice_p < 1:
             raise ValueError(f"slice_p={slice_p} must be >= 1")
         if (compiled or fused) and slice_p != 1:
@@ -312,6 +331,7 @@ class Prodigy(_GlobalStep):
         beta1, beta2 = top["betas"]
         beta3 = top["beta3"] if top["beta3"] is not None else math.sqrt(beta2)
         d, d0, k = top["d"], top["d0"], top["k"]
+        compiled = self._compiled_ids()
         terms, like, fused = [], None, []
         sums_rows, sums_scalars = {}, {}  # per group: the statistics pass's values, and as tensors
         for group in self.param_groups:
@@ -334,7 +354,7 @@ class Prodigy(_GlobalStep):
                 if group["lr"] == 0.0:
                     continue
                 like = g
-                if top["compiled"] or top["fused"]:
+                if compiled or top["fused"]:
                     if id(group) not in sums_rows:
                         s_scale = (d / d0) * (d if group["safeguard_warmup"] else dlr)
                         l2 = 0.0 if group["decouple"] else group["weight_decay"] * group["wd_scale"]
@@ -347,7 +367,7 @@ class Prodigy(_GlobalStep):
                     if id(group) not in sums_scalars:
                         sums_scalars[id(group)] = _PRODIGY_SUMS.scalars(row, local)
                     terms.append(_PRODIGY_SUMS([p, p.grad, state["p0"], state["exp_avg_sq"], state["s"]],
-                                               sums_scalars[id(group)]).to(torch.float64))
+                                               sums_scalars[id(group)], compiled=id(p) in compiled).to(torch.float64))
                     continue
                 view = self._view(p)
                 sliced = g.flatten()[::step]
@@ -384,10 +404,10 @@ class Prodigy(_GlobalStep):
                     fused.append([p, p.grad, self.state[p]["exp_avg"] if beta1 > 0 else None,
                                   self.state[p]["exp_avg_sq"], (*update_row, 1.0 if beta1 > 0 else 0.0)])
                     continue
-                if top["compiled"]:
+                if compiled:
                     update_row = update_row or _PRODIGY_UPDATE_KERNELS[beta1 > 0].scalars(
                         self._update_row(group, beta1, d_old, d, dlr), p)
-                    self._compiled_update(p, beta1, update_row)
+                    self._one_pass_update(p, beta1, update_row, compiled=id(p) in compiled)
                     continue
                 view = self._view(p)
                 denom = view["exp_avg_sq"].sqrt().add_(d * eps)
@@ -410,11 +430,11 @@ class Prodigy(_GlobalStep):
             return [l2, beta1, r * d_old * (1 - beta1), d * eps, decay, dlr]
         return [l2, beta1, 0.0, d * eps, decay, r * dlr * d]
 
-    def _compiled_update(self, p: torch.Tensor, beta1: float, scalars: list[torch.Tensor]) -> None:
-        """The parameter (and momentum) update of one tensor in one compiled pass."""
+    def _one_pass_update(self, p: torch.Tensor, beta1: float, scalars: list[torch.Tensor], compiled: bool) -> None:
+        """The parameter (and momentum) update of one tensor in one pass (compiled, or the same function eagerly)."""
         state = self.state[p]
         momentum = [state["exp_avg"]] if beta1 > 0 else []
-        _PRODIGY_UPDATE_KERNELS[beta1 > 0]([p, p.grad, *momentum, state["exp_avg_sq"]], scalars)
+        _PRODIGY_UPDATE_KERNELS[beta1 > 0]([p, p.grad, *momentum, state["exp_avg_sq"]], scalars, compiled=compiled)
 
 
 def _prodigy_sums(p, g, p0, v, s, l2, num_scale, beta2, v_scale, beta3, s_scale, r):

@@ -1,9 +1,11 @@
 """muP-aware drop-in replacements for ``torch.optim.Adam``, ``AdamW`` and ``SGD``.
 
-They run torch's own kernels (single-tensor, foreach or fused, chosen by torch's dispatcher
-and the usual ``foreach=``/``fused=`` arguments) with each group's ``lr * lr_scale``,
+They run torch's own kernels (single-tensor, foreach or fused, chosen by the usual
+``foreach=``/``fused=`` arguments; by default torch's fused kernel on the CPU, torch's own
+choice elsewhere) with each group's ``lr * lr_scale``,
 weight decay per policy and ``eps * eps_scale`` (see :mod:`mupkit.optim.scaled`). Pass
-``mupkit.param_groups(model)``, or plain parameters (all scales 1: exactly torch's class).
+``mupkit.param_groups(model)``, or plain parameters (all scales 1: torch's class, up to the
+rounding of its fused CPU kernel; ``fused=False`` gives torch's CPU default bitwise).
 
 ``fused=True`` with CUDA parameters runs mupkit's Triton kernel instead (when Triton is
 installed): one launch per (device, dtype) for every group, where torch's fused kernels launch
@@ -33,13 +35,37 @@ def triton_route(optimizer: torch.optim.Optimizer) -> bool:
     return kernels.triton_available() and all(p.is_cuda for g in groups for p in g["params"])
 
 
+def cpu_fused_by_default(group: dict[str, Any]) -> bool:
+    """Whether a group that chose no implementation (``fused`` and ``foreach`` None) runs torch's
+    fused CPU kernel: all its parameters are plain dense floating-point CPU tensors and no
+    ``differentiable`` or ``capturable`` step is asked for. That kernel is one pass over each
+    tensor, 4-10x faster on the CPU than torch's default for-loop there (benchmarks/RESULTS.md);
+    the results differ from the for-loop's only by rounding."""
+    if group.get("fused") is not None or group.get("foreach") is not None or group.get("differentiable") \
+            or group.get("capturable"):
+        return False
+    return all(type(p) in (torch.Tensor, torch.nn.Parameter) and p.device.type == "cpu" and p.is_floating_point()
+               and p.layout == torch.strided for p in group["params"])
+
+
 class TritonFused:
-    """Mixin: the Triton route of ``step()`` (see the module docstring); subclasses define
-    ``_kernel_inputs(group, p)`` -> ``(tensors for the kernel after p and grad, value row)``."""
+    """Mixin: the default and Triton routes of ``step()``; subclasses define
+    ``_kernel_inputs(group, p)`` -> ``(tensors for the kernel after p and grad, value row)``.
+
+    Default (``fused=None``, ``foreach=None``): torch's fused kernel on the CPU
+    (:func:`cpu_fused_by_default`), torch's own default elsewhere. ``fused=True`` on CUDA: the
+    Triton kernel (:func:`triton_route`)."""
 
     def step(self, closure=None):
         if not triton_route(self):
-            return super().step(closure)
+            defaulted = [group for group, yes in zip(self.param_groups, self._cpu_fused_groups()) if yes]
+            for group in defaulted:
+                group["fused"] = True
+            try:
+                return super().step(closure)
+            finally:
+                for group in defaulted:
+                    group["fused"] = None
         loss = self._loss(closure)
         with torch.no_grad(), self._effective_hyperparameters():
             columns: list[list[Any]] = []
@@ -53,6 +79,14 @@ class TritonFused:
                 for bucket in by_device_and_dtype(*zip(*columns)):
                     self._launch(*bucket)
         return loss
+
+    def _cpu_fused_groups(self) -> list[bool]:
+        """:func:`cpu_fused_by_default` per group, cached while the groups hold the same parameter
+        lists and options (a per-step check of every parameter costs ~5 us per group)."""
+        key = tuple((id(g["params"]), len(g["params"]), g.get("fused"), g.get("foreach")) for g in self.param_groups)
+        if getattr(self, "_cpu_fused_key", None) != key:
+            self._cpu_fused_key, self._cpu_fused = key, [cpu_fused_by_default(g) for g in self.param_groups]
+        return self._cpu_fused
 
 
 class _AdamKernel(TritonFused):

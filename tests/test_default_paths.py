@@ -1,0 +1,139 @@
+"""The default dispatcher on the CPU: which path each optimizer takes when none is chosen.
+
+* mupkit's own optimizers (AdamAtan2, Adafactor, DAdaptAdam, Prodigy) compile a large model's
+  large tensors (``compiled=None``) and keep the rest eager; results agree with the eager path
+  to <= 1e-6 relative in fp32 after 10 steps.
+* mupkit's AdamW/Adam/SGD run torch's fused CPU kernel: bitwise torch's ``fused=True``.
+* The compiled AdamAtan2 path's polynomial ``atan2`` is within 3e-7 relative of ``torch.atan2``.
+
+The size thresholds are lowered for these tests (the real ones, ~4M elements, would make CI
+compile large models); the rule they feed is the same.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+
+import mupkit
+import mupkit.optim.compiled as compiled_module
+from mupkit.optim import Adafactor, AdamAtan2, DAdaptAdam, Prodigy
+from mupkit.optim.adam_atan2 import atan2_nonnegative_x
+from mupkit.optim.compiled import compiled_by_default
+
+SHAPES = [(32, 48), (48, 32), (48,), (5,)]  # two "large" matrices, two small vectors
+
+
+@pytest.fixture
+def small_thresholds(monkeypatch):
+    """Tensors of >= 256 elements count as large; 2000 elements in all make a large model."""
+    monkeypatch.setattr(compiled_module, "CPU_SMALL_TENSOR", 256)
+    monkeypatch.setattr(compiled_module, "AUTO_COMPILE_MIN_NUMEL", 2000)
+
+
+def test_compiled_by_default_picks_large_plain_cpu_tensors(small_thresholds, monkeypatch):
+    monkeypatch.setattr(compiled_module, "inductor_works", lambda: True)
+    params = [torch.nn.Parameter(torch.zeros(s)) for s in SHAPES]
+    assert compiled_by_default(params) == [True, True, False, False]
+    assert compiled_by_default(params[:1]) == [False]  # 1536 elements: a small model stays eager
+    assert compiled_by_default(params, max_tensors=1) == [False] * 4  # too many for one graph
+    strided = torch.zeros(48, 64).t()  # non-contiguous: no flat view
+    assert compiled_by_default([strided, *params]) == [False, True, True, False, False]
+    assert compiled_by_default([torch.zeros(4096, dtype=torch.int64)]) == [False]
+    monkeypatch.setattr(compiled_module, "inductor_works", lambda: False)
+    assert compiled_by_default(params) == [False] * 4
+
+
+def test_inductor_failure_warns_once_and_keeps_the_eager_default(monkeypatch):
+    def broken_compile(*args, **kwargs):
+        raise RuntimeError("no C++ compiler")
+    compiled_module.inductor_works.cache_clear()
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    try:
+        with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler.*compiled=False"):
+            assert compiled_module.inductor_works() is False
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert compiled_module.inductor_works() is False  # cached: no second warning
+    finally:
+        compiled_module.inductor_works.cache_clear()
+
+
+def run(make, steps=10):
+    g = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s, generator=g)) for s in SHAPES]
+    opt = make(params)
+    for _ in range(steps):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g)
+        opt.step()
+    return params
+
+
+def spy_compiled(monkeypatch):
+    """Record the size of every tensor a compiled call of any path gets."""
+    import mupkit.optim.adafactor as adafactor_module
+    import mupkit.optim.adam_atan2 as atan2_module
+    seen = []
+    run_compiled = atan2_module._run_compiled
+    monkeypatch.setattr(atan2_module, "_run_compiled",
+                        lambda ps, *a: seen.extend(p.numel() for p in ps) or run_compiled(ps, *a))
+    adafactor_run = adafactor_module._run
+    monkeypatch.setattr(adafactor_module, "_run", lambda ts, group, cfg, compiled: (
+        seen.extend(t["param"].numel() for t in ts) if compiled else None) or adafactor_run(ts, group, cfg, compiled))
+    flat_call = compiled_module.FlatKernel.__call__
+    monkeypatch.setattr(compiled_module.FlatKernel, "__call__", lambda self, ts, scalars, compiled=True: (
+        seen.append(ts[0].numel()) if compiled else None) or flat_call(self, ts, scalars, compiled))
+    return seen
+
+
+@pytest.mark.parametrize("cls", [AdamAtan2, Adafactor, DAdaptAdam, Prodigy], ids=lambda c: c.__name__)
+def test_default_compiles_the_large_tensors_and_matches_the_eager_path(cls, small_thresholds, monkeypatch):
+    seen = spy_compiled(monkeypatch)
+    eager = run(lambda ps: cls(ps, compiled=False))
+    assert not seen
+    default = run(lambda ps: cls(ps))
+    assert set(seen) == {32 * 48}  # the two large matrices went through compiled code, the vectors did not
+    for a, b in zip(default, eager):
+        assert ((a - b).abs().max() / b.abs().max()).item() <= 1e-6
+
+
+@pytest.mark.parametrize("cls", [AdamAtan2, Adafactor, DAdaptAdam, Prodigy], ids=lambda c: c.__name__)
+def test_small_models_and_explicit_choices_stay_eager(cls, monkeypatch):
+    seen = spy_compiled(monkeypatch)
+    run(lambda ps: cls(ps), steps=3)  # the real thresholds: this model is far too small to compile
+    assert not seen
+
+
+@pytest.mark.parametrize("name,kwargs", [("AdamW", dict(weight_decay=0.1)), ("Adam", dict(weight_decay=0.1)),
+                                         ("SGD", dict(lr=0.1, momentum=0.9))])
+def test_torch_based_default_is_torchs_fused_cpu_kernel(name, kwargs):
+    """Bitwise torch's ``fused=True`` by default, bitwise torch's own default with
+    ``fused=False``, and the groups keep ``fused=None`` (state_dict and the user see no change)."""
+    ours = run(lambda ps: getattr(mupkit.optim, name)(ps, **kwargs))
+    fused = run(lambda ps: getattr(torch.optim, name)(ps, fused=True, **kwargs))
+    assert all(torch.equal(a, b) for a, b in zip(ours, fused))
+    ours_loop = run(lambda ps: getattr(mupkit.optim, name)(ps, fused=False, **kwargs))
+    torch_default = run(lambda ps: getattr(torch.optim, name)(ps, **kwargs))
+    assert all(torch.equal(a, b) for a, b in zip(ours_loop, torch_default))
+    opt = getattr(mupkit.optim, name)([torch.nn.Parameter(torch.ones(3))], **kwargs)
+    opt.param_groups[0]["params"][0].grad = torch.ones(3)
+    opt.step()
+    assert opt.param_groups[0]["fused"] is None and opt.state_dict()["param_groups"][0]["fused"] is None
+
+
+def test_polynomial_atan2_matches_torch_atan2():
+    g = torch.Generator().manual_seed(0)
+    y = torch.randn(200_000, generator=g) * torch.randn(200_000, generator=g).mul(4).exp()
+    x = torch.randn(200_000, generator=g).abs() * torch.randn(200_000, generator=g).mul(4).exp()
+    ours, exact = atan2_nonnegative_x(y, x).double(), torch.atan2(y.double(), x.double())
+    assert ((ours - exact).abs() / exact.abs().clamp_min(1e-30)).max().item() <= 3e-7
+    y_edge, zero = torch.tensor([0.0, -0.0, 2.0, -3.0]), torch.zeros(4)  # (0, 0), (-0, 0) and x = 0
+    edge, exact = atan2_nonnegative_x(y_edge, zero), torch.atan2(y_edge, zero)
+    torch.testing.assert_close(edge, exact, rtol=1e-7, atol=0)
+    assert torch.equal(edge.signbit(), exact.signbit()) and exact[2].item() == pytest.approx(math.pi / 2)
+    y64, x64 = y.double(), x.double()
+    assert torch.equal(atan2_nonnegative_x(y64, x64), torch.atan2(y64, x64))  # fp64 keeps the exact atan2
