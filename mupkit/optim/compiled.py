@@ -116,5 +116,5 @@ def _probe(x: torch.Tensor, w: torch.Tensor) -> None:
     x.lerp_(torch.full_like(x, 2.0), w)
 
 
-__all__ = ["AUTO_COMPILE_MAX_TENSORS", "AUTO_COMPILE_MIN_NUMEL", "FlatKernel", "compiled_by_default", "flattenable", "inductor_works",
-           "left_to_default"]
+__all__ = ["AUTO_COMPILE_MAX_TENSORS", "AUTO_COMPILE_MIN_NUMEL", "FlatKernel", "compiled_by_default", "flattenable",
+           "inductor_works", "left_to_default"]

@@ -230,9 +230,10 @@ class DAdaptAdam(_GlobalStep):
 
     def _one_pass_step(self, top: dict[str, Any], dlr: float, compiled: set[int]) -> None:
         """The whole step in one pass per tensor (a compiled function for the tensors whose ids are
-        in ``compiled``, the same function eagerly for the rest; ``fused``: one Triton launch for all). The parameter update does not depend on this step's
-        ``d``, so it runs before the reduction; that is only valid once some gradient was nonzero
-        (``k > 0``), since the reference skips the update while ``den`` is 0."""
+        in ``compiled``, the same function eagerly for the rest; ``fused``: one Triton launch for
+        all). The parameter update does not depend on this step's ``d``, so it runs before the
+        reduction; that is only valid once some gradient was nonzero (``k > 0``), since the
+        reference skips the update while ``den`` is 0."""
         beta1, beta2 = top["betas"]
         root = math.sqrt(beta2)
         items = []
