@@ -1,8 +1,8 @@
 """The default dispatcher on the CPU: which path each optimizer takes when none is chosen.
 
-* mupkit's own optimizers (AdamAtan2, Adafactor, DAdaptAdam, Prodigy) compile a large model's
-  large tensors (``compiled=None``) and keep the rest eager; results agree with the eager path
-  to <= 1e-6 relative in fp32 after 10 steps.
+* mupkit's own optimizers (AdamAtan2, Adafactor, DAdaptAdam, Prodigy) compile a large model
+  (``compiled=None``) and keep a small one eager; results agree with the eager path to <= 1e-6
+  relative in fp32 after 10 steps.
 * mupkit's AdamW/Adam/SGD run torch's fused CPU kernel: bitwise torch's ``fused=True``.
 * The compiled AdamAtan2 path's polynomial ``atan2`` is within 3e-7 relative of ``torch.atan2``.
 
@@ -34,16 +34,19 @@ def small_thresholds(monkeypatch):
     monkeypatch.setattr(compiled_module, "AUTO_COMPILE_MIN_NUMEL", 2000)
 
 
-def test_compiled_by_default_picks_large_plain_cpu_tensors(small_thresholds, monkeypatch):
+def test_compiled_by_default_takes_a_large_model_whole(small_thresholds, monkeypatch):
     monkeypatch.setattr(compiled_module, "inductor_works", lambda: True)
     params = [torch.nn.Parameter(torch.zeros(s)) for s in SHAPES]
-    assert compiled_by_default(params) == [True, True, False, False]
-    assert compiled_by_default(params[:1]) == [False]  # 1536 elements: a small model stays eager
-    assert compiled_by_default(params, max_tensors=1) == [False] * 4  # too many for one graph
-    strided = torch.zeros(48, 64).t()  # non-contiguous: no flat view
+    assert compiled_by_default(params) == [True] * 4  # small tensors ride in the same graph
+    assert compiled_by_default(params[:1] + params[2:]) == [False] * 3  # 1536 large elements: a small model
+    strided = torch.zeros(48, 64).t()  # non-contiguous: no flat view, so only the large plain tensors go
     assert compiled_by_default([strided, *params]) == [False, True, True, False, False]
-    assert compiled_by_default([torch.zeros(4096, dtype=torch.int64)]) == [False]
+    monkeypatch.setattr(compiled_module, "AUTO_COMPILE_MAX_TENSORS", 2)  # too many for one graph: the large ones
+    assert compiled_by_default(params) == [True, True, False, False]
+    monkeypatch.setattr(compiled_module, "AUTO_COMPILE_MAX_TENSORS", 1)  # even those are too many: none
+    assert compiled_by_default(params) == [False] * 4
     monkeypatch.setattr(compiled_module, "inductor_works", lambda: False)
+    monkeypatch.setattr(compiled_module, "AUTO_COMPILE_MAX_TENSORS", 512)
     assert compiled_by_default(params) == [False] * 4
 
 
@@ -84,19 +87,19 @@ def spy_compiled(monkeypatch):
     adafactor_run = adafactor_module._run
     monkeypatch.setattr(adafactor_module, "_run", lambda ts, group, cfg, compiled: (
         seen.extend(t["param"].numel() for t in ts) if compiled else None) or adafactor_run(ts, group, cfg, compiled))
-    flat_call = compiled_module.FlatKernel.__call__
-    monkeypatch.setattr(compiled_module.FlatKernel, "__call__", lambda self, ts, scalars, compiled=True: (
-        seen.append(ts[0].numel()) if compiled else None) or flat_call(self, ts, scalars, compiled))
+    apply = compiled_module.ListKernel._apply
+    monkeypatch.setattr(compiled_module.ListKernel, "_apply", lambda self, columns, rows, compiled: (
+        seen.extend(t.numel() for t in columns[0]) if compiled else None) or apply(self, columns, rows, compiled))
     return seen
 
 
 @pytest.mark.parametrize("cls", [AdamAtan2, Adafactor, DAdaptAdam, Prodigy], ids=lambda c: c.__name__)
-def test_default_compiles_the_large_tensors_and_matches_the_eager_path(cls, small_thresholds, monkeypatch):
+def test_default_compiles_a_large_model_and_matches_the_eager_path(cls, small_thresholds, monkeypatch):
     seen = spy_compiled(monkeypatch)
     eager = run(lambda ps: cls(ps, compiled=False))
     assert not seen
     default = run(lambda ps: cls(ps))
-    assert set(seen) == {32 * 48}  # the two large matrices went through compiled code, the vectors did not
+    assert set(seen) == {32 * 48, 48, 5}  # every tensor went through compiled code
     for a, b in zip(default, eager):
         assert ((a - b).abs().max() / b.abs().max()).item() <= 1e-6
 

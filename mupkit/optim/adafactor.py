@@ -44,7 +44,7 @@ from typing import Any
 import torch
 
 from ..rules import FAMILIES
-from .compiled import AUTO_COMPILE_MAX_TENSORS, compiled_by_default, left_to_default
+from .compiled import compiled_by_default, left_to_default
 from .scaled import ScaledGroups
 from .sharding import ShardInfo, global_rms, local_tensor, shard_info, state_like, sum_over
 from .tensors import KeepsStateDtypes, compile_safe, default_foreach, state_dtype, working_copy, write_back
@@ -64,8 +64,8 @@ class Adafactor(KeepsStateDtypes, ScaledGroups, torch.optim.Optimizer):
     for small tensors, see :func:`.tensors.default_foreach`); ``compiled``: ``torch.compile`` of
     the multi-tensor step (unsharded parameters; per-step scalars are tensors, so it compiles
     once per bucket). ``compiled=None`` (default, with ``foreach=None``): on the CPU, a large
-    model's large tensors are compiled (:func:`.compiled.compiled_by_default`), the rest take
-    the eager default; ``False``: nothing is compiled.
+    model is compiled (:func:`.compiled.compiled_by_default`), what is left takes the eager
+    default; ``False``: nothing is compiled.
     """
 
     family = FAMILIES["adafactor"]
@@ -120,7 +120,7 @@ class Adafactor(KeepsStateDtypes, ScaledGroups, torch.optim.Optimizer):
         fused: dict[tuple, list[dict[str, Any]]] = {}  # every fused group's tensors, by launch bucket
         auto = [p for group in self.param_groups if left_to_default(group) for p in group["params"]
                 if p.grad is not None]
-        auto_compiled = {id(p) for p, yes in zip(auto, compiled_by_default(auto, AUTO_COMPILE_MAX_TENSORS)) if yes}
+        auto_compiled = {id(p) for p, yes in zip(auto, compiled_by_default(auto)) if yes}
         for group in self.param_groups:
             with_grad = [(i, p) for i, p in enumerate(group["params"]) if p.grad is not None]
             tensors = [self._tensors(group, i, p) for i, p in with_grad]

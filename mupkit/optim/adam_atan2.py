@@ -20,23 +20,23 @@ foreach (torch has no ``_foreach_atan2``; since the denominator is >= 0, ``atan2
 atan(y / max(x, tiny))`` is done with foreach ops, within a few ulp of ``atan2``), and compiled
 (``torch.compile`` of the update of every compiled group's tensors as one graph, per-tensor
 values in a table, ``atan2`` as a polynomial: :func:`atan2_nonnegative_x`). On the CPU the
-default (``compiled=None``) compiles a large model's large tensors
-(:func:`.compiled.compiled_by_default`) and runs the rest through the foreach path.
+default (``compiled=None``) compiles a large model (:func:`.compiled.compiled_by_default`);
+whatever it does not compile takes the foreach path.
 bf16/fp16 parameters keep fp32 state.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
 from ..rules import FAMILIES
-from .compiled import AUTO_COMPILE_MAX_TENSORS, compiled_by_default, left_to_default
+from .compiled import ListKernel, compiled_by_default, left_to_default
 from .scaled import ScaledGroups
-from .tensors import (KeepsStateDtypes, by_device_and_dtype, cache_sized, compile_safe, default_foreach, state_dtype,
-                      working_copy, write_back)
+from .tensors import (KeepsStateDtypes, by_device_and_dtype, cache_sized, default_foreach, state_dtype, working_copy,
+                      write_back)
 
 FORMULATIONS = ("lucidrains", "fused")
 
@@ -47,8 +47,8 @@ class AdamAtan2(KeepsStateDtypes, ScaledGroups, torch.optim.Optimizer):
     ``weight_decay``: decoupled, ``p *= 1 - lr * weight_decay`` per step (the reference's
     ``decoupled_wd=True``, decay independent of the LR, is ``weight_decay_policy="independent"``).
     ``foreach``/``compiled``/``fused``: the implementation. Default (all ``None``/``False``): on the CPU,
-    the compiled path for a large model's large tensors (:func:`.compiled.compiled_by_default`) and
-    foreach for the rest; on CUDA, foreach. ``foreach=False`` is the reference's own op sequence,
+    the compiled path for a large model (:func:`.compiled.compiled_by_default`), foreach for what
+    it leaves; on CUDA, foreach. ``foreach=False`` is the reference's own op sequence,
     bitwise; ``compiled=True`` compiles every tensor, ``compiled=False`` none; ``fused``: the Triton
     kernel of :mod:`.kernels`, one launch for all tensors, on CUDA.
     """
@@ -86,7 +86,7 @@ class AdamAtan2(KeepsStateDtypes, ScaledGroups, torch.optim.Optimizer):
         with self._effective_hyperparameters():
             gathered = [(group, self._gather(group)) for group in self.param_groups]
             auto = [p for group, lists in gathered if left_to_default(group) for p in lists[0]]
-            auto_compiled = {id(p) for p, yes in zip(auto, compiled_by_default(auto, AUTO_COMPILE_MAX_TENSORS)) if yes}
+            auto_compiled = {id(p) for p, yes in zip(auto, compiled_by_default(auto)) if yes}
             for group, lists in gathered:
                 if not lists[0]:
                     continue
@@ -233,13 +233,13 @@ def _compiled_row(t: float, lr: float, beta1: float, beta2: float, weight_decay:
             1.0 - beta2)
 
 
-def _compiled_body(params: Sequence[torch.Tensor], grads, exp_avgs, exp_avg_sqs, table: torch.Tensor) -> None:
-    for i, (p, g, m, v) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs)):
-        g = g.to(m.dtype)
-        m.lerp_(g, table[i, 4])
-        v.lerp_(g * g, table[i, 5])
-        update = atan2_nonnegative_x(m * table[i, 0], torch.sqrt(v * table[i, 1]))
-        p.copy_((p.to(m.dtype) * table[i, 3] - table[i, 2] * update).to(p.dtype))
+def _compiled_tensor(m, v, p, g, num_scale, den_scale, step_size, decay, one_minus_beta1, one_minus_beta2):
+    """One parameter's step in the compiled path (values from its :func:`_compiled_row`)."""
+    g = g.to(m.dtype)
+    m.lerp_(g, one_minus_beta1)
+    v.lerp_(g * g, one_minus_beta2)
+    update = atan2_nonnegative_x(m * num_scale, torch.sqrt(v * den_scale))
+    p.copy_((p.to(m.dtype) * decay - step_size * update).to(p.dtype))
 
 
 #: ``atan(z) = z P(z^2)`` on ``[0, 1]``: P's coefficients, lowest degree first, fitted by relative-error
@@ -272,20 +272,13 @@ def atan2_nonnegative_x(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return torch.copysign(torch.where(a > x, math.pi / 2 - angle, angle), y)
 
 
-_compiled_fn = None
+_COMPILED = ListKernel(_compiled_tensor)
 
 
 def _run_compiled(params, grads, exp_avgs, exp_avg_sqs, rows) -> None:
-    """All the tensors, of every compiled group, through one compiled graph per (device, dtype):
-    per-tensor values live in a table, so neither new values nor the number of groups recompile
-    (only a change in which tensors have gradients does)."""
-    global _compiled_fn
-    if _compiled_fn is None:
-        _compiled_fn = torch.compile(_compiled_body, fullgraph=True, dynamic=False)
-    for bucket in by_device_and_dtype(exp_avgs, exp_avg_sqs, params, grads, rows):
-        ms, vs, ps, gs = ([compile_safe(t) for t in ts] for ts in bucket[:4])
-        table = torch.tensor(bucket[4], dtype=ms[0].dtype, device=ms[0].device)
-        _compiled_fn(ps, gs, ms, vs, table)
+    """All the tensors, of every compiled group, through one compiled graph per (device, state
+    dtype); per-tensor values live in a table (:class:`.compiled.ListKernel`)."""
+    _COMPILED([exp_avgs, exp_avg_sqs, params, grads], rows)
 
 
 __all__ = ["ATAN_COEFFICIENTS", "AdamAtan2", "FORMULATIONS", "adam_atan2", "atan2_nonnegative_x"]

@@ -1,16 +1,16 @@
 """Compiled update functions, and the CPU default that decides when to use them.
 
-:class:`FlatKernel` compiles a function of 1-D tensors and 0-dim scalar tensors with
-``torch.compile(dynamic=True)``: every parameter, whatever its shape, runs through the same
-graph as a flat view (one compile per dtype, no recompile limit however many tensors or param
-groups), and per-step scalars are tensors, so new values never recompile. On the CPU, inductor
-fuses each function into one loop over the tensor, so an optimizer step reads and writes each
-array once instead of once per eager op.
+:class:`ListKernel` applies a per-parameter update function to lists of parameters as one
+``torch.compile`` graph per (device, dtype): per-parameter values (effective lr, decay, bias
+corrections) come from a table, so neither new values nor the number of param groups recompile
+(a change in which tensors are stepped does). On the CPU, inductor fuses each parameter's update
+into one loop over it, so a step reads and writes each array once instead of once per eager op,
+and the whole list costs one Python call instead of one per tensor.
 
 :func:`compiled_by_default` is the ``compiled=None`` default of mupkit's own optimizers: on the
-CPU, large tensors of a large model go through the compiled path (2-4x faster than the eager
-ops there, ``benchmarks/RESULTS.md``), everything else stays eager (a compile costs seconds,
-which a small model's steps never earn back).
+CPU, a large model goes through the compiled path (2-4x faster than the eager ops there,
+``benchmarks/RESULTS.md``), a small one stays eager (a compile costs seconds, which a small
+model's steps never earn back).
 """
 
 from __future__ import annotations
@@ -22,36 +22,61 @@ from typing import Callable, Sequence
 import torch
 
 from .sharding import DTensor
-from .tensors import CPU_SMALL_TENSOR
+from .tensors import CPU_SMALL_TENSOR, LOW_PRECISION, by_device_and_dtype
 
 #: elements a model's large tensors must hold in all before the CPU default compiles them
 #: (~16 MB of fp32: a step of that size takes milliseconds, so a compile of seconds pays back)
 AUTO_COMPILE_MIN_NUMEL = 1 << 22
 
-#: most tensors the CPU default puts in one whole-list graph (its compile time grows with the count)
+#: most tensors the CPU default puts in one graph (its compile time grows with the count)
 AUTO_COMPILE_MAX_TENSORS = 512
 
 
-class FlatKernel:
-    """``fn(*flat_tensors, *scalar_tensors)`` compiled on first use; call with whole tensors."""
+class ListKernel:
+    """``fn(*tensors_of_one_parameter, *values_of_its_row)`` over lists of parameters.
 
-    def __init__(self, fn: Callable[..., object]):
+    ``columns[k][i]`` is the ``k``-th tensor argument for parameter ``i`` (passed as a flat view
+    that shares its storage, so in-place updates reach it) and ``rows[i]`` its per-step values.
+    Parameters are bucketed by the first column's (device, dtype); each bucket is one compiled
+    call (``compiled=False``: the same function eagerly, tensor by tensor), with the rows as a
+    table of that dtype (fp32 for bf16/fp16). Returns the sum over parameters of what ``fn``
+    returns, in float64, or None when it returns nothing.
+    """
+
+    def __init__(self, fn: Callable[..., torch.Tensor | None]):
         self.fn = fn
         self._compiled = None
 
-    def scalars(self, values: Sequence[float], like: torch.Tensor) -> list[torch.Tensor]:
-        """Per-step scalars as 0-dim tensors of ``like``'s dtype and device (make once per step)."""
-        return [torch.tensor(v, dtype=like.dtype, device=like.device) for v in values]
+    def __call__(self, columns: Sequence[Sequence[torch.Tensor]], rows: Sequence[Sequence[float]],
+                 compiled: bool | Sequence[bool] = True) -> torch.Tensor | None:
+        """``compiled``: for all parameters, or one flag per parameter (the rest run eagerly)."""
+        flags = [compiled] * len(rows) if isinstance(compiled, bool) else list(compiled)
+        total = None
+        for *bucket, bucket_rows, bucket_flags in by_device_and_dtype(*columns, rows, flags):
+            for flag in (True, False):
+                keep = [f == flag for f in bucket_flags]
+                if any(keep):
+                    result = self._apply([[t for t, k in zip(column, keep) if k] for column in bucket],
+                                         [r for r, k in zip(bucket_rows, keep) if k], flag)
+                    if result is not None:
+                        result = result.to(torch.float64)
+                        total = result if total is None else total + result.to(total.device)
+        return total
 
-    def __call__(self, tensors: Sequence[torch.Tensor], scalars: Sequence[torch.Tensor], compiled: bool = True):
-        """Run on flat views of ``tensors``; ``compiled=False`` runs the same function eagerly
-        (what the CPU default does for tensors too small to gain from the compiled loop)."""
-        fn = self.fn
-        if compiled:
-            if self._compiled is None:
-                self._compiled = torch.compile(self.fn, dynamic=True, fullgraph=True)
-            fn = self._compiled
-        return fn(*(_flat(t) for t in tensors), *scalars)
+    def _apply(self, columns: list[list[torch.Tensor]], rows: list[Sequence[float]], compiled: bool):
+        if compiled and self._compiled is None:
+            self._compiled = torch.compile(functools.partial(_apply_each, self.fn), fullgraph=True, dynamic=False)
+        flat = [[_flat(t) for t in column] for column in columns]
+        like = flat[0][0]
+        dtype = torch.float32 if like.dtype in LOW_PRECISION else like.dtype
+        table = torch.tensor(rows, device=like.device, dtype=dtype)
+        return (self._compiled if compiled else functools.partial(_apply_each, self.fn))(flat, table)
+
+
+def _apply_each(fn: Callable[..., torch.Tensor | None], columns: list[list[torch.Tensor]],
+                table: torch.Tensor) -> torch.Tensor | None:
+    results = [fn(*tensors, *table[i].unbind()) for i, tensors in enumerate(zip(*columns))]
+    return None if results[0] is None else torch.stack(results).sum(0)
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
@@ -71,22 +96,28 @@ def flattenable(t: torch.Tensor) -> bool:
     return type(t) in (torch.Tensor, torch.nn.Parameter) and t.layout == torch.strided and t.is_contiguous()
 
 
-def compiled_by_default(params: Sequence[torch.Tensor], max_tensors: int | None = None) -> list[bool]:
+def compiled_by_default(params: Sequence[torch.Tensor]) -> list[bool]:
     """Which of ``params`` the ``compiled=None`` default sends through the compiled path.
 
-    A tensor qualifies when it is a plain dense contiguous floating-point CPU tensor (not a
-    DTensor or other subclass) of at least :data:`.tensors.CPU_SMALL_TENSOR` elements. The
-    qualifying tensors are compiled when they hold :data:`AUTO_COMPILE_MIN_NUMEL` elements in all,
-    number at most ``max_tensors`` (for whole-list graphs) and ``torch.compile`` works on this
-    machine (:func:`inductor_works`); otherwise nothing is. On CUDA the default stays eager.
+    A tensor can go when it is a plain dense contiguous floating-point CPU tensor (not a DTensor
+    or other subclass); it is large at :data:`.tensors.CPU_SMALL_TENSOR` elements or more. When
+    the large ones hold :data:`AUTO_COMPILE_MIN_NUMEL` elements in all and ``torch.compile`` works
+    here (:func:`inductor_works`): every tensor goes if all can and they number at most
+    :data:`AUTO_COMPILE_MAX_TENSORS` (small tensors cost less in the same graph than as eager
+    ops), else the large ones if they number at most that; otherwise none. On CUDA the default
+    stays eager.
     """
-    mask = [flattenable(p) and p.device.type == "cpu" and p.is_floating_point() and p.numel() >= CPU_SMALL_TENSOR
-            for p in params]
-    chosen = [p for p, m in zip(params, mask) if m]
-    if (sum(p.numel() for p in chosen) < AUTO_COMPILE_MIN_NUMEL
-            or (max_tensors is not None and len(chosen) > max_tensors) or not inductor_works()):
+    can = [flattenable(p) and p.device.type == "cpu" and p.is_floating_point() for p in params]
+    large = [c and p.numel() >= CPU_SMALL_TENSOR for p, c in zip(params, can)]
+    if sum(p.numel() for p, big in zip(params, large) if big) < AUTO_COMPILE_MIN_NUMEL:
         return [False] * len(params)
-    return mask
+    if all(can) and len(params) <= AUTO_COMPILE_MAX_TENSORS:
+        chosen = can
+    elif sum(large) <= AUTO_COMPILE_MAX_TENSORS:
+        chosen = large
+    else:
+        return [False] * len(params)
+    return chosen if inductor_works() else [False] * len(params)
 
 
 def left_to_default(group: dict) -> bool:
@@ -116,5 +147,5 @@ def _probe(x: torch.Tensor, w: torch.Tensor) -> None:
     x.lerp_(torch.full_like(x, 2.0), w)
 
 
-__all__ = ["AUTO_COMPILE_MAX_TENSORS", "AUTO_COMPILE_MIN_NUMEL", "FlatKernel", "compiled_by_default", "flattenable",
+__all__ = ["AUTO_COMPILE_MAX_TENSORS", "AUTO_COMPILE_MIN_NUMEL", "ListKernel", "compiled_by_default", "flattenable",
            "inductor_works", "left_to_default"]

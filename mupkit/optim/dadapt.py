@@ -40,7 +40,7 @@ from typing import Any
 import torch
 
 from ..rules import FAMILIES
-from .compiled import FlatKernel, compiled_by_default, flattenable
+from .compiled import ListKernel, compiled_by_default, flattenable
 from .scaled import ScaledGroups
 from .sharding import DTensor, local_tensor
 
@@ -150,10 +150,11 @@ def _flat_state(p: torch.Tensor, local_flat: torch.Tensor, slice_p: int) -> torc
 class DAdaptAdam(_GlobalStep):
     """D-Adapted Adam (``dadaptation.DAdaptAdam`` 3.2 arguments and defaults) with muP group scales.
 
-    ``compiled=True``: each tensor's step as one ``torch.compile``d pass (CPU or GPU);
+    ``compiled=True``: each tensor's step as one fused pass, all tensors in one ``torch.compile``
+    graph (CPU or GPU);
     ``fused=True``: one Triton launch for all tensors (CUDA, fp32), see :mod:`.kernels`. Both
     start once ``d`` adapts (the first steps, while every gradient is zero, run eagerly).
-    ``compiled=None`` (default): on the CPU, a large model's large tensors take the compiled pass
+    ``compiled=None`` (default): on the CPU, a large model takes the compiled pass
     (:meth:`_compiled_ids`); ``compiled=False``: the eager path.
     """
 
@@ -254,13 +255,10 @@ class DAdaptAdam(_GlobalStep):
                                                                for p, s, row in items])
             self._advance(top, *sums.tolist())
             return
-        terms, scalars = [], {}
-        for p, state, row in items:
-            if id(row) not in scalars:
-                scalars[id(row)] = _DADAPT_ADAM.scalars(row, p)
-            terms.append(_DADAPT_ADAM([p, p.grad, state["exp_avg"], state["exp_avg_sq"], state["s"]], scalars[id(row)],
-                                      compiled=id(p) in compiled).to(torch.float64))
-        self._advance(top, *self._reduce(terms, items[-1][0] if items else None))
+        total = _DADAPT_ADAM([[p for p, _, _ in items], [p.grad for p, _, _ in items]]
+                             + [[s[key] for _, s, _ in items] for key in ("exp_avg", "exp_avg_sq", "s")],
+                             [row for _, _, row in items], [id(p) in compiled for p, _, _ in items]) if items else None
+        self._advance(top, *self._reduce([] if total is None else [total], items[-1][0] if items else None))
 
 
 def _dadapt_adam_pass(p, g, m, v, s, eps, num_scale, beta1, m_scale, beta2, one_minus_beta2, root, s_scale, l2,
@@ -280,7 +278,7 @@ def _dadapt_adam_pass(p, g, m, v, s, eps, num_scale, beta1, m_scale, beta2, one_
     return torch.stack([num, s_new.abs().sum() * r])
 
 
-_DADAPT_ADAM = FlatKernel(_dadapt_adam_pass)
+_DADAPT_ADAM = ListKernel(_dadapt_adam_pass)
 
 
 def _fused_launch(name: str, kernel: str, rows: list[list[Any]]) -> torch.Tensor | None:
@@ -301,9 +299,10 @@ def _fused_launch(name: str, kernel: str, rows: list[list[Any]]) -> torch.Tensor
 class Prodigy(_GlobalStep):
     """Prodigy (``prodigyopt.Prodigy`` 1.1.2 arguments and defaults) with muP group scales.
 
-    ``compiled=True``: a compiled statistics pass and update pass per tensor; ``fused=True``:
+    ``compiled=True``: a statistics pass and an update pass per tensor, each over all tensors
+    in one ``torch.compile`` graph; ``fused=True``:
     the same two passes as Triton launches over all tensors (CUDA, fp32, ``slice_p=1``).
-    ``compiled=None`` (default): on the CPU, a large model's large tensors take the compiled passes
+    ``compiled=None`` (default): on the CPU, a large model takes the compiled passes
     (:meth:`_compiled_ids`); ``compiled=False``: the eager path.
     """
 
@@ -334,7 +333,8 @@ class Prodigy(_GlobalStep):
         d, d0, k = top["d"], top["d0"], top["k"]
         compiled = self._compiled_ids()
         terms, like, fused = [], None, []
-        sums_rows, sums_scalars = {}, {}  # per group: the statistics pass's values, and as tensors
+        sums_rows: dict[int, list[float]] = {}  # per group: the statistics pass's values
+        one_pass: list[tuple[list[torch.Tensor], list[float]]] = []  # (tensors, row) of the one-pass statistics
         for group in self.param_groups:
             r, step = self._r(group), group["slice_p"]
             for p in group["params"]:
@@ -365,10 +365,7 @@ class Prodigy(_GlobalStep):
                         fused.append([p, p.grad, state["p0"], state["exp_avg_sq"], state["s"],
                                       (*row, 1.0 if state["p0"].dim() == 0 else 0.0)])
                         continue
-                    if id(group) not in sums_scalars:
-                        sums_scalars[id(group)] = _PRODIGY_SUMS.scalars(row, local)
-                    terms.append(_PRODIGY_SUMS([p, p.grad, state["p0"], state["exp_avg_sq"], state["s"]],
-                                               sums_scalars[id(group)], compiled=id(p) in compiled).to(torch.float64))
+                    one_pass.append(([p, p.grad, state["p0"], state["exp_avg_sq"], state["s"]], row))
                     continue
                 view = self._view(p)
                 sliced = g.flatten()[::step]
@@ -381,6 +378,9 @@ class Prodigy(_GlobalStep):
         if fused:
             terms.append(_fused_launch("Prodigy", "prodigy_sums", fused))
             fused = []
+        if one_pass:
+            terms.append(_PRODIGY_SUMS([list(column) for column in zip(*(t for t, _ in one_pass))],
+                                       [row for _, row in one_pass], [id(t[0]) in compiled for t, _ in one_pass]))
         delta, den = self._reduce(terms, like)
         if den == 0:  # every rank saw the same zero (the reduction ran), so every rank skips alike
             return loss
@@ -393,6 +393,7 @@ class Prodigy(_GlobalStep):
         d_max = max(d_max, d_hat)
         d = min(d_max, d * top["growth_rate"])
         self._store(numerator=numerator, d=d, d_max=d_max, d_hat=d_hat, d_denom=den, k=k + 1)
+        updates: list[tuple[list[torch.Tensor], list[float]]] = []  # (tensors, row) of the one-pass update
         for group in self.param_groups:
             r, eps = self._r(group), group["eps"] * group["eps_scale"]
             update_row = None
@@ -406,9 +407,9 @@ class Prodigy(_GlobalStep):
                                   self.state[p]["exp_avg_sq"], (*update_row, 1.0 if beta1 > 0 else 0.0)])
                     continue
                 if compiled:
-                    update_row = update_row or _PRODIGY_UPDATE_KERNELS[beta1 > 0].scalars(
-                        self._update_row(group, beta1, d_old, d, dlr), p)
-                    self._one_pass_update(p, beta1, update_row, compiled=id(p) in compiled)
+                    update_row = update_row or self._update_row(group, beta1, d_old, d, dlr)
+                    momentum = [self.state[p]["exp_avg"]] if beta1 > 0 else []
+                    updates.append(([p, p.grad, *momentum, self.state[p]["exp_avg_sq"]], update_row))
                     continue
                 view = self._view(p)
                 denom = view["exp_avg_sq"].sqrt().add_(d * eps)
@@ -419,6 +420,9 @@ class Prodigy(_GlobalStep):
                     local_tensor(p).addcdiv_(self._grad(group, p, group["decouple"]), denom, value=-r * dlr * d)
         if fused:
             _fused_launch("Prodigy", "prodigy_update", fused)
+        if updates:
+            _PRODIGY_UPDATE_KERNELS[beta1 > 0]([list(column) for column in zip(*(t for t, _ in updates))],
+                                               [row for _, row in updates], [id(t[0]) in compiled for t, _ in updates])
         return loss
 
     def _update_row(self, group: dict[str, Any], beta1: float, d_old: float, d: float, dlr: float) -> list[float]:
@@ -430,12 +434,6 @@ class Prodigy(_GlobalStep):
         if beta1 > 0:
             return [l2, beta1, r * d_old * (1 - beta1), d * eps, decay, dlr]
         return [l2, beta1, 0.0, d * eps, decay, r * dlr * d]
-
-    def _one_pass_update(self, p: torch.Tensor, beta1: float, scalars: list[torch.Tensor], compiled: bool) -> None:
-        """The parameter (and momentum) update of one tensor in one pass (compiled, or the same function eagerly)."""
-        state = self.state[p]
-        momentum = [state["exp_avg"]] if beta1 > 0 else []
-        _PRODIGY_UPDATE_KERNELS[beta1 > 0]([p, p.grad, *momentum, state["exp_avg_sq"]], scalars, compiled=compiled)
 
 
 def _prodigy_sums(p, g, p0, v, s, l2, num_scale, beta2, v_scale, beta3, s_scale, r):
@@ -461,9 +459,9 @@ def _prodigy_update(p, g, v, l2, beta1, m_scale, eps_d, decay, step):
     p.copy_(p * decay - step * (g + l2 * p) / (v.sqrt() + eps_d))
 
 
-_PRODIGY_SUMS = FlatKernel(_prodigy_sums)
+_PRODIGY_SUMS = ListKernel(_prodigy_sums)
 #: the update pass, by whether there is a first moment (beta1 > 0)
-_PRODIGY_UPDATE_KERNELS = {True: FlatKernel(_prodigy_momentum_update), False: FlatKernel(_prodigy_update)}
+_PRODIGY_UPDATE_KERNELS = {True: ListKernel(_prodigy_momentum_update), False: ListKernel(_prodigy_update)}
 
 
 class DAdaptSGD(_GlobalStep):
