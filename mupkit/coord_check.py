@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import inspect
 import math
 import re
 import warnings
@@ -182,6 +183,8 @@ def _zero_init_kwargs(optimizer: Any) -> dict[str, Any]:
 def _optimizer(model: nn.Module, optimizer: Any, lr: float, kwargs: Mapping[str, Any]) -> torch.optim.Optimizer:
     cls = mupkit_optim.get_optimizer(optimizer) if isinstance(optimizer, str) else optimizer
     if hasattr(cls, "family"):  # mupkit optimizer: reads the per-family scales itself
+        if "compiled" in inspect.signature(cls).parameters:  # a few steps never earn back a compile
+            kwargs = {"compiled": False, **kwargs}
         return cls(param_groups(model), lr=lr, **kwargs)
     return cls(param_groups(model, optimizer=cls, lr=lr), **kwargs)
 

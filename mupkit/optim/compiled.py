@@ -16,6 +16,7 @@ model's steps never earn back).
 from __future__ import annotations
 
 import functools
+import types
 import warnings
 from typing import Callable, Sequence
 
@@ -30,6 +31,10 @@ AUTO_COMPILE_MIN_NUMEL = 1 << 22
 
 #: most tensors the CPU default puts in one graph (its compile time grows with the count)
 AUTO_COMPILE_MAX_TENSORS = 512
+
+#: graphs one :class:`ListKernel` may compile (one per set of tensor shapes, device and dtype that
+#: it is called with; torch's default of 8 is too few for a process that steps several models)
+RECOMPILE_LIMIT = 64
 
 
 class ListKernel:
@@ -46,6 +51,9 @@ class ListKernel:
     def __init__(self, fn: Callable[..., torch.Tensor | None]):
         self.fn = fn
         self._compiled = None
+        # a code object of its own: dynamo counts recompiles (one per set of shapes) per code object
+        code = _apply_each.__code__.replace(co_name=f"_apply_each_{fn.__name__}")
+        self._apply_each = types.FunctionType(code, _apply_each.__globals__, code.co_name)
 
     def __call__(self, columns: Sequence[Sequence[torch.Tensor]], rows: Sequence[Sequence[float]],
                  compiled: bool | Sequence[bool] = True) -> torch.Tensor | None:
@@ -64,13 +72,16 @@ class ListKernel:
         return total
 
     def _apply(self, columns: list[list[torch.Tensor]], rows: list[Sequence[float]], compiled: bool):
-        if compiled and self._compiled is None:
-            self._compiled = torch.compile(functools.partial(_apply_each, self.fn), fullgraph=True, dynamic=False)
         flat = [[_flat(t) for t in column] for column in columns]
         like = flat[0][0]
         dtype = torch.float32 if like.dtype in LOW_PRECISION else like.dtype
         table = torch.tensor(rows, device=like.device, dtype=dtype)
-        return (self._compiled if compiled else functools.partial(_apply_each, self.fn))(flat, table)
+        if not compiled:
+            return self._apply_each(self.fn, flat, table)
+        if self._compiled is None:
+            self._compiled = torch.compile(self._apply_each, fullgraph=True, dynamic=False)
+        with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+            return self._compiled(self.fn, flat, table)
 
 
 def _apply_each(fn: Callable[..., torch.Tensor | None], columns: list[list[torch.Tensor]],
