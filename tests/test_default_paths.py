@@ -140,3 +140,35 @@ def test_polynomial_atan2_matches_torch_atan2():
     assert torch.equal(edge.signbit(), exact.signbit()) and exact[2].item() == pytest.approx(math.pi / 2)
     y64, x64 = y.double(), x.double()
     assert torch.equal(atan2_nonnegative_x(y64, x64), torch.atan2(y64, x64))  # fp64 keeps the exact atan2
+
+
+@pytest.mark.parametrize("cls", [AdamAtan2, Adafactor], ids=lambda c: c.__name__)
+def test_groups_of_equal_values_step_as_one_multi_tensor_call(cls, monkeypatch):
+    """12 groups, 3 distinct multipliers: 3 multi-tensor calls per step, and the result is bitwise
+    that of 12 optimizers stepping one group each (so merging changes only the call count)."""
+    import mupkit.optim.adafactor as adafactor_module
+    import mupkit.optim.adam_atan2 as atan2_module
+    module, name = (atan2_module, "_multi_tensor") if cls is AdamAtan2 else (adafactor_module, "_run")
+    calls = []
+    original = getattr(module, name)
+    monkeypatch.setattr(module, name, lambda first, *a, **k: calls.append(len(first)) or original(first, *a, **k))
+    scales = [1.0, 0.5, 0.25]
+
+    def groups(ps):
+        return [{"params": [p], "lr_scale": scales[i % 3], "param_names": [f"p{i}"]} for i, p in enumerate(ps)]
+    g = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(4096, generator=g)) for _ in range(12)]
+    alone = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    merged = cls(groups(params), foreach=True)
+    separate = [cls([group], foreach=True) for group in groups(alone)]
+    for _ in range(3):
+        for p, q in zip(params, alone):
+            p.grad = torch.randn(p.shape, generator=g)
+            q.grad = p.grad.clone()
+        calls.clear()
+        merged.step()
+        assert sorted(calls) == [4, 4, 4]
+        for opt in separate:
+            opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(params, alone))
+    assert len(merged.param_groups) == 12 and merged.param_groups[0]["param_names"] == ["p0"]

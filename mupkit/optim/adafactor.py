@@ -117,6 +117,11 @@ class Adafactor(KeepsStateDtypes, ScaledGroups, torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         loss = self._loss(closure)
+        with self._merged_groups():  # groups of equal values: one multi-tensor call (or graph) for all of them
+            self._step_groups()
+        return loss
+
+    def _step_groups(self) -> None:
         fused: dict[tuple, list[dict[str, Any]]] = {}  # every fused group's tensors, by launch bucket
         auto = [p for group in self.param_groups if left_to_default(group) for p in group["params"]
                 if p.grad is not None]
@@ -151,7 +156,6 @@ class Adafactor(KeepsStateDtypes, ScaledGroups, torch.optim.Optimizer):
             from .kernels.adafactor import adafactor as launch
             for (_, _, mode, momentum), items in fused.items():
                 launch(items, hf=mode == "hf", momentum=momentum)
-        return loss
 
     @staticmethod
     def _run_buckets(tensors: list[dict[str, Any]], group: dict[str, Any], cfg: dict[str, Any], compiled: bool):

@@ -62,12 +62,14 @@ def merge_equal_groups(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
             hash(key)
         except TypeError:  # an unhashable value
             key = None
-        if key is None:  # compare by repr
-            key = repr(sorted((k, v) for k, v in group.items() if k not in MEMBERSHIP_KEYS))
+        if key is None:  # compare by repr (and by which membership keys the group has)
+            key = repr(sorted((k, v if k not in MEMBERSHIP_KEYS else None) for k, v in group.items()))
         if key in merged:
-            merged[key]["params"].extend(group["params"])
+            for k in MEMBERSHIP_KEYS:
+                if k in merged[key]:
+                    merged[key][k].extend(group[k])
         else:
-            merged[key] = {**group, "params": list(group["params"])}
+            merged[key] = {**group, **{k: list(group[k]) for k in MEMBERSHIP_KEYS if k in group}}
     return groups if len(merged) == len(groups) else list(merged.values())
 
 
