@@ -83,7 +83,7 @@ class AdamAtan2(KeepsStateDtypes, ScaledGroups, torch.optim.Optimizer):
         # every compiled (fused) tensor of every group goes to one graph (one launch per device and dtype)
         compiled: tuple[list, ...] = ([], [], [], [], [])
         fused: tuple[list, ...] = ([], [], [], [], [])
-        with self._effective_hyperparameters(), self._merged_groups():  # equal groups: one multi-tensor call
+        with self._merged_groups(), self._effective_hyperparameters():  # equal groups: one multi-tensor call
             gathered = [(group, self._gather(group)) for group in self.param_groups]
             auto = [p for group, lists in gathered if left_to_default(group) for p in lists[0]]
             auto_compiled = {id(p) for p, yes in zip(auto, compiled_by_default(auto)) if yes}

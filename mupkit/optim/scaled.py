@@ -133,14 +133,16 @@ class ScaledGroups:
                 group.update(values)
 
     def step(self, closure=None):
-        with self._effective_hyperparameters(), self._merged_groups():
+        with self._merged_groups(), self._effective_hyperparameters():
             return super().step(closure)
 
     @contextlib.contextmanager
     def _merged_groups(self):
-        """For the duration of ``step()``, groups whose hyperparameters are all equal (after the
-        muP multipliers are applied) become one group (:func:`merge_equal_groups`), so torch's
-        foreach and fused kernels launch once per distinct set of values, not once per group."""
+        """For the duration of ``step()``, groups whose values (hyperparameters and muP
+        multipliers) are all equal become one group (:func:`merge_equal_groups`), so torch's
+        foreach and fused kernels launch once per distinct set of values, not once per group.
+        Enter it before :meth:`_effective_hyperparameters`: the multipliers are then applied
+        once per merged group (a function of its values), not once per group."""
         saved = self.param_groups
         self.param_groups = merge_equal_groups(saved)
         try:

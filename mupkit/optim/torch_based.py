@@ -81,9 +81,10 @@ class TritonFused:
         return loss
 
     def _cpu_fused_groups(self) -> list[bool]:
-        """:func:`cpu_fused_by_default` per group, cached while the groups hold the same parameter
-        lists and options (a per-step check of every parameter costs ~5 us per group)."""
-        key = tuple((id(g["params"]), len(g["params"]), g.get("fused"), g.get("foreach")) for g in self.param_groups)
+        """:func:`cpu_fused_by_default` per group, decided when the groups are first stepped and
+        again whenever they are replaced (``load_state_dict``) or added (``add_param_group``): a
+        per-step check of every parameter would cost ~5 us per group."""
+        key = (id(self.param_groups), len(self.param_groups))
         if getattr(self, "_cpu_fused_key", None) != key:
             self._cpu_fused_key, self._cpu_fused = key, [cpu_fused_by_default(g) for g in self.param_groups]
         return self._cpu_fused
