@@ -227,3 +227,20 @@ def test_default_path_on_the_cpu_follows_tensor_size():
     finally:
         adafactor_module._run = original
     assert calls == [3]  # one bucket of 3 (the multi-tensor path), not one call per tensor
+
+
+def test_merge_equal_groups_joins_only_groups_with_the_same_keys_and_values():
+    from mupkit.optim.scaled import merge_equal_groups
+    a, b, c, d, e = (nn.Parameter(torch.zeros(2)) for _ in range(5))
+    groups = [{"params": [a], "param_names": ["a"], "lr": 1.0},
+              {"params": [b], "param_names": ["b"], "lr": 1.0},
+              {"params": [c], "lr": 1.0, "x": 0},  # as many keys, but not param_names: its own group
+              {"params": [d], "param_names": ["d"], "lr": 2.0},
+              {"params": [e], "param_names": ["e"], "lr": 1.0, "tags": ["unhashable"]}]
+    merged = merge_equal_groups(groups)
+    assert [(len(g["params"]), g.get("param_names")) for g in merged] == [(2, ["a", "b"]), (1, None), (1, ["d"]),
+                                                                          (1, ["e"])]
+    assert merged[0]["params"][0] is a and merged[0]["params"][1] is b
+    assert groups[0]["params"] == [a] and groups[0]["param_names"] == ["a"]  # the inputs are not modified
+    distinct = groups[2:]
+    assert merge_equal_groups(distinct) is distinct  # no two equal: the list itself, no copies
