@@ -39,8 +39,8 @@ def cpu_fused_by_default(group: dict[str, Any]) -> bool:
     """Whether a group that chose no implementation (``fused`` and ``foreach`` None) runs torch's
     fused CPU kernel: all its parameters are plain dense floating-point CPU tensors and no
     ``differentiable`` or ``capturable`` step is asked for. That kernel is one pass over each
-    tensor, 4-10x faster on the CPU than torch's default for-loop there (benchmarks/RESULTS.md);
-    the results differ from the for-loop's only by rounding."""
+    tensor, 4.5x faster on the CPU than torch's default for-loop there (25M-parameter GPT, 2
+    threads); the results differ from the for-loop's only by rounding."""
     if group.get("fused") is not None or group.get("foreach") is not None or group.get("differentiable") \
             or group.get("capturable"):
         return False
