@@ -257,7 +257,7 @@ def atan2_nonnegative_x(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     (:data:`ATAN_COEFFICIENTS`), the angle is that or ``pi/2 - atan(z)`` when ``a > x``, with
     ``y``'s sign; ``(0, 0)`` gives 0, like ``atan2``. Float64 inputs use ``torch.atan2`` (the
     polynomial's 1.8e-8 is below fp32's resolution, not fp64's). In fp32 it is within 2.2e-7
-    relative of ``torch.atan2`` (tests/test_scale_invariant_optim.py).
+    relative of ``torch.atan2`` (tests/test_default_paths.py).
     """
     if y.dtype == torch.float64:
         return torch.atan2(y, x)
