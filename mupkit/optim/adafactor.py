@@ -39,7 +39,7 @@ scale (``eps_scale``), so zero-initialized tensors step like their muP init woul
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -224,8 +224,10 @@ def _relative_step(group: dict[str, Any], t: float) -> float:
 
 
 def _update_direction(g: torch.Tensor, state: dict[str, Any], info: ShardInfo, cfg: dict[str, Any],
-                      one_minus_beta2: torch.Tensor) -> torch.Tensor:
-    """``g / sqrt(V)`` with the second-moment statistics updated in place (either mode)."""
+                      one_minus_beta2: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """Update the second-moment statistics in place (either mode) and return a function that
+    computes ``g / sqrt(V)`` from them: the compiled step calls it twice, for the update's RMS and
+    in the update loop, so inductor fuses it into both instead of storing it."""
     hf = cfg["mode"] == "hf"
     eps1 = cfg["eps"][0]
     if eps1 is None:
@@ -236,9 +238,9 @@ def _update_direction(g: torch.Tensor, state: dict[str, Any], info: ShardInfo, c
         g2 = g * g + eps1 if hf else g * g
         if hf:
             variance.mul_(1.0 - one_minus_beta2).add_(g2 * one_minus_beta2)
-            return variance.rsqrt().mul_(g)
+            return lambda: variance.rsqrt().mul_(g)
         variance.lerp_(g2, one_minus_beta2)
-        return variance.clamp(min=floor).rsqrt_().mul_(g)
+        return lambda: variance.clamp(min=floor).rsqrt_().mul_(g)
     rows, cols = info.shape[-2], info.shape[-1]
     row_var, col_var = state["row_var"], state["col_var"]
     g2 = g * g
@@ -250,11 +252,11 @@ def _update_direction(g: torch.Tensor, state: dict[str, Any], info: ShardInfo, c
         row_var.mul_(1.0 - one_minus_beta2).add_(row_mean * one_minus_beta2)
         col_var.mul_(1.0 - one_minus_beta2).add_(col_mean * one_minus_beta2)
         row_factor = (row_var / sum_over(row_var, -2, info).div_(rows)).rsqrt_()
-        return (row_factor * col_var.rsqrt()).mul_(g)
+        return lambda: (row_factor * col_var.rsqrt()).mul_(g)
     row_var.lerp_(row_mean, one_minus_beta2)
     col_var.lerp_(col_mean, one_minus_beta2)
-    var = (row_var / sum_over(row_var, -2, info).div_(rows).clamp_(min=eps1)) * col_var  # R C / mean(R)
-    return var.clamp_(min=floor).rsqrt_().mul_(g)
+    scaled_rows = row_var / sum_over(row_var, -2, info).div_(rows).clamp_(min=eps1)  # R / mean(R)
+    return lambda: (scaled_rows * col_var).clamp_(min=floor).rsqrt_().mul_(g)
 
 
 def _step(params: list[torch.Tensor], works: list[torch.Tensor], grads: list[torch.Tensor],
@@ -267,10 +269,13 @@ def _step(params: list[torch.Tensor], works: list[torch.Tensor], grads: list[tor
     if cfg["weight_decay"]:
         hf_decay = list((1.0 - cfg["weight_decay"] * alpha0).unbind())
         torch._foreach_mul_(works, list(decay) if cfg["mode"] == "torch" else hf_decay)
-    updates = [_update_direction(g, s, i, cfg, omb[k]) for k, (g, s, i) in enumerate(zip(grads, states, infos))]
+    directions = [_update_direction(g, s, i, cfg, omb[k]) for k, (g, s, i) in enumerate(zip(grads, states, infos))]
+    updates = [direction() for direction in directions]
     clip = (global_rms(updates, infos) / cfg["clip_threshold"]).clamp_(min=1.0)
     scales = list((alpha0 * cfg["lr_scale"] / clip).unbind())
     if cfg["beta1"] is None:
+        if torch.compiler.is_compiling():  # recomputed inside the update loop: no buffer per tensor
+            updates = [direction() for direction in directions]
         torch._foreach_addcmul_(works, updates, scales, value=-1.0)  # p -= alpha U / clip, one pass
     else:
         torch._foreach_mul_(updates, scales)

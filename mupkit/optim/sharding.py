@@ -77,8 +77,13 @@ def all_sum(values: torch.Tensor, infos: Sequence[ShardInfo]) -> torch.Tensor:
 
 
 def global_rms(tensors: list[torch.Tensor], infos: list[ShardInfo]) -> torch.Tensor:
-    """RMS of each global tensor, as one 1-D tensor (one reduction for all sharded ones)."""
-    norms = torch.stack(torch._foreach_norm(tensors))
+    """RMS of each global tensor, as one 1-D tensor (one reduction for all sharded ones). Under
+    ``torch.compile`` the norms are sums of squares, which inductor fuses into the loops that
+    produce the tensors (``_foreach_norm`` is an opaque kernel that needs them stored first)."""
+    if torch.compiler.is_compiling():
+        norms = torch.stack([t.square().sum().sqrt() for t in tensors])
+    else:
+        norms = torch.stack(torch._foreach_norm(tensors))
     if all(i.dim is None for i in infos):  # whole tensors: no reduction, no per-step host-to-device copy
         if len(infos) == 1:
             return norms / math.sqrt(infos[0].numel)
