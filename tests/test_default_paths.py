@@ -105,7 +105,7 @@ def test_default_compiles_a_large_model_and_matches_the_eager_path(cls, small_th
 
 
 @pytest.mark.parametrize("cls", [AdamAtan2, Adafactor, DAdaptAdam, Prodigy], ids=lambda c: c.__name__)
-def test_small_models_and_explicit_choices_stay_eager(cls, monkeypatch):
+def test_small_models_stay_eager(cls, monkeypatch):
     seen = spy_compiled(monkeypatch)
     run(lambda ps: cls(ps), steps=3)  # the real thresholds: this model is far too small to compile
     assert not seen

@@ -23,7 +23,7 @@ from typing import Callable, Sequence
 import torch
 
 from .sharding import DTensor
-from .tensors import CPU_SMALL_TENSOR, LOW_PRECISION, by_device_and_dtype
+from .tensors import CPU_SMALL_TENSOR, LOW_PRECISION, by_device_and_dtype, plain_dense
 
 #: elements a model's large tensors must hold in all before the CPU default compiles them
 #: (~16 MB of fp32: a step of that size takes milliseconds, so a compile of seconds pays back)
@@ -104,7 +104,7 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
 def flattenable(t: torch.Tensor) -> bool:
     """A plain dense contiguous tensor or parameter (no DTensor or other subclass): what the
     compiled passes take as a flat view."""
-    return type(t) in (torch.Tensor, torch.nn.Parameter) and t.layout == torch.strided and t.is_contiguous()
+    return plain_dense(t) and t.is_contiguous()
 
 
 def compiled_by_default(params: Sequence[torch.Tensor]) -> list[bool]:

@@ -46,6 +46,11 @@ def write_back(p: torch.Tensor, work: torch.Tensor) -> None:
 CPU_SMALL_TENSOR = 1 << 16
 
 
+def plain_dense(t: torch.Tensor) -> bool:
+    """A plain dense tensor or parameter: no DTensor or other subclass, strided layout."""
+    return type(t) in (torch.Tensor, torch.nn.Parameter) and t.layout == torch.strided
+
+
 def default_foreach(params: Sequence[torch.Tensor], cpu: str = "small") -> bool:
     """The multi-tensor path by default? On CUDA torch's rule: yes when all tensors are dense CUDA
     tensors. On the CPU, ``cpu="small"``: when the tensors average under

@@ -21,7 +21,7 @@ import torch
 
 from ..rules import FAMILIES
 from .scaled import ScaledGroups
-from .tensors import by_device_and_dtype
+from .tensors import by_device_and_dtype, plain_dense
 
 
 def triton_route(optimizer: torch.optim.Optimizer) -> bool:
@@ -44,8 +44,7 @@ def cpu_fused_by_default(group: dict[str, Any]) -> bool:
     if group.get("fused") is not None or group.get("foreach") is not None or group.get("differentiable") \
             or group.get("capturable"):
         return False
-    return all(type(p) in (torch.Tensor, torch.nn.Parameter) and p.device.type == "cpu" and p.is_floating_point()
-               and p.layout == torch.strided for p in group["params"])
+    return all(plain_dense(p) and p.device.type == "cpu" and p.is_floating_point() for p in group["params"])
 
 
 class TritonFused:
