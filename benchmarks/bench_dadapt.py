@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 import mupkit
-from common import compare, setup
+from common import accelerated, compare, setup
 
 
 def main() -> None:
@@ -20,14 +20,16 @@ def main() -> None:
         "dadaptation DAdaptAdam": lambda: dadaptation.DAdaptAdam(params),
         "mupkit DAdaptAdam default (muP groups)": lambda: mupkit.optim.DAdaptAdam(groups),
         "mupkit DAdaptAdam eager (muP groups)": lambda: mupkit.optim.DAdaptAdam(groups, compiled=False),
-        "mupkit DAdaptAdam compiled (muP groups)": lambda: mupkit.optim.DAdaptAdam(groups, compiled=True),
+        **accelerated("mupkit DAdaptAdam {} (muP groups)", args.device,
+                      lambda **path: mupkit.optim.DAdaptAdam(groups, **path)),
         "torch AdamW fused": lambda: torch.optim.AdamW(params, lr=1e-3, fused=True),
     }, "dadaptation DAdaptAdam", args.steps, args.repeats)
     compare("Prodigy", {
         "prodigyopt Prodigy": lambda: prodigyopt.Prodigy(params),
         "mupkit Prodigy default (muP groups)": lambda: mupkit.optim.Prodigy(groups),
         "mupkit Prodigy eager (muP groups)": lambda: mupkit.optim.Prodigy(groups, compiled=False),
-        "mupkit Prodigy compiled (muP groups)": lambda: mupkit.optim.Prodigy(groups, compiled=True),
+        **accelerated("mupkit Prodigy {} (muP groups)", args.device,
+                      lambda **path: mupkit.optim.Prodigy(groups, **path)),
         "torch AdamW fused": lambda: torch.optim.AdamW(params, lr=1e-3, fused=True),
     }, "prodigyopt Prodigy", args.steps, args.repeats)
 

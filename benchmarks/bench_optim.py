@@ -95,8 +95,13 @@ def optimizers() -> dict[str, tuple[int, str | None, Callable]]:
         "mupkit ScaledAdam single": (28, None, lambda ps, gs: mupkit.optim.ScaledAdam(gs, foreach=False)),
         "mupkit ScaledAdam foreach": (28, None, lambda ps, gs: mupkit.optim.ScaledAdam(gs, foreach=True)),
     }
-    if CUDA:
-        out["mupkit AdamAtan2 fused"] = (28, "adam-atan2-pytorch", lambda ps, gs: mupkit.optim.AdamAtan2(gs, fused=True))
+    if CUDA:  # the Triton kernels
+        out["mupkit AdamW fused"] = (28, "torch AdamW fused",
+                                     lambda ps, gs: mupkit.optim.AdamW(gs, lr=1e-3, fused=True))
+        out["mupkit AdamAtan2 fused"] = (28, "adam-atan2-pytorch",
+                                         lambda ps, gs: mupkit.optim.AdamAtan2(gs, fused=True))
+        out["mupkit Adafactor fused"] = (12, "torch Adafactor", lambda ps, gs: mupkit.optim.Adafactor(gs, fused=True))
+        out["mupkit ScaledAdam fused"] = (28, None, lambda ps, gs: mupkit.optim.ScaledAdam(gs, fused=True))
         out["mupkit DAdaptAdam fused"] = (36, "dadaptation DAdaptAdam",
                                           lambda ps, gs: mupkit.optim.DAdaptAdam(gs, fused=True))
         out["mupkit Prodigy fused"] = (40, "prodigyopt Prodigy", lambda ps, gs: mupkit.optim.Prodigy(gs, fused=True))
@@ -164,32 +169,36 @@ def timings(size: int, regime: str, names: list[str], windows: int, steps: int) 
 
 def peak_memory(name: str, size: int) -> float:
     """Transient bytes of one step of ``name`` above the memory held before it (parameters,
-    gradients, state), measured in a fresh process: on CUDA ``max_memory_allocated``; on the CPU
-    the peak of the resident set sampled every ~50 us during three steps, with glibc made to
-    return every freed block above 64 KB at once (``MALLOC_MMAP_THRESHOLD_``), so what is
-    resident is what is live."""
+    gradients, state). On CUDA, ``max_memory_allocated`` minus what is allocated before the step
+    (exact, so measured in this process); on the CPU, in a fresh process, the peak of the resident
+    set sampled every ~50 us during three steps, with glibc made to return every freed block above
+    64 KB at once (``MALLOC_MMAP_THRESHOLD_``), so what is resident is what is live."""
+    if CUDA:
+        params = parameters(size, "few")
+        opt = optimizers()[name][2](params, groups(params, 2))
+        step_time(opt, 2)
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        step_time(opt, 1)
+        return float(torch.cuda.max_memory_allocated() - base)
     code = f"""
 import json, os, sys, threading, time
 sys.path.insert(0, {str(__file__.rsplit('/', 1)[0])!r})
 import torch, bench_optim as b
 params = b.parameters({size}, "few")
 opt = b.optimizers()[{name!r}][2](params, b.groups(params, 2))
-opt.step(); opt.step(); b.sync()
-if b.CUDA:
-    torch.cuda.reset_peak_memory_stats(); base = torch.cuda.memory_allocated(); opt.step(); b.sync()
-    print(json.dumps(torch.cuda.max_memory_allocated() - base))
-else:
-    page = os.sysconf("SC_PAGE_SIZE")
-    rss = lambda: int(open("/proc/self/statm").read().split()[1]) * page
-    base, peak, done = rss(), [0], threading.Event()
-    def sample():
-        while not done.is_set():
-            peak[0] = max(peak[0], rss()); time.sleep(5e-5)
-    thread = threading.Thread(target=sample); thread.start()
-    for _ in range(3):
-        opt.step()
-    done.set(); thread.join()
-    print(json.dumps(max(peak[0] - base, 0)))
+opt.step(); opt.step()
+page = os.sysconf("SC_PAGE_SIZE")
+rss = lambda: int(open("/proc/self/statm").read().split()[1]) * page
+base, peak, done = rss(), [0], threading.Event()
+def sample():
+    while not done.is_set():
+        peak[0] = max(peak[0], rss()); time.sleep(5e-5)
+thread = threading.Thread(target=sample); thread.start()
+for _ in range(3):
+    opt.step()
+done.set(); thread.join()
+print(json.dumps(max(peak[0] - base, 0)))
 """
     env = dict(__import__("os").environ, MALLOC_MMAP_THRESHOLD_="65536")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
@@ -202,7 +211,7 @@ def main() -> None:
     parser.add_argument("--regimes", nargs="+", default=["few", "many"], choices=["few", "many"])
     parser.add_argument("--only", nargs="+", help="optimizer names (substring match)")
     parser.add_argument("--windows", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=20 if CUDA else 3, help="steps per window")
     parser.add_argument("--memory-size", type=float, default=2e7)
     parser.add_argument("--groups-size", type=float, default=2e7)
     parser.add_argument("--sections", nargs="+", default=["time", "memory", "groups"],

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 import mupkit
-from common import compare, setup
+from common import accelerated, compare, setup
 
 
 def main() -> None:
@@ -38,10 +38,11 @@ def main() -> None:
         "mupkit AdamAtan2 default (muP groups)": lambda: mupkit.optim.AdamAtan2(groups, lr=1e-3),
         "mupkit AdamAtan2 single-tensor (muP groups)": lambda: mupkit.optim.AdamAtan2(groups, lr=1e-3, foreach=False),
         "mupkit AdamAtan2 foreach (muP groups)": lambda: mupkit.optim.AdamAtan2(groups, lr=1e-3, foreach=True),
-        "mupkit AdamAtan2 compiled (muP groups)": lambda: mupkit.optim.AdamAtan2(groups, lr=1e-3, compiled=True),
         "torch AdamW foreach": lambda: torch.optim.AdamW(params, lr=1e-3, foreach=True),
         "torch AdamW fused": lambda: torch.optim.AdamW(params, lr=1e-3, fused=True),
     })
+    atan2.update(accelerated("mupkit AdamAtan2 {} (muP groups)", args.device,
+                             lambda **path: mupkit.optim.AdamAtan2(groups, lr=1e-3, **path)))
     if atan2.get("adam-atan2-pytorch AdamAtan2 (per-parameter)"):
         compare("AdamAtan2", atan2, "adam-atan2-pytorch AdamAtan2 (per-parameter)", args.steps, args.repeats)
 
@@ -51,7 +52,8 @@ def main() -> None:
         "mupkit Adafactor default (muP groups)": lambda: mupkit.optim.Adafactor(groups),
         "mupkit Adafactor single-tensor (muP groups)": lambda: mupkit.optim.Adafactor(groups, foreach=False),
         "mupkit Adafactor foreach (muP groups)": lambda: mupkit.optim.Adafactor(groups, foreach=True),
-        "mupkit Adafactor compiled (muP groups)": lambda: mupkit.optim.Adafactor(groups, compiled=True),
+        **accelerated("mupkit Adafactor {} (muP groups)", args.device,
+                      lambda **path: mupkit.optim.Adafactor(groups, **path)),
         "torch AdamW fused": lambda: torch.optim.AdamW(params, lr=1e-3, fused=True),
     }, "torch Adafactor single-tensor", args.steps, args.repeats)
 

@@ -32,6 +32,8 @@ def main() -> None:
             groups, clipping_scale=2.0, clipping_scope="all", foreach=False),
         "mupkit ScaledAdam foreach (muP groups)": lambda: mupkit.optim.ScaledAdam(
             groups, clipping_scale=2.0, clipping_scope="all", foreach=True),
+        **({"mupkit ScaledAdam fused (muP groups)": lambda: mupkit.optim.ScaledAdam(
+            groups, clipping_scale=2.0, clipping_scope="all", fused=True)} if args.device == "cuda" else {}),
         "torch AdamW fused": lambda: torch.optim.AdamW(params, lr=1e-3, fused=True),
     }, "icefall-style ScaledAdam (stacked buckets)", args.steps, args.repeats)
 

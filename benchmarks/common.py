@@ -1,4 +1,6 @@
-"""Shared benchmark plumbing: the parameter set every optimizer benchmark steps, and a timer."""
+"""Shared benchmark plumbing: the parameter set every optimizer benchmark steps, and a timer.
+
+The GPT lives on CUDA when there is a device (``--device`` chooses); the timer synchronizes it."""
 
 from __future__ import annotations
 
@@ -13,11 +15,11 @@ import mupkit
 from mupkit import models
 
 
-def gpt_parameters(width: int, depth: int) -> tuple[torch.nn.Module, list[torch.Tensor]]:
-    """A muP GPT from mupkit.models (vocab 512, base width 64) with random gradients set."""
+def gpt_parameters(width: int, depth: int, device: str = "cpu") -> tuple[torch.nn.Module, list[torch.Tensor]]:
+    """A muP GPT from mupkit.models (vocab 512, base width 64) on ``device`` with random gradients set."""
     torch.manual_seed(0)
     sizes = dict(depth=depth, base_width=64, vocab=512)
-    model = mupkit.build(models.gpt, base=dict(width=64, **sizes), target=dict(width=width, **sizes))
+    model = mupkit.build(models.gpt, base=dict(width=64, **sizes), target=dict(width=width, **sizes)).to(device)
     params = list(model.parameters())
     for p in params:
         p.grad = torch.randn_like(p) * 1e-3
@@ -25,11 +27,21 @@ def gpt_parameters(width: int, depth: int) -> tuple[torch.nn.Module, list[torch.
 
 
 def timed_steps(opt: torch.optim.Optimizer, steps: int) -> float:
-    """Seconds per ``opt.step()``, averaged over ``steps`` calls."""
+    """Seconds per ``opt.step()``, averaged over ``steps`` calls (CUDA work included)."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else lambda: None
+    sync()
     start = time.perf_counter()
     for _ in range(steps):
         opt.step()
+    sync()
     return (time.perf_counter() - start) / steps
+
+
+def accelerated(title: str, device: str, make: Callable[..., torch.optim.Optimizer]) -> dict[str, Callable]:
+    """The row of the device's fast explicit path: ``compiled=True`` on the CPU, the Triton
+    kernels (``fused=True``) on CUDA; ``title`` has a ``{}`` for the path's name."""
+    path = "fused" if device == "cuda" else "compiled"
+    return {title.format(path): lambda: make(**{path: True})}
 
 
 def compare(title: str, makers: dict[str, Callable[[], torch.optim.Optimizer]], reference: str, steps: int,
@@ -50,15 +62,17 @@ def compare(title: str, makers: dict[str, Callable[[], torch.optim.Optimizer]], 
 
 def setup(description: str, steps: int = 5,
           repeats: int = 5) -> tuple[argparse.Namespace, torch.nn.Module, list[torch.Tensor], list[dict]]:
-    """Parse the common flags (--width, --depth, --steps, --repeats), build the GPT, print the header."""
+    """Parse the common flags (--width, --depth, --steps, --repeats, --device), build the GPT, print the header."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--width", type=int, default=512)
     parser.add_argument("--depth", type=int, default=8)
     parser.add_argument("--steps", type=int, default=steps)
     parser.add_argument("--repeats", type=int, default=repeats)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
-    model, params = gpt_parameters(args.width, args.depth)
+    model, params = gpt_parameters(args.width, args.depth, args.device)
     groups = mupkit.param_groups(model)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {sum(p.numel() for p in params) / 1e6:.1f}M "
+    where = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"torch {torch.__version__}, {where}; {sum(p.numel() for p in params) / 1e6:.1f}M "
           f"params in {len(params)} tensors; muP groups: {len(groups)}")
     return args, model, params, groups

@@ -1,7 +1,8 @@
-"""Triton multi-tensor kernels against the single-tensor implementations, on the CPU.
+"""Triton multi-tensor kernels against the single-tensor implementations.
 
-``tests/conftest.py`` sets ``TRITON_INTERPRET=1`` when there is no CUDA device, before anything
-imports triton, so these run the kernels' own code in Triton's interpreter. Tolerance: 1e-6
+On a machine with a CUDA device the tensors live there and the kernels run compiled for it.
+Elsewhere (CI) ``tests/conftest.py`` sets ``TRITON_INTERPRET=1`` before anything imports
+triton, so the same tests run the kernels' own code in Triton's interpreter on the CPU. Tolerance: 1e-6
 relative to each tensor's largest entry after 10 fp32 steps (the kernels fuse the ops, so
 roundings differ from the eager chain).
 """
@@ -18,6 +19,8 @@ from mupkit.optim import kernels
 pytest.importorskip("triton")  # the test extra installs it; without it fused=True refuses with an error
 from mupkit.optim.kernels import elementwise  # noqa: E402
 
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
 SHAPES = [(33, 17), (5,), (), (3, 4, 5), (2100,)]  # 2100: more than one block
 LRS = [1e-2, 3e-3, 1e-2, 5e-4, 1e-3]  # a muP-like lr per tensor: all in one launch
 
@@ -31,14 +34,14 @@ def rel_err(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
 @pytest.mark.parametrize("maximize", [False, True])
 def test_adam_kernel_matches_torch_adam_with_a_different_lr_per_tensor(decoupled, maximize):
     torch.manual_seed(0)
-    params = [torch.randn(s) for s in SHAPES]
+    params = [torch.randn(s).to(DEVICE) for s in SHAPES]
     ref = [p.clone().requires_grad_() for p in params]
     cls = torch.optim.AdamW if decoupled else torch.optim.Adam
     opt = cls([{"params": [r], "lr": lr} for r, lr in zip(ref, LRS)], weight_decay=0.1, foreach=False,
               maximize=maximize)
     exp_avgs, exp_avg_sqs = [torch.zeros_like(p) for p in params], [torch.zeros_like(p) for p in params]
     for step in range(1, 11):
-        grads = [torch.randn(s) for s in SHAPES]
+        grads = [torch.randn(s).to(DEVICE) for s in SHAPES]
         for r, g in zip(ref, grads):
             r.grad = g.clone()
         opt.step()
@@ -53,13 +56,13 @@ def test_adam_kernel_matches_torch_adam_with_a_different_lr_per_tensor(decoupled
                                                          (0.9, 0.0, True)])
 def test_sgd_kernel_matches_torch_sgd(momentum, dampening, nesterov):
     torch.manual_seed(0)
-    params = [torch.randn(s) for s in SHAPES]
+    params = [torch.randn(s).to(DEVICE) for s in SHAPES]
     ref = [p.clone().requires_grad_() for p in params]
     opt = torch.optim.SGD([{"params": [r], "lr": lr} for r, lr in zip(ref, LRS)], momentum=momentum,
                           dampening=dampening, nesterov=nesterov, weight_decay=0.05, foreach=False)
     buffers = [torch.zeros_like(p) for p in params] if momentum else None
     for step in range(10):
-        grads = [torch.randn(s) for s in SHAPES]
+        grads = [torch.randn(s).to(DEVICE) for s in SHAPES]
         for r, g in zip(ref, grads):
             r.grad = g.clone()
         opt.step()
@@ -84,17 +87,18 @@ def test_atan2_from_core_ops_is_accurate_over_many_decades_and_at_zero():
     y = torch.randn(3000) * torch.logspace(-6, 6, 3000)
     x = torch.rand(3000) * torch.logspace(6, -6, 3000)
     x[:10], y[5] = 0.0, 0.0  # atan2(+-y, 0) = +-pi/2, atan2(0, 0) = 0
-    out = torch.empty(3000)
+    y, x = y.to(DEVICE), x.to(DEVICE)
+    out = torch.empty(3000, device=DEVICE)
     kernel[(3,)](y, x, out, 3000, BLOCK=1024)
     torch.testing.assert_close(out, torch.atan2(y, x), rtol=4e-7, atol=2e-7)
 
 
 def _train(make_opt, dtype=torch.float32, steps=10):
     torch.manual_seed(0)
-    model = mupkit.build(models.mlp, base=dict(width=16), target=dict(width=48)).to(dtype)
+    model = mupkit.build(models.mlp, base=dict(width=16), target=dict(width=48)).to(DEVICE, dtype)
     opt = make_opt(mupkit.param_groups(model))
     gen = torch.Generator().manual_seed(1)
-    x, y = torch.randn(32, 64, generator=gen).to(dtype), torch.randint(0, 10, (32,), generator=gen)
+    x, y = torch.randn(32, 64, generator=gen).to(DEVICE, dtype), torch.randint(0, 10, (32,), generator=gen).to(DEVICE)
     for _ in range(steps):
         opt.zero_grad()
         torch.nn.functional.cross_entropy(model(x).float(), y).backward()
@@ -115,11 +119,11 @@ def test_adam_atan2_fused_bf16_parameters_keep_fp32_state():
     the fp32 state agrees to 1e-6."""
     def one_step(**impl):
         torch.manual_seed(0)
-        model = mupkit.build(models.mlp, base=dict(width=16), target=dict(width=48)).bfloat16()
+        model = mupkit.build(models.mlp, base=dict(width=16), target=dict(width=48)).to(DEVICE, torch.bfloat16)
         opt = mupkit.optim.AdamAtan2(mupkit.param_groups(model), lr=1e-2, **impl)
         gen = torch.Generator().manual_seed(1)
         for p in model.parameters():
-            p.grad = torch.randn(p.shape, generator=gen).bfloat16()
+            p.grad = torch.randn(p.shape, generator=gen).to(DEVICE, torch.bfloat16)
         opt.step()
         return list(model.parameters()), [opt.state[p]["exp_avg_sq"] for p in model.parameters()]
     single, single_v = one_step(foreach=False)
@@ -132,8 +136,8 @@ def test_adam_atan2_fused_bf16_parameters_keep_fp32_state():
 
 
 def test_fused_refuses_what_it_cannot_run(monkeypatch):
-    p = torch.nn.Parameter(torch.randn(4, dtype=torch.float64))
-    p.grad = torch.randn(4, dtype=torch.float64)
+    p = torch.nn.Parameter(torch.randn(4, dtype=torch.float64, device=DEVICE))
+    p.grad = torch.randn(4, dtype=torch.float64, device=DEVICE)
     with pytest.raises(RuntimeError, match="float32/bfloat16/float16"):
         mupkit.optim.AdamAtan2([p], fused=True).step()
     monkeypatch.setattr(kernels, "interpreted", lambda: False)
@@ -154,12 +158,12 @@ def test_dadaptation_fused_matches_the_eager_path_with_mup_groups(cls, kwargs):
     parameters within 1e-6 after 10 fp32 steps; d, a ratio of sums that cancel, within 1e-4."""
     def run(**impl):
         torch.manual_seed(0)
-        model = mupkit.build(models.mlp, base=dict(width=16), target=dict(width=48))
+        model = mupkit.build(models.mlp, base=dict(width=16), target=dict(width=48)).to(DEVICE)
         opt = cls(mupkit.param_groups(model), **impl, **kwargs)
         gen = torch.Generator().manual_seed(1)
         for _ in range(10):
             for p in model.parameters():
-                p.grad = torch.randn(p.shape, generator=gen) + 0.5
+                p.grad = (torch.randn(p.shape, generator=gen) + 0.5).to(DEVICE)
             opt.step()
         return list(model.parameters()), opt.param_groups[0]["d"]
     eager, d_eager = run()
@@ -179,13 +183,13 @@ def test_adafactor_fused_matches_the_single_tensor_path(kwargs):
     shapes = [(8, 16), (16,), (3, 4, 5), (), (40, 30)]
     def run(**impl):
         torch.manual_seed(0)
-        params = [torch.nn.Parameter(torch.randn(s) * 0.3) for s in shapes]
+        params = [torch.nn.Parameter((torch.randn(s) * 0.3).to(DEVICE)) for s in shapes]
         opt = mupkit.optim.Adafactor([{"params": params[:2], "lr_scale": 0.5, "eps_scale": 0.5},
                                       {"params": params[2:]}], **impl, **kwargs)
         gen = torch.Generator().manual_seed(1)
         for _ in range(10):
             for p in params:
-                p.grad = torch.randn(p.shape, generator=gen)
+                p.grad = torch.randn(p.shape, generator=gen).to(DEVICE)
             opt.step()
         return params
     assert rel_err(run(fused=True), run(foreach=False)) <= 1e-6
@@ -198,13 +202,13 @@ def test_scaled_adam_fused_matches_the_single_tensor_path(clipping_scale):
     shapes = [(8, 16), (16,), (3, 4, 5), (), (1,), (40, 30)]
     def run(**impl):
         torch.manual_seed(0)
-        params = [torch.nn.Parameter(torch.randn(s) * 0.3) for s in shapes]
+        params = [torch.nn.Parameter((torch.randn(s) * 0.3).to(DEVICE)) for s in shapes]
         opt = mupkit.optim.ScaledAdam([{"params": params[:3], "lr_scale": 0.5, "eps_scale": 0.5},
                                        {"params": params[3:]}], lr=0.05, clipping_scale=clipping_scale, **impl)
         gen = torch.Generator().manual_seed(1)
         for _ in range(24):
             for p in params:
-                p.grad = torch.randn(p.shape, generator=gen) + 0.2
+                p.grad = (torch.randn(p.shape, generator=gen) + 0.2).to(DEVICE)
             opt.step()
         return params, opt
     fused, opt = run(fused=True)
@@ -226,12 +230,12 @@ def test_torch_based_optimizers_take_the_triton_kernel_for_fused_cuda_steps(cls,
     def run(route, **impl):
         monkeypatch.setattr(torch_based, "triton_route", lambda opt: route)
         torch.manual_seed(0)
-        model = mupkit.build(models.mlp, base=dict(width=16), target=dict(width=48))
+        model = mupkit.build(models.mlp, base=dict(width=16), target=dict(width=48)).to(DEVICE)
         opt = cls(mupkit.param_groups(model), **{"lr": 1e-2, **kwargs}, **impl)
         gen = torch.Generator().manual_seed(1)
         for _ in range(10):
             for p in model.parameters():
-                p.grad = torch.randn(p.shape, generator=gen)
+                p.grad = torch.randn(p.shape, generator=gen).to(DEVICE)
             opt.step()
         return list(model.parameters()), opt
     triton_params, opt = run(True, fused=True)

@@ -54,25 +54,26 @@ def values(rows: Sequence[Sequence[float]], device: torch.device) -> torch.Tenso
     return torch.tensor(rows, dtype=torch.float32).to(device, non_blocking=True)
 
 
-def blocks_for(tensors: Sequence[torch.Tensor]) -> BlockMap:
-    return block_map(tuple(t.numel() for t in tensors), tensors[0].device)
+def blocks_for(tensors: Sequence[torch.Tensor], block: int = BLOCK) -> BlockMap:
+    return block_map(tuple(t.numel() for t in tensors), tensors[0].device, block)
 
 
 def launch(kernel, tables: Sequence[Sequence[torch.Tensor]], rows: Sequence[Sequence[float]], *,
-           reduce: str | None = None, **kwargs) -> torch.Tensor | None:
+           reduce: str | None = None, block: int = BLOCK, **kwargs) -> torch.Tensor | None:
     """Run ``kernel`` over every tensor of ``tables[0]`` (one device), one program per block.
 
     The kernel takes one address table per list in ``tables``, then the sizes, the block map,
     the per-tensor values (``NV`` columns), and with ``reduce`` an fp32 array of partial sums it
     adds into: ``"blocks"``: ``(blocks, 2)``, returned summed over blocks in float64;
     ``"tensors"``: ``(tensors, 2)`` (zeroed, added to atomically), returned as is. Nothing is
-    read back to the host. ``kwargs``: further arguments by name (constexprs included).
+    read back to the host. ``block``: elements per program; ``kwargs``: further arguments by name
+    (constexprs, and launch options such as ``num_warps``).
     """
     params = tables[0]
     if not params:
         return torch.zeros(2, dtype=torch.float64) if reduce else None
     device = params[0].device
-    blocks = blocks_for(params)
+    blocks = blocks_for(params, block)
     args = [*(addresses(ts, device) for ts in tables), blocks.numel, blocks.tensor, blocks.start,
             values(rows, device)]
     partials = None
@@ -82,7 +83,7 @@ def launch(kernel, tables: Sequence[Sequence[torch.Tensor]], rows: Sequence[Sequ
         partials = torch.zeros(len(params), 2, dtype=torch.float32, device=device)
     if partials is not None:
         args.append(partials)
-    kernel[(blocks.blocks,)](*args, NV=len(rows[0]), BLOCK=BLOCK, **kwargs)
+    kernel[(blocks.blocks,)](*args, NV=len(rows[0]), BLOCK=block, **kwargs)
     return partials.sum(0, dtype=torch.float64) if reduce == "blocks" else partials
 
 
