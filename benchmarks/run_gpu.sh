@@ -4,12 +4,14 @@
 # tensors at 3 sizes; thousands of small ones; 1 vs 1000 groups) and the GPT benchmarks.
 # Each stage has its own time limit and log, so one failure leaves the others' figures.
 #
-#   OUT=/tmp/gpu bash benchmarks/run_gpu.sh        # logs in $OUT
+#   OUT=/tmp/gpu bash benchmarks/run_gpu.sh [STAGE...]   # stages: tests tune few gpt many (default: all)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/mupkit-gpu}"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+stages=("${@:-tests tune few gpt many}")
+stages=(${stages[*]})
 
 stage() {  # stage NAME SECONDS COMMAND...
     local name=$1 limit=$2
@@ -22,12 +24,19 @@ stage() {  # stage NAME SECONDS COMMAND...
 
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-stage tests 120 python3 -m pytest -o addopts="" -q -p no:cacheprovider -rf --tb=short \
-    tests/test_kernels.py tests/test_default_paths.py
-stage tune 45 python3 benchmarks/tune_kernels.py
-stage few 120 python3 benchmarks/bench_optim.py --sizes 1e6 2e7 1e8 --regimes few --windows 3 --steps 10 \
-    --sections time memory
-stage gpt 75 bash -c "cd benchmarks && python3 bench_scale_invariant.py && python3 bench_dadapt.py \
-    && python3 bench_scaled_adam.py"
-stage many 90 python3 benchmarks/bench_optim.py --sizes 2e7 --regimes many --windows 3 --steps 3 \
-    --sections time groups --only fused default
+for s in "${stages[@]}"; do
+    case $s in
+        tests) stage tests 110 python3 -m pytest -o addopts="" -q -p no:cacheprovider -rf --tb=short -n 4 \
+                   tests/test_kernels.py tests/test_default_paths.py ;;
+        tune) stage tune 45 python3 benchmarks/tune_kernels.py ;;
+        few) stage few 70 python3 benchmarks/bench_optim.py --sizes 1e6 2e7 1e8 --regimes few --windows 3 \
+                 --steps 10 --sections time memory ;;
+        gpt) stage gpt 90 bash -c "cd benchmarks && python3 bench_scale_invariant.py && python3 bench_dadapt.py \
+                 && python3 bench_scaled_adam.py" ;;
+        many) stage groups 60 python3 benchmarks/bench_optim.py --sizes 2e7 --windows 3 --steps 3 --sections groups \
+                  --only fused default
+              stage many 90 python3 benchmarks/bench_optim.py --sizes 2e7 --regimes many --windows 3 --steps 3 \
+                  --sections time --only fused default ;;
+        *) echo "unknown stage $s (tests tune few gpt many)"; exit 2 ;;
+    esac
+done

@@ -62,7 +62,7 @@ class IcefallScaledAdam(torch.optim.Optimizer):
         lr = group["lr"] * (group["scalar_lr_scale"] if p.numel() == p.shape[0] else 1.0)
         beta2 = group["betas"][1]
         if "exp_avg_sq" not in state:
-            state["exp_avg_sq"] = torch.zeros(p.shape, dtype=torch.float)
+            state["exp_avg_sq"] = torch.zeros(p.shape, dtype=torch.float, device=p.device)
         v = state["exp_avg_sq"]
         v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
         correction = 1 - beta2 ** (state["step"] + 1)
@@ -79,7 +79,7 @@ class IcefallScaledAdam(torch.optim.Optimizer):
         if step == 0:
             state["param_rms"] = (p ** 2).mean(dim=dims, keepdim=True).sqrt().float()
             state["scale_exp_avg_sq"] = torch.zeros_like(state["param_rms"])
-            state["scale_grads"] = torch.zeros(period, *state["param_rms"].shape)
+            state["scale_grads"] = torch.zeros(period, *state["param_rms"].shape, device=p.device)
         param_rms = state["param_rms"]
         state["scale_grads"][step % period] = (p * grad).sum(dim=dims, keepdim=True)
         if step % period == period - 1:
@@ -102,7 +102,7 @@ class IcefallScaledAdam(torch.optim.Optimizer):
     def _momentum_step(self, group, p, state, grad):
         delta = self._scaling_step(group, p, state, grad)
         if "delta" not in state:
-            state["delta"] = torch.zeros(p.shape, dtype=torch.float)
+            state["delta"] = torch.zeros(p.shape, dtype=torch.float, device=p.device)
         state["delta"].mul_(group["betas"][0]).add_(delta, alpha=1 - group["betas"][0])
         return state["delta"]
 
@@ -119,7 +119,7 @@ class IcefallScaledAdam(torch.optim.Optimizer):
             else:
                 tot += ((grad * state["param_rms"]) ** 2).sum()
         tot_norm = tot.sqrt()
-        norms = first.setdefault("model_norms", torch.zeros(period))
+        norms = first.setdefault("model_norms", torch.zeros(period, device=buckets[0][1].device))
         norms[step % period] = tot_norm
         irregular = [s for s in (10, 20, 40) if s < period]
         if step % period == 0 or step in irregular:

@@ -44,6 +44,7 @@ from typing import Any, Callable
 import torch
 
 from ..rules import FAMILIES
+from . import kernels
 from .compiled import compiled_by_default, left_to_default
 from .scaled import ScaledGroups
 from .sharding import ShardInfo, global_rms, local_tensor, shard_info, state_like, sum_over
@@ -74,7 +75,7 @@ class Adafactor(KeepsStateDtypes, ScaledGroups, torch.optim.Optimizer):
                  beta2_decay: float = -0.8, eps: tuple[float | None, float] | None = None,
                  clip_threshold: float = 1.0, weight_decay: float = 0.0, scale_parameter: bool = True,
                  relative_step: bool = True, warmup_init: bool = False, maximize: bool = False,
-                 foreach: bool | None = None, compiled: bool | None = None, fused: bool = False):
+                 foreach: bool | None = None, compiled: bool | None = None, fused: bool | None = None):
         if mode not in MODES:
             raise ValueError(f"mode={mode!r}; use one of {MODES}")
         if mode == "torch":
@@ -117,7 +118,7 @@ class Adafactor(KeepsStateDtypes, ScaledGroups, torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         loss = self._loss(closure)
-        with self._merged_groups():  # groups of equal values: one multi-tensor call (or graph) for all of them
+        with kernels.fused_defaults(self), self._merged_groups():  # equal groups: one multi-tensor call for all
             self._step_groups()
         return loss
 
@@ -151,7 +152,6 @@ class Adafactor(KeepsStateDtypes, ScaledGroups, torch.optim.Optimizer):
                 for t in eager:
                     _run([t], group, cfg, compiled=False)
         if fused:
-            from . import kernels
             kernels.check_fused("Adafactor", [it["param"] for items in fused.values() for it in items])
             from .kernels.adafactor import adafactor as launch
             for (_, _, mode, momentum), items in fused.items():

@@ -33,10 +33,11 @@ from typing import Any
 import torch
 
 from ..rules import FAMILIES
+from . import kernels
 from .compiled import ListKernel, compiled_by_default, left_to_default
 from .scaled import ScaledGroups
-from .tensors import (KeepsStateDtypes, by_device_and_dtype, cache_sized, default_foreach, state_dtype, working_copy,
-                      write_back)
+from .tensors import (KeepsStateDtypes, by_device_and_dtype, cache_sized, default_foreach, device_steps, state_dtype,
+                      working_copy, write_back)
 
 FORMULATIONS = ("lucidrains", "fused")
 
@@ -58,7 +59,7 @@ class AdamAtan2(KeepsStateDtypes, ScaledGroups, torch.optim.Optimizer):
     def __init__(self, params, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.99),
                  weight_decay: float = 0.0, *, a: float | None = None, b: float | None = None,
                  formulation: str = "lucidrains", maximize: bool = False, foreach: bool | None = None,
-                 compiled: bool | None = None, fused: bool = False, weight_decay_policy: str | None = None):
+                 compiled: bool | None = None, fused: bool | None = None, weight_decay_policy: str | None = None):
         if formulation not in FORMULATIONS:
             raise ValueError(f"formulation={formulation!r}; use one of {FORMULATIONS}")
         a = (1.27 if formulation == "lucidrains" else 1.0) if a is None else a
@@ -82,18 +83,20 @@ class AdamAtan2(KeepsStateDtypes, ScaledGroups, torch.optim.Optimizer):
         loss = self._loss(closure)
         # every compiled (fused) tensor of every group goes to one graph (one launch per device and dtype)
         compiled: tuple[list, ...] = ([], [], [], [], [])
-        fused: tuple[list, ...] = ([], [], [], [], [])
-        with self._merged_groups(), self._effective_hyperparameters():  # equal groups: one multi-tensor call
-            gathered = [(group, self._gather(group)) for group in self.param_groups]
+        fused: tuple[list, ...] = ([], [], [], [], [], [])
+        with kernels.fused_defaults(self), self._merged_groups(), self._effective_hyperparameters():
+            gathered = [(group, self._gather(group)) for group in self.param_groups]  # equal groups merged
             auto = [p for group, lists in gathered if left_to_default(group) for p in lists[0]]
             auto_compiled = {id(p) for p, yes in zip(auto, compiled_by_default(auto)) if yes}
             for group, lists in gathered:
                 if not lists[0]:
                     continue
-                chosen = [group["fused"] or group["compiled"] or id(p) in auto_compiled for p in lists[0]]
+                if group["fused"]:
+                    self._tabulate_fused(group, *lists[:4], into=fused)
+                    continue
+                chosen = [group["compiled"] or id(p) in auto_compiled for p in lists[0]]
                 if any(chosen):
-                    self._tabulate(group, *(_subset(column, chosen) for column in lists),
-                                   into=fused if group["fused"] else compiled)
+                    self._tabulate_compiled(group, *(_subset(column, chosen) for column in lists), into=compiled)
                 if not all(chosen):
                     eager = [_subset(column, [not c for c in chosen]) for column in lists]
                     beta1, beta2 = group["betas"]
@@ -107,18 +110,29 @@ class AdamAtan2(KeepsStateDtypes, ScaledGroups, torch.optim.Optimizer):
         return loss
 
     @staticmethod
-    def _tabulate(group: dict[str, Any], params, grads, exp_avgs, exp_avg_sqs, steps, *, into: tuple[list, ...]):
-        """Advance the steps and append the tensors and their value rows to the compiled or fused columns."""
+    def _tabulate_compiled(group: dict[str, Any], params, grads, exp_avgs, exp_avg_sqs, steps, *,
+                           into: tuple[list, ...]):
+        """Advance the steps and append the tensors and their value rows to the compiled columns."""
         beta1, beta2 = group["betas"]
         for step in steps:
             step += 1
         rows = [_compiled_row(float(t), group["lr"], beta1, beta2, group["weight_decay"], group["a"], group["b"],
                               group["formulation"]) for t in steps]
-        if group["fused"]:  # the kernel negates the gradient itself (its row's sign)
-            rows = [(*row, -1.0 if group["maximize"] else 1.0) for row in rows]
-        elif group["maximize"]:
+        if group["maximize"]:
             grads = [-g for g in grads]
         for column, values in zip(into, (params, grads, exp_avgs, exp_avg_sqs, rows)):
+            column.extend(values)
+
+    def _tabulate_fused(self, group: dict[str, Any], params, grads, exp_avgs, exp_avg_sqs, *,
+                        into: tuple[list, ...]):
+        """Append the tensors, their step counters (on the device, advanced there: the kernel
+        computes the bias corrections) and the group's value row to the fused columns."""
+        from .kernels.elementwise import adam_atan2_row
+        beta1, beta2 = group["betas"]
+        steps = device_steps([self.state[p] for p in params], params)
+        row = adam_atan2_row(lr=group["lr"], beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"],
+                             a=group["a"], b=group["b"], formulation=group["formulation"], maximize=group["maximize"])
+        for column, values in zip(into, (params, grads, exp_avgs, exp_avg_sqs, steps, [row] * len(params))):
             column.extend(values)
 
     def _gather(self, group: dict[str, Any]):
@@ -216,19 +230,17 @@ def _multi_tensor_chunk(ms, vs, ps, gs, cs, tiny: float, *, lr, beta1, beta2, we
         write_back(p, work)
 
 
-def _run_fused(params, grads, exp_avgs, exp_avg_sqs, rows) -> None:
+def _run_fused(params, grads, exp_avgs, exp_avg_sqs, steps, rows) -> None:
     """The Triton kernel, one launch per (device, parameter dtype) for every fused group."""
-    from . import kernels
     kernels.check_fused("AdamAtan2", params)
     from .kernels.elementwise import adam_atan2 as launch
-    for ps, gs, ms, vs, rs in by_device_and_dtype(params, grads, exp_avgs, exp_avg_sqs, rows):
-        launch(ps, gs, ms, vs, rs)
+    for bucket in by_device_and_dtype(params, grads, exp_avgs, exp_avg_sqs, steps, rows):
+        launch(*bucket)
 
 
 def _compiled_row(t: float, lr: float, beta1: float, beta2: float, weight_decay: float, a: float, b: float,
                   formulation: str) -> tuple[float, ...]:
-    """One tensor's row of the compiled path's table (and the fused kernel's, which appends the
-    gradient's sign): the coefficients, the decay and the EMA weights."""
+    """One tensor's row of the compiled path's table: the coefficients, the decay and the EMA weights."""
     return (*_coefficients(t, lr, beta1, beta2, a, b, formulation), 1.0 - lr * weight_decay, 1.0 - beta1,
             1.0 - beta2)
 

@@ -134,7 +134,7 @@ def compiled_by_default(params: Sequence[torch.Tensor]) -> list[bool]:
 def left_to_default(group: dict) -> bool:
     """Whether a param group left the implementation to the default dispatcher (``compiled``,
     ``foreach`` and ``fused`` not given)."""
-    return group.get("compiled") is None and group.get("foreach") is None and not group.get("fused")
+    return group.get("compiled") is None and group.get("foreach") is None and group.get("fused") is None
 
 
 @functools.cache

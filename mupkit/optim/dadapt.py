@@ -40,9 +40,13 @@ from typing import Any
 import torch
 
 from ..rules import FAMILIES
+from . import kernels
 from .compiled import ListKernel, compiled_by_default, flattenable
 from .scaled import ScaledGroups
 from .sharding import DTensor, local_tensor
+
+#: the fused kernels' parameter dtype (the references keep state in the parameter's dtype)
+FUSED_DTYPES = (torch.float32,)
 
 
 
@@ -162,7 +166,8 @@ class DAdaptAdam(_GlobalStep):
 
     def __init__(self, params, lr: float = 1.0, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, decouple: bool = False, use_bias_correction: bool = False,
-                 d0: float = 1e-6, growth_rate: float = math.inf, *, compiled: bool | None = None, fused: bool = False):
+                 d0: float = 1e-6, growth_rate: float = math.inf, *, compiled: bool | None = None,
+                 fused: bool | None = None):
         if compiled and fused:
             raise ValueError("choose one of compiled=True and fused=True")
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, decouple=decouple,
@@ -173,11 +178,16 @@ class DAdaptAdam(_GlobalStep):
     @torch.no_grad()
     def step(self, closure=None):
         loss = self._loss(closure)
+        with kernels.fused_defaults(self, FUSED_DTYPES):
+            self._step()
+        return loss
+
+    def _step(self) -> None:
         top, dlr = self._adam_step_size()
         compiled = self._compiled_ids()
         if (compiled or top["fused"]) and top["k"] > 0:
             self._one_pass_step(top, dlr, compiled)
-            return loss
+            return
         beta1, beta2 = top["betas"]
         root = math.sqrt(beta2)
         terms, like = [], None
@@ -199,7 +209,7 @@ class DAdaptAdam(_GlobalStep):
                 terms.append(torch.stack([num, s.abs().sum() * r]).to(torch.float64))
                 like = g
         if not self._advance(top, *self._reduce(terms, like)):
-            return loss  # nothing to adapt from yet (e.g. an all-zero first gradient): skip, as the reference
+            return  # nothing to adapt from yet (e.g. an all-zero first gradient): skip, as the reference
         for group in self.param_groups:
             eps = group["eps"] * group["eps_scale"]
             for p in group["params"]:
@@ -209,7 +219,6 @@ class DAdaptAdam(_GlobalStep):
                 view = self._view(p)
                 self._decay(group, p, dlr)
                 local_tensor(p).addcdiv_(view["exp_avg"], view["exp_avg_sq"].sqrt().add_(eps), value=-1)
-        return loss
 
     def _init_state(self, p: torch.Tensor) -> dict[str, Any]:
         state = self.state[p]
@@ -285,9 +294,8 @@ def _fused_launch(name: str, kernel: str, rows: list[list[Any]]) -> torch.Tensor
     """Run a Triton kernel of :mod:`.kernels.dadapt` over every tensor: ``rows`` hold each
     tensor's parallel arguments (None for an absent one), its value row last. One launch per
     device; returns the summed ``[numerator term, denominator]`` (for the reducing kernels)."""
-    from . import kernels
     from .kernels import dadapt as launchers
-    kernels.check_fused(name, [r[0] for r in rows], dtypes=(torch.float32,))
+    kernels.check_fused(name, [r[0] for r in rows], dtypes=FUSED_DTYPES)
     totals = []
     for device in {r[0].device for r in rows}:
         mine = [r for r in rows if r[0].device == device]
@@ -311,7 +319,7 @@ class Prodigy(_GlobalStep):
     def __init__(self, params, lr: float = 1.0, betas: tuple[float, float] = (0.9, 0.999), beta3: float | None = None,
                  eps: float = 1e-8, weight_decay: float = 0.0, decouple: bool = True, use_bias_correction: bool = False,
                  safeguard_warmup: bool = False, d0: float = 1e-6, d_coef: float = 1.0, growth_rate: float = math.inf,
-                 slice_p: int = 1, *, compiled: bool | None = None, fused: bool = False):
+                 slice_p: int = 1, *, compiled: bool | None = None, fused: bool | None = None):
         if slice_p < 1:
             raise ValueError(f"slice_p={slice_p} must be >= 1")
         if (compiled or fused) and slice_p != 1:
@@ -327,6 +335,11 @@ class Prodigy(_GlobalStep):
     @torch.no_grad()
     def step(self, closure=None):
         loss = self._loss(closure)
+        with kernels.fused_defaults(self, FUSED_DTYPES):
+            self._step()
+        return loss
+
+    def _step(self) -> None:
         top, dlr = self._adam_step_size()
         beta1, beta2 = top["betas"]
         beta3 = top["beta3"] if top["beta3"] is not None else math.sqrt(beta2)
@@ -383,7 +396,7 @@ class Prodigy(_GlobalStep):
                                        [row for _, row in one_pass], [id(t[0]) in compiled for t, _ in one_pass]))
         delta, den = self._reduce(terms, like)
         if den == 0:  # every rank saw the same zero (the reduction ran), so every rank skips alike
-            return loss
+            return
         d_old = d
         numerator = top["numerator"] * beta3 + delta
         d_hat = top["d_coef"] * numerator / den
@@ -423,7 +436,6 @@ class Prodigy(_GlobalStep):
         if updates:
             _PRODIGY_UPDATE_KERNELS[beta1 > 0]([list(column) for column in zip(*(t for t, _ in updates))],
                                                [row for _, row in updates], [id(t[0]) in compiled for t, _ in updates])
-        return loss
 
     def _update_row(self, group: dict[str, Any], beta1: float, d_old: float, d: float, dlr: float) -> list[float]:
         """A group's per-step values for the update pass (momentum uses the old ``d``): a row of

@@ -55,6 +55,7 @@ from typing import Any, Iterable
 import torch
 
 from ..rules import FAMILIES
+from . import kernels
 from .scaled import ScaledGroups
 from .sharding import all_sum, global_rms, local_tensor, shard_info, state_like
 from .tensors import KeepsStateDtypes, default_foreach, state_dtype, working_copy, write_back
@@ -94,7 +95,7 @@ class ScaledAdam(KeepsStateDtypes, ScaledGroups, torch.optim.Optimizer):
                  betas: tuple[float, float] = (0.9, 0.98), scalar_lr_scale: float = 0.1, eps: float = 1.0e-8,
                  param_min_rms: float = 1.0e-5, param_max_rms: float = 3.0, scalar_max: float = 10.0,
                  size_update_period: int = 4, clipping_update_period: int = 100, *,
-                 clipping_scope: str = "group", foreach: bool | None = None, fused: bool = False):
+                 clipping_scope: str = "group", foreach: bool | None = None, fused: bool | None = None):
         if not lr >= 0:
             raise ValueError(f"lr={lr} must be >= 0")
         if not all(0.0 <= b < 1.0 for b in betas):
@@ -125,16 +126,17 @@ class ScaledAdam(KeepsStateDtypes, ScaledGroups, torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         loss = self._loss(closure)
-        live = [(group, self._gather(group)) for group in self.param_groups]
-        live = [(group, items) for group, items in live if items]
-        if self.clipping_scope == "all":
-            scopes = [live] if live else []
-        else:
-            scopes = [[entry] for entry in live]
-        for scope in scopes:
-            factor = self._clipping_factor(scope)
-            for group, items in scope:
-                self._update(group, items, factor)
+        with kernels.fused_defaults(self):
+            live = [(group, self._gather(group)) for group in self.param_groups]
+            live = [(group, items) for group, items in live if items]
+            if self.clipping_scope == "all":
+                scopes = [live] if live else []
+            else:
+                scopes = [[entry] for entry in live]
+            for scope in scopes:
+                factor = self._clipping_factor(scope)
+                for group, items in scope:
+                    self._update(group, items, factor)
         return loss
 
     def _gather(self, group: dict[str, Any]) -> list[dict[str, Any]]:
@@ -336,7 +338,6 @@ def _direction_step_size(group: dict[str, Any], scalar: bool) -> float:
 def _fused_step(items: list[dict[str, Any]], group: dict[str, Any], factor: float) -> None:
     """One ScaledAdam step of tensors sharing a device and dtype as two Triton launches (see
     :mod:`.kernels.scaled_adam`); the size bookkeeping between them stays on the device."""
-    from . import kernels
     from .kernels import scaled_adam as launchers
     params = [it["param"] for it in items]
     kernels.check_fused("ScaledAdam", params)

@@ -14,7 +14,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -51,6 +51,19 @@ def plain_dense(t: torch.Tensor) -> bool:
     return type(t) in (torch.Tensor, torch.nn.Parameter) and t.layout == torch.strided
 
 
+def device_steps(states: list[dict[str, Any]], params: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Each state's ``step`` as an fp32 0-dim tensor on its parameter's device (torch's layout for
+    fused and capturable steps; a step loaded from an unfused run moves there), advanced by one in
+    a single multi-tensor add: the kernels compute the bias corrections from it on the device,
+    so the host neither reads nor writes a counter."""
+    for state, p in zip(states, params):
+        if state["step"].device != p.device:
+            state["step"] = state["step"].to(p.device, torch.float32)
+    steps = [state["step"] for state in states]
+    torch._foreach_add_(steps, 1.0)
+    return steps
+
+
 def default_foreach(params: Sequence[torch.Tensor], cpu: str = "small") -> bool:
     """The multi-tensor path by default? On CUDA torch's rule: yes when all tensors are dense CUDA
     tensors. On the CPU, ``cpu="small"``: when the tensors average under
@@ -67,6 +80,9 @@ def default_foreach(params: Sequence[torch.Tensor], cpu: str = "small") -> bool:
 
 def by_device_and_dtype(*lists: Sequence[torch.Tensor]) -> list[tuple[list[torch.Tensor], ...]]:
     """Split parallel tensor lists into buckets sharing the first list's (device, dtype)."""
+    first = lists[0]
+    if first and all(t.dtype == first[0].dtype and t.device == first[0].device for t in first):
+        return [tuple(list(column) for column in lists)]  # one bucket, the common case: no per-item appends
     buckets: dict[tuple, list[list[torch.Tensor]]] = defaultdict(lambda: [[] for _ in lists])
     for items in zip(*lists):
         bucket = buckets[(items[0].device, items[0].dtype)]

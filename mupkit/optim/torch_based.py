@@ -1,16 +1,17 @@
 """muP-aware drop-in replacements for ``torch.optim.Adam``, ``AdamW`` and ``SGD``.
 
 They run torch's own kernels (single-tensor, foreach or fused, chosen by the usual
-``foreach=``/``fused=`` arguments; by default torch's fused kernel on the CPU, torch's own
-choice elsewhere) with each group's ``lr * lr_scale``,
-weight decay per policy and ``eps * eps_scale`` (see :mod:`mupkit.optim.scaled`). Pass
-``mupkit.param_groups(model)``, or plain parameters (all scales 1: torch's class, up to the
-rounding of its fused CPU kernel; ``fused=False`` gives torch's CPU default bitwise).
+``foreach=``/``fused=`` arguments) with each group's ``lr * lr_scale``, weight decay per policy
+and ``eps * eps_scale`` (see :mod:`mupkit.optim.scaled`). Pass ``mupkit.param_groups(model)``,
+or plain parameters (all scales 1: torch's class, up to the rounding of its fused CPU kernel;
+``fused=False`` gives torch's CPU default bitwise).
 
 ``fused=True`` with CUDA parameters runs mupkit's Triton kernel instead (when Triton is
 installed): one launch per (device, dtype) for every group, where torch's fused kernels launch
-once per group; the state layout is torch's. ``amsgrad``, ``capturable`` and ``differentiable``
-keep torch's kernels.
+once per group; the state layout is torch's fused one (``step`` on the device). ``amsgrad``,
+``capturable`` and ``differentiable`` keep torch's kernels. By default (no ``fused``/``foreach``
+given) a step is fused: torch's kernel on the CPU, the Triton kernel on CUDA
+(:func:`fused_by_default`).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 
 from ..rules import FAMILIES
 from .scaled import ScaledGroups
-from .tensors import by_device_and_dtype, plain_dense
+from .tensors import by_device_and_dtype, device_steps, plain_dense
 
 
 def triton_route(optimizer: torch.optim.Optimizer) -> bool:
@@ -35,58 +36,66 @@ def triton_route(optimizer: torch.optim.Optimizer) -> bool:
     return kernels.triton_available() and all(p.is_cuda for g in groups for p in g["params"])
 
 
-def cpu_fused_by_default(group: dict[str, Any]) -> bool:
-    """Whether a group that chose no implementation (``fused`` and ``foreach`` None) runs torch's
-    fused CPU kernel: all its parameters are plain dense floating-point CPU tensors and no
-    ``differentiable`` or ``capturable`` step is asked for. That kernel is one pass over each
-    tensor, 4.5x faster on the CPU than torch's default for-loop there (25M-parameter GPT, 2
-    threads); the results differ from the for-loop's only by rounding."""
+def fused_by_default(group: dict[str, Any]) -> bool:
+    """Whether a group that chose no implementation (``fused`` and ``foreach`` None, no
+    ``differentiable`` or ``capturable`` step) runs fused: on the CPU torch's fused kernel, when
+    all its parameters are plain dense floating-point CPU tensors (one pass over each tensor,
+    4.5x faster than torch's default for-loop there: 25M-parameter GPT, 2 threads; the results
+    differ from the for-loop's only by rounding); on CUDA the Triton kernel, when
+    :func:`.kernels.fused_by_default` holds for them (or, with groups that chose another path,
+    torch's fused CUDA kernel)."""
     if group.get("fused") is not None or group.get("foreach") is not None or group.get("differentiable") \
             or group.get("capturable"):
         return False
-    return all(plain_dense(p) and p.device.type == "cpu" and p.is_floating_point() for p in group["params"])
+    params = group["params"]
+    if all(plain_dense(p) and p.device.type == "cpu" and p.is_floating_point() for p in params):
+        return True
+    from . import kernels
+    return kernels.fused_by_default(params)
 
 
 class TritonFused:
     """Mixin: the default and Triton routes of ``step()``; subclasses define
-    ``_kernel_inputs(group, p)`` -> ``(tensors for the kernel after p and grad, value row)``.
+    ``_group_inputs(group, params)`` -> the kernel's tensor lists after params and grads, then the
+    value rows (one per parameter), and ``_launch`` (one launch per device and dtype).
 
-    Default (``fused=None``, ``foreach=None``): torch's fused kernel on the CPU
-    (:func:`cpu_fused_by_default`), torch's own default elsewhere. ``fused=True`` on CUDA: the
-    Triton kernel (:func:`triton_route`)."""
+    Default (``fused=None``, ``foreach=None``): fused (:func:`fused_by_default`), else torch's own
+    default. ``fused=True`` on CUDA: the Triton kernel (:func:`triton_route`)."""
 
     def step(self, closure=None):
-        if not triton_route(self):
-            defaulted = [group for group, yes in zip(self.param_groups, self._cpu_fused_groups()) if yes]
+        defaulted = [group for group, yes in zip(self.param_groups, self._fused_by_default()) if yes]
+        for group in defaulted:
+            group["fused"] = True
+        try:
+            return self._triton_step(closure) if triton_route(self) else super().step(closure)
+        finally:
             for group in defaulted:
-                group["fused"] = True
-            try:
-                return super().step(closure)
-            finally:
-                for group in defaulted:
-                    group["fused"] = None
+                group["fused"] = None
+
+    def _triton_step(self, closure):
         loss = self._loss(closure)
         with torch.no_grad(), self._effective_hyperparameters():
             columns: list[list[Any]] = []
             for group in self.param_groups:
-                for p in group["params"]:
-                    if p.grad is None:
-                        continue
-                    tensors, row = self._kernel_inputs(group, p)
-                    columns.append([p, p.grad, *tensors, row])
+                params = [p for p in group["params"] if p.grad is not None]
+                if params:
+                    lists = (params, [p.grad for p in params], *self._group_inputs(group, params))
+                    columns = [c + new for c, new in zip(columns, lists)] if columns else list(lists)
             if columns:
-                for bucket in by_device_and_dtype(*zip(*columns)):
+                from . import kernels
+                kernels.check_fused(type(self).__name__, columns[0])
+                for bucket in by_device_and_dtype(*columns):
                     self._launch(*bucket)
         return loss
 
-    def _cpu_fused_groups(self) -> list[bool]:
-        """:func:`cpu_fused_by_default` per group, decided when the groups are first stepped and
+    def _fused_by_default(self) -> list[bool]:
+        """:func:`fused_by_default` per group, decided when the groups are first stepped and
         again whenever they are replaced (``load_state_dict``) or added (``add_param_group``): a
         per-step check of every parameter would cost ~5 us per group."""
         key = (id(self.param_groups), len(self.param_groups))
-        if getattr(self, "_cpu_fused_key", None) != key:
-            self._cpu_fused_key, self._cpu_fused = key, [cpu_fused_by_default(g) for g in self.param_groups]
-        return self._cpu_fused
+        if getattr(self, "_fused_default_key", None) != key:
+            self._fused_default_key, self._fused_default = key, [fused_by_default(g) for g in self.param_groups]
+        return self._fused_default
 
 
 class _AdamKernel(TritonFused):
@@ -94,23 +103,24 @@ class _AdamKernel(TritonFused):
 
     decoupled: bool
 
-    def _kernel_inputs(self, group: dict[str, Any], p: torch.Tensor):
+    def _group_inputs(self, group: dict[str, Any], params: list[torch.Tensor]):
         from .kernels.elementwise import adam_row
-        state = self.state[p]
-        if not state:
-            state["step"] = torch.tensor(0.0)
-            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        state["step"] += 1
+        states = [self.state[p] for p in params]
+        for p, state in zip(params, states):
+            if not state:
+                state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         beta1, beta2 = group["betas"]
         row = adam_row(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
-                       decoupled=self.decoupled, step=int(state["step"]), maximize=group["maximize"])
-        return (state["exp_avg"], state["exp_avg_sq"]), row
+                       decoupled=self.decoupled, maximize=group["maximize"])
+        return ([s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states], device_steps(states, params),
+                [row] * len(params))
 
     @staticmethod
-    def _launch(params, grads, exp_avgs, exp_avg_sqs, rows):
+    def _launch(params, grads, exp_avgs, exp_avg_sqs, steps, rows):
         from .kernels.elementwise import adam
-        adam(params, grads, exp_avgs, exp_avg_sqs, rows)
+        adam(params, grads, exp_avgs, exp_avg_sqs, steps, rows)
 
 
 class Adam(_AdamKernel, ScaledGroups, torch.optim.Adam):
@@ -132,16 +142,19 @@ class SGD(TritonFused, ScaledGroups, torch.optim.SGD):
 
     family = FAMILIES["sgd"]
 
-    def _kernel_inputs(self, group: dict[str, Any], p: torch.Tensor):
+    def _group_inputs(self, group: dict[str, Any], params: list[torch.Tensor]):
         from .kernels.elementwise import sgd_row
-        state = self.state[p]
-        first = group["momentum"] != 0 and state.get("momentum_buffer") is None
-        if first:
-            state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        row = sgd_row(lr=group["lr"], weight_decay=group["weight_decay"], momentum=group["momentum"],
-                      dampening=group["dampening"], nesterov=group["nesterov"], first=first,
-                      maximize=group["maximize"])
-        return ((state["momentum_buffer"] if group["momentum"] else None),), row
+        buffers, rows = [], []
+        for p in params:
+            state = self.state[p]
+            first = group["momentum"] != 0 and state.get("momentum_buffer") is None
+            if first:
+                state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            buffers.append(state["momentum_buffer"] if group["momentum"] else None)
+            rows.append(sgd_row(lr=group["lr"], weight_decay=group["weight_decay"], momentum=group["momentum"],
+                                dampening=group["dampening"], nesterov=group["nesterov"], first=first,
+                                maximize=group["maximize"]))
+        return buffers, rows
 
     @staticmethod
     def _launch(params, grads, buffers, rows):

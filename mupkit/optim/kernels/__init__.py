@@ -11,7 +11,9 @@ CPU under ``TRITON_INTERPRET=1``; that is how CI tests them against the single-t
 
 from __future__ import annotations
 
+import contextlib
 import os
+from typing import Sequence
 
 import torch
 
@@ -30,8 +32,49 @@ def interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def check_fused(name: str, tensors: list[torch.Tensor],
-                dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.float16)) -> None:
+#: parameter dtypes the kernels take (fp32 math and state)
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def fused_by_default(tensors: Sequence[torch.Tensor], dtypes: tuple[torch.dtype, ...] = KERNEL_DTYPES) -> bool:
+    """Whether an optimizer left to its default runs these kernels: Triton is present and every
+    tensor is a plain dense contiguous CUDA tensor (no DTensor shard) of one of ``dtypes``.
+
+    On an H200 (``benchmarks/RESULTS.md``) the kernels run at 89-96% of the copy bandwidth for
+    100M parameters and take one launch for all param groups, where the eager paths launch
+    several kernels per tensor (AdamAtan2 5.7x, DAdaptAdam 18x, Prodigy 10x, Adafactor 5.2x
+    faster on a 25M-parameter GPT)."""
+    from ..tensors import plain_dense
+    return bool(tensors) and all(t.is_cuda and plain_dense(t) and t.is_contiguous() and t.dtype in dtypes
+                                 for t in tensors) and triton_available()
+
+
+@contextlib.contextmanager
+def fused_defaults(optimizer: torch.optim.Optimizer, dtypes: tuple[torch.dtype, ...] = KERNEL_DTYPES):
+    """Within: the param groups left to the default dispatcher (``fused``, ``foreach`` and
+    ``compiled`` not given) have ``fused=True`` when all their parameters pass
+    :func:`fused_by_default` (the rule is the optimizer's, so a model split between devices stays
+    on its eager default); ``None`` again after. Decided when the groups are first stepped and
+    again when they are replaced or added: a per-step check would cost ~0.5 us per parameter."""
+    from ..compiled import left_to_default
+    key = (id(optimizer.param_groups), len(optimizer.param_groups), dtypes)
+    cached = getattr(optimizer, "_fused_defaults", None)
+    if cached is None or cached[0] != key:
+        defaulted = [g for g in optimizer.param_groups if left_to_default(g)]
+        params = [p for g in defaulted for p in g["params"]]
+        cached = (key, [id(g) for g in defaulted] if fused_by_default(params, dtypes) else [])
+        optimizer._fused_defaults = cached
+    groups = [g for g in optimizer.param_groups if id(g) in cached[1]]
+    for group in groups:
+        group["fused"] = True
+    try:
+        yield
+    finally:
+        for group in groups:
+            group["fused"] = None
+
+
+def check_fused(name: str, tensors: list[torch.Tensor], dtypes: tuple[torch.dtype, ...] = KERNEL_DTYPES) -> None:
     """Refuse ``fused=True`` where the kernels cannot run, saying what to do instead."""
     if not triton_available():
         raise RuntimeError(f"{name}(fused=True) needs Triton (pip install triton, or a CUDA build of torch that "

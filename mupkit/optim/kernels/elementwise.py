@@ -50,15 +50,35 @@ def atan2_nonneg_x(y, x):
     return tl.where(y < 0, -angle, angle)
 
 
+@triton.jit
+def bias_correction(step, log_beta):
+    """``1 - beta^step = -expm1(step ln(beta))`` in fp32 to ~2e-7 relative, also for ``beta``
+    near 1 (``1 - exp`` would cancel: ``beta2 = 0.999`` at step 1 lost 5 digits). ``expm1(x)``
+    is a degree-8 Taylor polynomial for ``-0.5 < x <= 0`` (truncation < 2e-8 relative), else
+    ``exp(x) - 1``; ``ln(0) = -inf`` gives 1."""
+    x = step * log_beta
+    s = tl.maximum(x, -0.5)
+    series = s * (1.0 + s / 2.0 * (1.0 + s / 3.0 * (1.0 + s / 4.0 * (1.0 + s / 5.0 * (1.0 + s / 6.0 * (
+        1.0 + s / 7.0 * (1.0 + s / 8.0)))))))
+    return -tl.where(x > -0.5, series, tl.exp(x) - 1.0)
+
+
+def log_or_minus_inf(beta: float) -> float:
+    """``ln(beta)`` for a kernel row; ``-inf`` for ``beta = 0`` (so ``beta^step = 0``)."""
+    return math.log(beta) if beta > 0 else -math.inf
+
+
 # ------------------------------------------------------------------------------ Adam / AdamW
 
 #: torch.optim.Adam(W) single-tensor semantics; ``l2`` is Adam's coupled decay (added to g),
-#: ``decay`` AdamW's multiplier ``1 - lr wd``; ``sign`` is -1 to maximize
-ADAM_ROW = ("l2", "decay", "one_minus_beta1", "beta2", "one_minus_beta2", "step_size", "bc2_sqrt", "eps", "sign")
+#: ``decay`` AdamW's multiplier ``1 - lr wd``; ``sign`` is -1 to maximize. The bias corrections
+#: come from each tensor's step counter on the device (already advanced), so rows are per group
+ADAM_ROW = ("l2", "decay", "one_minus_beta1", "beta2", "one_minus_beta2", "lr", "log_beta1", "log_beta2", "eps",
+            "sign")
 
 
 @triton.jit
-def _adam_kernel(p_ptrs, g_ptrs, m_ptrs, v_ptrs, numels, tensor_of_block, start_of_block, vals,
+def _adam_kernel(p_ptrs, g_ptrs, m_ptrs, v_ptrs, step_ptrs, numels, tensor_of_block, start_of_block, vals,
                  NV: tl.constexpr, P_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr, BLOCK: tl.constexpr):
     t, offs, mask = program_block(tensor_of_block, start_of_block, numels, BLOCK)
     row = vals + t * NV
@@ -66,34 +86,36 @@ def _adam_kernel(p_ptrs, g_ptrs, m_ptrs, v_ptrs, numels, tensor_of_block, start_
     g_ptr = tensor_pointer(g_ptrs, t, P_DTYPE)
     m_ptr = tensor_pointer(m_ptrs, t, S_DTYPE)
     v_ptr = tensor_pointer(v_ptrs, t, S_DTYPE)
+    step = tl.load(tensor_pointer(step_ptrs, t, tl.float32))
     p = tl.load(p_ptr + offs, mask=mask).to(tl.float32)
-    g = tl.load(g_ptr + offs, mask=mask).to(tl.float32) * tl.load(row + 8)
+    g = tl.load(g_ptr + offs, mask=mask).to(tl.float32) * tl.load(row + 9)
     m = tl.load(m_ptr + offs, mask=mask).to(tl.float32)
     v = tl.load(v_ptr + offs, mask=mask).to(tl.float32)
     g = g + tl.load(row + 0) * p
     p = p * tl.load(row + 1)
     m = m + tl.load(row + 2) * (g - m)
     v = v * tl.load(row + 3) + tl.load(row + 4) * g * g  # 1 - beta2 from the host: no fp32 cancellation
-    denom = tl.sqrt(v) / tl.load(row + 6) + tl.load(row + 7)
-    p = p - tl.load(row + 5) * m / denom
+    denom = tl.sqrt(v) / tl.sqrt(bias_correction(step, tl.load(row + 7))) + tl.load(row + 8)
+    p = p - tl.load(row + 5) / bias_correction(step, tl.load(row + 6)) * m / denom
     tl.store(m_ptr + offs, m.to(S_DTYPE), mask=mask)
     tl.store(v_ptr + offs, v.to(S_DTYPE), mask=mask)
     tl.store(p_ptr + offs, p.to(P_DTYPE), mask=mask)
 
 
 def adam(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], exp_avgs: Sequence[torch.Tensor],
-         exp_avg_sqs: Sequence[torch.Tensor], rows: Sequence[Sequence[float]]) -> None:
+         exp_avg_sqs: Sequence[torch.Tensor], steps: Sequence[torch.Tensor], rows: Sequence[Sequence[float]]) -> None:
     """One Adam/AdamW step of tensors sharing a device and dtype (and a state dtype), one launch;
-    ``rows`` per :data:`ADAM_ROW` (see :func:`adam_row`)."""
-    launch(_adam_kernel, [params, grads, exp_avgs, exp_avg_sqs], rows, P_DTYPE=TL_DTYPES[params[0].dtype],
+    ``steps``: fp32 0-dim step counters on the device, already advanced; ``rows`` per
+    :data:`ADAM_ROW` (see :func:`adam_row`)."""
+    launch(_adam_kernel, [params, grads, exp_avgs, exp_avg_sqs, steps], rows, P_DTYPE=TL_DTYPES[params[0].dtype],
            S_DTYPE=TL_DTYPES[exp_avgs[0].dtype])
 
 
 def adam_row(*, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, decoupled: bool,
-             step: int, maximize: bool = False) -> tuple[float, ...]:
-    bc1, bc2 = 1.0 - beta1 ** step, 1.0 - beta2 ** step
+             maximize: bool = False) -> tuple[float, ...]:
     l2, decay = (0.0, 1.0 - lr * weight_decay) if decoupled else (weight_decay, 1.0)
-    return (l2, decay, 1.0 - beta1, beta2, 1.0 - beta2, lr / bc1, math.sqrt(bc2), eps, -1.0 if maximize else 1.0)
+    return (l2, decay, 1.0 - beta1, beta2, 1.0 - beta2, lr, log_or_minus_inf(beta1), log_or_minus_inf(beta2), eps,
+            -1.0 if maximize else 1.0)
 
 
 # ------------------------------------------------------------------------------ SGD
@@ -139,37 +161,54 @@ def sgd_row(*, lr: float, weight_decay: float, momentum: float, dampening: float
 
 # ------------------------------------------------------------------------------ Adam-atan2
 
-#: mupkit.optim.AdamAtan2 semantics (numerator and v scales and the step size from its
-#: formulation; ``decay`` = 1 - lr wd; ``sign`` -1 to maximize)
-ADAM_ATAN2_ROW = ("num_scale", "den_scale", "step_size", "decay", "one_minus_beta1", "one_minus_beta2", "sign")
+#: mupkit.optim.AdamAtan2 semantics (``adam_atan2._coefficients`` with the step's bias corrections
+#: from the device counter: ``lucidrains`` 1 puts ``1 / bc1`` on the numerator, 0 on the step
+#: size; ``decay`` = 1 - lr wd; ``sign`` -1 to maximize)
+ADAM_ATAN2_ROW = ("lr_a", "b_squared", "log_beta1", "log_beta2", "lucidrains", "decay", "one_minus_beta1",
+                  "one_minus_beta2", "sign")
 
 
 @triton.jit
-def _adam_atan2_kernel(p_ptrs, g_ptrs, m_ptrs, v_ptrs, numels, tensor_of_block, start_of_block, vals,
+def _adam_atan2_kernel(p_ptrs, g_ptrs, m_ptrs, v_ptrs, step_ptrs, numels, tensor_of_block, start_of_block, vals,
                        NV: tl.constexpr, P_DTYPE: tl.constexpr, BLOCK: tl.constexpr):
     t, offs, mask = program_block(tensor_of_block, start_of_block, numels, BLOCK)
     row = vals + t * NV
     p_ptr = tensor_pointer(p_ptrs, t, P_DTYPE)
     m_ptr = tensor_pointer(m_ptrs, t, tl.float32)
     v_ptr = tensor_pointer(v_ptrs, t, tl.float32)
+    step = tl.load(tensor_pointer(step_ptrs, t, tl.float32))
+    inv_bc1 = 1.0 / bias_correction(step, tl.load(row + 2))
+    lucidrains = tl.load(row + 4) > 0
+    num_scale = tl.where(lucidrains, inv_bc1, 1.0)
+    step_size = tl.load(row + 0) * tl.where(lucidrains, 1.0, inv_bc1)
+    den_scale = tl.load(row + 1) / bias_correction(step, tl.load(row + 3))
     p = tl.load(p_ptr + offs, mask=mask).to(tl.float32)
-    g = tl.load(tensor_pointer(g_ptrs, t, P_DTYPE) + offs, mask=mask).to(tl.float32) * tl.load(row + 6)
+    g = tl.load(tensor_pointer(g_ptrs, t, P_DTYPE) + offs, mask=mask).to(tl.float32) * tl.load(row + 8)
     m = tl.load(m_ptr + offs, mask=mask)
     v = tl.load(v_ptr + offs, mask=mask)
-    m = m + tl.load(row + 4) * (g - m)
-    v = v + tl.load(row + 5) * (g * g - v)
-    update = atan2_nonneg_x(m * tl.load(row + 0), tl.sqrt(v * tl.load(row + 1)))
-    p = p * tl.load(row + 3) - tl.load(row + 2) * update
+    m = m + tl.load(row + 6) * (g - m)
+    v = v + tl.load(row + 7) * (g * g - v)
+    update = atan2_nonneg_x(m * num_scale, tl.sqrt(v * den_scale))
+    p = p * tl.load(row + 5) - step_size * update
     tl.store(m_ptr + offs, m, mask=mask)
     tl.store(v_ptr + offs, v, mask=mask)
     tl.store(p_ptr + offs, p.to(P_DTYPE), mask=mask)
 
 
 def adam_atan2(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], exp_avgs: Sequence[torch.Tensor],
-               exp_avg_sqs: Sequence[torch.Tensor], rows: Sequence[Sequence[float]]) -> None:
-    """One Adam-atan2 step, one launch; ``rows`` per :data:`ADAM_ATAN2_ROW`."""
-    launch(_adam_atan2_kernel, [params, grads, exp_avgs, exp_avg_sqs], rows, P_DTYPE=TL_DTYPES[params[0].dtype])
+               exp_avg_sqs: Sequence[torch.Tensor], steps: Sequence[torch.Tensor],
+               rows: Sequence[Sequence[float]]) -> None:
+    """One Adam-atan2 step, one launch; ``steps`` as for :func:`adam`; ``rows`` per
+    :data:`ADAM_ATAN2_ROW` (see :func:`adam_atan2_row`)."""
+    launch(_adam_atan2_kernel, [params, grads, exp_avgs, exp_avg_sqs, steps], rows, P_DTYPE=TL_DTYPES[params[0].dtype])
 
 
-__all__ = ["ADAM_ATAN2_ROW", "ADAM_ROW", "SGD_ROW", "adam", "adam_atan2", "adam_row", "atan2_nonneg_x",
-           "program_block", "sgd", "sgd_row", "tensor_pointer"]
+def adam_atan2_row(*, lr: float, beta1: float, beta2: float, weight_decay: float, a: float, b: float,
+                   formulation: str, maximize: bool) -> tuple[float, ...]:
+    return (lr * a, b * b, log_or_minus_inf(beta1), log_or_minus_inf(beta2), float(formulation == "lucidrains"),
+            1.0 - lr * weight_decay, 1.0 - beta1, 1.0 - beta2, -1.0 if maximize else 1.0)
+
+
+__all__ = ["ADAM_ATAN2_ROW", "ADAM_ROW", "SGD_ROW", "adam", "adam_atan2", "adam_atan2_row", "adam_row",
+           "atan2_nonneg_x", "bias_correction", "log_or_minus_inf", "program_block", "sgd", "sgd_row",
+           "tensor_pointer"]

@@ -58,6 +58,19 @@ def blocks_for(tensors: Sequence[torch.Tensor], block: int = BLOCK) -> BlockMap:
     return block_map(tuple(t.numel() for t in tensors), tensors[0].device, block)
 
 
+def packed(tables: Sequence[Sequence[torch.Tensor]], rows: Sequence[Sequence[float]],
+           device: torch.device) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The address tables and the value rows in one host-to-device copy: an int64 buffer of
+    ``len(tables) * n`` addresses followed by the ``n x NV`` float32 values; returns views of the
+    device copy (one int64 address array per table, the float32 values)."""
+    n, width = len(tables[0]), len(rows[0])
+    host = torch.empty(len(tables) * n + (n * width + 1) // 2, dtype=torch.int64)
+    host[:len(tables) * n] = torch.tensor([t.data_ptr() for ts in tables for t in ts], dtype=torch.int64)
+    host[len(tables) * n:].view(torch.float32)[:n * width] = torch.tensor(rows, dtype=torch.float32).view(-1)
+    dev = host.to(device, non_blocking=True)
+    return [dev[i * n:(i + 1) * n] for i in range(len(tables))], dev[len(tables) * n:].view(torch.float32)
+
+
 def launch(kernel, tables: Sequence[Sequence[torch.Tensor]], rows: Sequence[Sequence[float]], *,
            reduce: str | None = None, block: int = BLOCK, **kwargs) -> torch.Tensor | None:
     """Run ``kernel`` over every tensor of ``tables[0]`` (one device), one program per block.
@@ -65,17 +78,18 @@ def launch(kernel, tables: Sequence[Sequence[torch.Tensor]], rows: Sequence[Sequ
     The kernel takes one address table per list in ``tables``, then the sizes, the block map,
     the per-tensor values (``NV`` columns), and with ``reduce`` an fp32 array of partial sums it
     adds into: ``"blocks"``: ``(blocks, 2)``, returned summed over blocks in float64;
-    ``"tensors"``: ``(tensors, 2)`` (zeroed, added to atomically), returned as is. Nothing is
-    read back to the host. ``block``: elements per program; ``kwargs``: further arguments by name
-    (constexprs, and launch options such as ``num_warps``).
+    ``"tensors"``: ``(tensors, 2)`` (zeroed, added to atomically), returned as is. The tables and
+    values reach the device in one copy (:func:`packed`); nothing is read back to the host.
+    ``block``: elements per program; ``kwargs``: further arguments by name (constexprs, and launch
+    options such as ``num_warps``).
     """
     params = tables[0]
     if not params:
         return torch.zeros(2, dtype=torch.float64) if reduce else None
     device = params[0].device
     blocks = blocks_for(params, block)
-    args = [*(addresses(ts, device) for ts in tables), blocks.numel, blocks.tensor, blocks.start,
-            values(rows, device)]
+    address_tables, vals = packed(tables, rows, device)
+    args = [*address_tables, blocks.numel, blocks.tensor, blocks.start, vals]
     partials = None
     if reduce == "blocks":
         partials = torch.empty(blocks.blocks, 2, dtype=torch.float32, device=device)
@@ -87,4 +101,4 @@ def launch(kernel, tables: Sequence[Sequence[torch.Tensor]], rows: Sequence[Sequ
     return partials.sum(0, dtype=torch.float64) if reduce == "blocks" else partials
 
 
-__all__ = ["BLOCK", "BlockMap", "addresses", "block_map", "blocks_for", "launch", "values"]
+__all__ = ["BLOCK", "BlockMap", "addresses", "block_map", "blocks_for", "launch", "packed", "values"]
