@@ -126,7 +126,7 @@ class ScaledAdam(KeepsStateDtypes, ScaledGroups, torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         loss = self._loss(closure)
-        with kernels.fused_defaults(self):
+        with kernels.fused_defaults(self, deterministic=False):
             live = [(group, self._gather(group)) for group in self.param_groups]
             live = [(group, items) for group, items in live if items]
             if self.clipping_scope == "all":
@@ -340,7 +340,7 @@ def _fused_step(items: list[dict[str, Any]], group: dict[str, Any], factor: floa
     :mod:`.kernels.scaled_adam`); the size bookkeeping between them stays on the device."""
     from .kernels import scaled_adam as launchers
     params = [it["param"] for it in items]
-    kernels.check_fused("ScaledAdam", params)
+    kernels.check_fused("ScaledAdam", params, deterministic=False)
     for it in items:
         if it["info"].dim is not None:
             raise ValueError(f"ScaledAdam(fused=True) runs on whole tensors, but parameter {it['name']} (shape "

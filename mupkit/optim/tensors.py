@@ -53,15 +53,13 @@ def plain_dense(t: torch.Tensor) -> bool:
 
 def device_steps(states: list[dict[str, Any]], params: list[torch.Tensor]) -> list[torch.Tensor]:
     """Each state's ``step`` as an fp32 0-dim tensor on its parameter's device (torch's layout for
-    fused and capturable steps; a step loaded from an unfused run moves there), advanced by one in
-    a single multi-tensor add: the kernels compute the bias corrections from it on the device,
-    so the host neither reads nor writes a counter."""
+    fused and capturable steps; a step loaded from an unfused run moves there). The kernels'
+    launchers advance them in one multi-tensor add and compute the bias corrections from them on
+    the device, so the host neither reads nor writes a counter."""
     for state, p in zip(states, params):
         if state["step"].device != p.device:
             state["step"] = state["step"].to(p.device, torch.float32)
-    steps = [state["step"] for state in states]
-    torch._foreach_add_(steps, 1.0)
-    return steps
+    return [state["step"] for state in states]
 
 
 def default_foreach(params: Sequence[torch.Tensor], cpu: str = "small") -> bool:

@@ -74,13 +74,15 @@ class TritonFused:
 
     def _triton_step(self, closure):
         loss = self._loss(closure)
-        with torch.no_grad(), self._effective_hyperparameters():
+        with torch.no_grad(), self._merged_groups(), self._effective_hyperparameters():  # equal groups: one row
             columns: list[list[Any]] = []
             for group in self.param_groups:
                 params = [p for p in group["params"] if p.grad is not None]
                 if params:
                     lists = (params, [p.grad for p in params], *self._group_inputs(group, params))
-                    columns = [c + new for c, new in zip(columns, lists)] if columns else list(lists)
+                    columns = columns or [[] for _ in lists]
+                    for column, new in zip(columns, lists):
+                        column.extend(new)
             if columns:
                 from . import kernels
                 kernels.check_fused(type(self).__name__, columns[0])

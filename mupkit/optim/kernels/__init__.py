@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from typing import Sequence
 
 import torch
@@ -50,19 +51,23 @@ def fused_by_default(tensors: Sequence[torch.Tensor], dtypes: tuple[torch.dtype,
 
 
 @contextlib.contextmanager
-def fused_defaults(optimizer: torch.optim.Optimizer, dtypes: tuple[torch.dtype, ...] = KERNEL_DTYPES):
+def fused_defaults(optimizer: torch.optim.Optimizer, dtypes: tuple[torch.dtype, ...] = KERNEL_DTYPES,
+                   deterministic: bool = True):
     """Within: the param groups left to the default dispatcher (``fused``, ``foreach`` and
     ``compiled`` not given) have ``fused=True`` when all their parameters pass
     :func:`fused_by_default` (the rule is the optimizer's, so a model split between devices stays
-    on its eager default); ``None`` again after. Decided when the groups are first stepped and
-    again when they are replaced or added: a per-step check would cost ~0.5 us per parameter."""
+    on its eager default); ``None`` again after. Kernels that are not ``deterministic`` (they sum
+    with atomic adds) are not the default under ``torch.use_deterministic_algorithms(True)``.
+    Decided when the groups are first stepped and again when they are replaced or added (or the
+    deterministic mode changes): a per-step check would cost ~0.5 us per parameter."""
     from ..compiled import left_to_default
-    key = (id(optimizer.param_groups), len(optimizer.param_groups), dtypes)
+    refused = not deterministic and torch.are_deterministic_algorithms_enabled()
+    key = (id(optimizer.param_groups), len(optimizer.param_groups), dtypes, refused)
     cached = getattr(optimizer, "_fused_defaults", None)
     if cached is None or cached[0] != key:
         defaulted = [g for g in optimizer.param_groups if left_to_default(g)]
         params = [p for g in defaulted for p in g["params"]]
-        cached = (key, [id(g) for g in defaulted] if fused_by_default(params, dtypes) else [])
+        cached = (key, [id(g) for g in defaulted] if not refused and fused_by_default(params, dtypes) else [])
         optimizer._fused_defaults = cached
     groups = [g for g in optimizer.param_groups if id(g) in cached[1]]
     for group in groups:
@@ -74,8 +79,18 @@ def fused_defaults(optimizer: torch.optim.Optimizer, dtypes: tuple[torch.dtype, 
             group["fused"] = None
 
 
-def check_fused(name: str, tensors: list[torch.Tensor], dtypes: tuple[torch.dtype, ...] = KERNEL_DTYPES) -> None:
-    """Refuse ``fused=True`` where the kernels cannot run, saying what to do instead."""
+def check_fused(name: str, tensors: list[torch.Tensor], dtypes: tuple[torch.dtype, ...] = KERNEL_DTYPES,
+                deterministic: bool = True) -> None:
+    """Refuse ``fused=True`` where the kernels cannot run, saying what to do instead; kernels that
+    are not ``deterministic`` are refused (or warned about, with ``warn_only``) under
+    ``torch.use_deterministic_algorithms(True)``, as torch does for its own atomic-add kernels."""
+    if not deterministic and torch.are_deterministic_algorithms_enabled():
+        message = (f"{name}(fused=True) sums with atomic adds on the GPU, so its roundings vary from run to run, "
+                   f"and torch.use_deterministic_algorithms(True) is set; use fused=False (the eager paths are "
+                   f"deterministic) or turn the deterministic mode off.")
+        if not torch.is_deterministic_algorithms_warn_only_enabled():
+            raise RuntimeError(message)
+        warnings.warn(message, UserWarning, stacklevel=3)
     if not triton_available():
         raise RuntimeError(f"{name}(fused=True) needs Triton (pip install triton, or a CUDA build of torch that "
                            f"ships it); use fused=False.")

@@ -72,7 +72,7 @@ def log_or_minus_inf(beta: float) -> float:
 
 #: torch.optim.Adam(W) single-tensor semantics; ``l2`` is Adam's coupled decay (added to g),
 #: ``decay`` AdamW's multiplier ``1 - lr wd``; ``sign`` is -1 to maximize. The bias corrections
-#: come from each tensor's step counter on the device (already advanced), so rows are per group
+#: come from each tensor's step counter on the device, so rows are per group
 ADAM_ROW = ("l2", "decay", "one_minus_beta1", "beta2", "one_minus_beta2", "lr", "log_beta1", "log_beta2", "eps",
             "sign")
 
@@ -105,8 +105,9 @@ def _adam_kernel(p_ptrs, g_ptrs, m_ptrs, v_ptrs, step_ptrs, numels, tensor_of_bl
 def adam(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], exp_avgs: Sequence[torch.Tensor],
          exp_avg_sqs: Sequence[torch.Tensor], steps: Sequence[torch.Tensor], rows: Sequence[Sequence[float]]) -> None:
     """One Adam/AdamW step of tensors sharing a device and dtype (and a state dtype), one launch;
-    ``steps``: fp32 0-dim step counters on the device, already advanced; ``rows`` per
-    :data:`ADAM_ROW` (see :func:`adam_row`)."""
+    ``steps``: fp32 0-dim step counters on the device, advanced here (one multi-tensor add);
+    ``rows`` per :data:`ADAM_ROW` (see :func:`adam_row`)."""
+    torch._foreach_add_(steps, 1.0)
     launch(_adam_kernel, [params, grads, exp_avgs, exp_avg_sqs, steps], rows, P_DTYPE=TL_DTYPES[params[0].dtype],
            S_DTYPE=TL_DTYPES[exp_avgs[0].dtype])
 
@@ -198,8 +199,9 @@ def _adam_atan2_kernel(p_ptrs, g_ptrs, m_ptrs, v_ptrs, step_ptrs, numels, tensor
 def adam_atan2(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], exp_avgs: Sequence[torch.Tensor],
                exp_avg_sqs: Sequence[torch.Tensor], steps: Sequence[torch.Tensor],
                rows: Sequence[Sequence[float]]) -> None:
-    """One Adam-atan2 step, one launch; ``steps`` as for :func:`adam`; ``rows`` per
+    """One Adam-atan2 step, one launch; ``steps`` as for :func:`adam` (advanced here); ``rows`` per
     :data:`ADAM_ATAN2_ROW` (see :func:`adam_atan2_row`)."""
+    torch._foreach_add_(steps, 1.0)
     launch(_adam_atan2_kernel, [params, grads, exp_avgs, exp_avg_sqs, steps], rows, P_DTYPE=TL_DTYPES[params[0].dtype])
 
 
