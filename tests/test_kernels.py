@@ -342,3 +342,15 @@ def test_atomic_add_kernels_are_not_taken_under_torch_deterministic_mode(cls, mo
             cls([p], fused=True).step()
     finally:
         torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+
+
+def test_prodigy_with_slice_p_stays_eager_by_default(monkeypatch):
+    """The kernels take ``slice_p=1`` only, so a sliced Prodigy is not fused by default."""
+    monkeypatch.setattr(kernels, "fused_by_default", lambda tensors, dtypes=kernels.KERNEL_DTYPES: True)
+    p = torch.nn.Parameter(torch.randn(64, device=DEVICE))
+    opt = mupkit.optim.Prodigy([p], slice_p=11)
+    for _ in range(2):
+        p.grad = torch.randn(64, device=DEVICE)
+        opt.step()
+    assert opt.param_groups[0]["fused"] is None and not hasattr(opt, "_fused_defaults")
+    assert opt.param_groups[0]["d"] > opt.param_groups[0]["d0"]

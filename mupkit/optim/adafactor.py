@@ -64,9 +64,11 @@ class Adafactor(KeepsStateDtypes, ScaledGroups, torch.optim.Optimizer):
     scaled update (as hf). ``foreach``: the multi-tensor path (default: on CUDA, and on the CPU
     for small tensors, see :func:`.tensors.default_foreach`); ``compiled``: ``torch.compile`` of
     the multi-tensor step (unsharded parameters; per-step scalars are tensors, so it compiles
-    once per bucket). ``compiled=None`` (default, with ``foreach=None``): on the CPU, a large
-    model is compiled (:func:`.compiled.compiled_by_default`), what is left takes the eager
-    default; ``False``: nothing is compiled.
+    once per bucket). ``fused``: the Triton kernels (CUDA; their sums are atomic adds, so not
+    under ``torch.use_deterministic_algorithms``). Default (none given): on CUDA the kernels
+    (:func:`.kernels.fused_by_default`); on the CPU a large model is compiled
+    (:func:`.compiled.compiled_by_default`), what is left takes the eager default;
+    ``compiled=False``: nothing is compiled.
     """
 
     family = FAMILIES["adafactor"]

@@ -47,11 +47,12 @@ class AdamAtan2(KeepsStateDtypes, ScaledGroups, torch.optim.Optimizer):
 
     ``weight_decay``: decoupled, ``p *= 1 - lr * weight_decay`` per step (the reference's
     ``decoupled_wd=True``, decay independent of the LR, is ``weight_decay_policy="independent"``).
-    ``foreach``/``compiled``/``fused``: the implementation. Default (all ``None``/``False``): on the CPU,
-    the compiled path for a large model (:func:`.compiled.compiled_by_default`), foreach for what
-    it leaves; on CUDA, foreach. ``foreach=False`` is the reference's own op sequence,
-    bitwise; ``compiled=True`` compiles every tensor, ``compiled=False`` none; ``fused``: the Triton
-    kernel of :mod:`.kernels`, one launch for all tensors, on CUDA.
+    ``foreach``/``compiled``/``fused``: the implementation. Default (all ``None``): on CUDA the
+    Triton kernel (:func:`.kernels.fused_by_default`); on the CPU the compiled path for a large
+    model (:func:`.compiled.compiled_by_default`), foreach for what it leaves.
+    ``foreach=False`` is the reference's own op sequence, bitwise; ``compiled=True`` compiles
+    every tensor, ``compiled=False`` none; ``fused=True``: the Triton kernel of :mod:`.kernels`,
+    one launch for all tensors, on CUDA (``False``: never).
     """
 
     family = FAMILIES["adamw"]

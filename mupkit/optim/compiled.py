@@ -115,8 +115,8 @@ def compiled_by_default(params: Sequence[torch.Tensor]) -> list[bool]:
     the large ones hold :data:`AUTO_COMPILE_MIN_NUMEL` elements in all and ``torch.compile`` works
     here (:func:`inductor_works`): every tensor goes if all can and they number at most
     :data:`AUTO_COMPILE_MAX_TENSORS` (small tensors cost less in the same graph than as eager
-    ops), else the large ones if they number at most that; otherwise none. On CUDA the default
-    stays eager.
+    ops), else the large ones if they number at most that; otherwise none. (On CUDA the default
+    is the Triton kernels: :func:`.kernels.fused_by_default`.)
     """
     can = [flattenable(p) and p.device.type == "cpu" and p.is_floating_point() for p in params]
     large = [c and p.numel() >= CPU_SMALL_TENSOR for p, c in zip(params, can)]

@@ -34,6 +34,7 @@ frozen (no deadlock), on any device; ``p.grad`` is never modified.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any
 
@@ -158,8 +159,9 @@ class DAdaptAdam(_GlobalStep):
     graph (CPU or GPU);
     ``fused=True``: one Triton launch for all tensors (CUDA, fp32), see :mod:`.kernels`. Both
     start once ``d`` adapts (the first steps, while every gradient is zero, run eagerly).
-    ``compiled=None`` (default): on the CPU, a large model takes the compiled pass
-    (:meth:`_compiled_ids`); ``compiled=False``: the eager path.
+    Default (neither given): on CUDA the kernels for fp32 parameters
+    (:func:`.kernels.fused_by_default`); on the CPU, a large model takes the compiled pass
+    (:meth:`_compiled_ids`). ``compiled=False``/``fused=False``: the eager path.
     """
 
     family = FAMILIES["adamw"]
@@ -310,8 +312,9 @@ class Prodigy(_GlobalStep):
     ``compiled=True``: a statistics pass and an update pass per tensor, each over all tensors
     in one ``torch.compile`` graph; ``fused=True``:
     the same two passes as Triton launches over all tensors (CUDA, fp32, ``slice_p=1``).
-    ``compiled=None`` (default): on the CPU, a large model takes the compiled passes
-    (:meth:`_compiled_ids`); ``compiled=False``: the eager path.
+    Default (neither given): on CUDA the kernels for fp32 parameters when every group has
+    ``slice_p=1`` (:func:`.kernels.fused_by_default`); on the CPU, a large model takes the
+    compiled passes (:meth:`_compiled_ids`). ``compiled=False``/``fused=False``: the eager path.
     """
 
     family = FAMILIES["adamw"]
@@ -335,7 +338,8 @@ class Prodigy(_GlobalStep):
     @torch.no_grad()
     def step(self, closure=None):
         loss = self._loss(closure)
-        with kernels.fused_defaults(self, FUSED_DTYPES):
+        unsliced = all(group["slice_p"] == 1 for group in self.param_groups)  # what the kernels take
+        with kernels.fused_defaults(self, FUSED_DTYPES) if unsliced else contextlib.nullcontext():
             self._step()
         return loss
 

@@ -84,7 +84,10 @@ def named_groups(params: Iterable[Any]) -> list[Any]:
 
 class ScaledAdam(KeepsStateDtypes, ScaledGroups, torch.optim.Optimizer):
     """ScaledAdam with muP group scales (icefall's arguments and defaults, plus
-    ``clipping_scope`` and ``foreach``; see the module docstring)."""
+    ``clipping_scope`` and ``foreach``; see the module docstring). ``fused=True``: the Triton
+    kernels (CUDA); by default (``fused`` and ``foreach`` not given) on CUDA
+    (:func:`.kernels.fused_by_default`), except under ``torch.use_deterministic_algorithms``,
+    since their per-tensor sums are atomic adds."""
 
     family = FAMILIES["adafactor"]
     #: arguments under which a zero-initialized tensor trains: an RMS floor like Adafactor's eps2
