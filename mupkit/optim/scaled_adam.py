@@ -214,9 +214,13 @@ class ScaledAdam(KeepsStateDtypes, ScaledGroups, torch.optim.Optimizer):
         sumsq = torch.stack(torch._foreach_norm([it["grad"] for it in items], ord=2)).to(torch.float64).square()
         sumsq = all_sum(sumsq, [it["info"] for it in items])
         # squared weights: scalar_lr_scale^2 for one-element tensors, RMS(P)^2 (last refresh) for the others
-        weights = torch.stack([torch.tensor(g["scalar_lr_scale"] ** 2, dtype=torch.float64, device=sumsq.device)
-                               if it["scalar"] else it["state"]["param_rms"].to(torch.float64).square()
-                               for g, group_items in scope for it in group_items])
+        scalar_weights = [g["scalar_lr_scale"] ** 2 if it["scalar"] else 0.0 for g, group_items in scope
+                          for it in group_items]
+        weights = torch.tensor(scalar_weights, dtype=torch.float64).to(sumsq.device, non_blocking=True)
+        sized = [k for k, it in enumerate(items) if not it["scalar"]]
+        if sized:
+            rms = torch.stack([items[k]["state"]["param_rms"] for k in sized]).to(torch.float64)
+            weights[torch.tensor(sized, device=sumsq.device)] = rms.square()
         norm = float((sumsq * weights).sum().sqrt())
         period = group["clipping_update_period"]
         norms = holder.setdefault("clip_norms", torch.zeros(period, dtype=torch.float64))
@@ -309,22 +313,26 @@ def _step(items: list[dict[str, Any]], group: dict[str, Any], factor: float) -> 
 
 def _record_sizes(states: list[dict[str, Any]], steps: list[int], dots: dict[int, torch.Tensor],
                   fresh: dict[int, torch.Tensor], period: int) -> None:
-    """Buffer each sized tensor's ``<P, g>`` and refresh ``RMS(P)`` where it is due."""
-    for k, dot in dots.items():
-        states[k]["scale_grads"][steps[k] % period] = dot
-        if k in fresh:
-            states[k]["param_rms"].copy_(fresh[k])
+    """Buffer each sized tensor's ``<P, g>`` and refresh ``RMS(P)`` where it is due (two
+    multi-tensor copies, not one small op per tensor)."""
+    if dots:
+        torch._foreach_copy_([states[k]["scale_grads"][steps[k] % period] for k in dots], list(dots.values()))
+    if fresh:
+        torch._foreach_copy_([states[k]["param_rms"] for k in fresh], list(fresh.values()))
 
 
 def _size_factors(states: list[dict[str, Any]], sized: list[int], steps: list[int],
                   group: dict[str, Any]) -> dict[int, tuple[torch.Tensor, torch.Tensor | None]]:
-    """Per sized tensor: ``max(RMS(P), param_min_rms)`` and the size step ``ss`` (None unless due)."""
+    """Per sized tensor: ``max(RMS(P), param_min_rms)`` and the size step ``ss`` (None unless due);
+    a fixed number of ops for all tensors (:func:`_size_steps`)."""
     period = group["size_update_period"]
     min_rms = group["param_min_rms"] * group["eps_scale"]
     max_rms = group["param_max_rms"] * group["eps_scale"]
-    return {k: (states[k]["param_rms"].clamp(min=min_rms),
-                _size_step(states[k], group, steps[k], min_rms, max_rms)
-                if steps[k] % period == period - 1 and steps[k] > 0 else None) for k in sized}
+    floors = torch._foreach_clamp_min([states[k]["param_rms"] for k in sized], min_rms)
+    due = [k for k in sized if steps[k] % period == period - 1 and steps[k] > 0]
+    size_steps = dict(zip(due, _size_steps([states[k] for k in due], group, [steps[k] for k in due], min_rms,
+                                           max_rms).unbind())) if due else {}
+    return {k: (floor, size_steps.get(k)) for k, floor in zip(sized, floors)}
 
 
 def _second_moment_correction(beta2: float, t: int) -> float:
@@ -358,12 +366,17 @@ def _fused_step(items: list[dict[str, Any]], group: dict[str, Any], factor: floa
     sized = [k for k, it in enumerate(items) if not it["scalar"]]
     numel = torch.tensor([p.numel() for p in params], dtype=torch.float32, device=sums.device)
     rms = (sums[:, 1] / numel).sqrt()
+    dots = sums[:, 0] * factor
     fresh = {k: rms[k] for k in sized if steps[k] % period == period - 1}
-    _record_sizes(states, steps, {k: sums[k, 0] * factor for k in sized}, fresh, period)
+    _record_sizes(states, steps, {k: dots[k] for k in sized}, fresh, period)
     factors = _size_factors(states, sized, steps, group)
-    one, zero = torch.ones((), device=sums.device), torch.zeros((), device=sums.device)
-    sizes = torch.stack([torch.stack([floor_rms, zero if ss is None else ss]).float()
-                         for floor_rms, ss in (factors.get(k, (one, None)) for k in range(len(items)))])
+    sizes = torch.zeros(len(items), 2, device=sums.device)  # per tensor: (max(RMS, floor), ss); 1 and 0 if unsized
+    sizes[:, 0] = 1.0
+    if sized:
+        sizes[torch.tensor(sized, device=sums.device), 0] = torch.stack([factors[k][0] for k in sized]).float()
+        due = [k for k in sized if factors[k][1] is not None]
+        if due:
+            sizes[torch.tensor(due, device=sums.device), 1] = torch.stack([factors[k][1] for k in due]).float()
     rows = [(factor, beta2, 1.0 - beta2, _second_moment_correction(beta2, t), group["eps"],
              _direction_step_size(group, it["scalar"]), beta1, 1.0 if it["scalar"] else 0.0, group["scalar_max"])
             for it, t in zip(items, steps)]
@@ -372,17 +385,21 @@ def _fused_step(items: list[dict[str, Any]], group: dict[str, Any], factor: floa
         state["step"] += 1
 
 
-def _size_step(state: dict[str, Any], group: dict[str, Any], t: int, min_rms: float, max_rms: float) -> torch.Tensor:
-    """``ss``, the relative change of the tensor's scale at step ``t`` (a size-update step)."""
+def _size_steps(states: list[dict[str, Any]], group: dict[str, Any], steps: list[int], min_rms: float,
+                max_rms: float) -> torch.Tensor:
+    """``ss`` of each tensor at its size-update step ``t``: the relative change of its scale, for
+    all of them at once (their buffers stacked; one copy writes the new ``q`` back)."""
     beta2, eps = group["betas"][1], group["eps"]
     period = group["size_update_period"]
     beta2_period = beta2 ** period
-    buffered = state["scale_grads"]
-    state["scale_exp_avg_sq"].mul_(beta2_period).add_((buffered * buffered).mean(), alpha=1.0 - beta2_period)
-    correction = 1.0 - beta2_period ** ((t + 1) // period)
-    rms = state["param_rms"]
-    ss = buffered.sum() * (-group["lr"] * group["scalar_lr_scale"] * math.sqrt(correction)) \
-        / (state["scale_exp_avg_sq"].sqrt() + eps)
+    buffered = torch.stack([state["scale_grads"] for state in states])
+    q = torch.stack([state["scale_exp_avg_sq"] for state in states])
+    q.mul_(beta2_period).add_((buffered * buffered).mean(1), alpha=1.0 - beta2_period)
+    torch._foreach_copy_([state["scale_exp_avg_sq"] for state in states], list(q.unbind()))
+    step_size = [-group["lr"] * group["scalar_lr_scale"] * math.sqrt(1.0 - beta2_period ** ((t + 1) // period))
+                 for t in steps]
+    rms = torch.stack([state["param_rms"] for state in states])
+    ss = buffered.sum(1) * torch.tensor(step_size, dtype=q.dtype).to(q.device, non_blocking=True) / (q.sqrt() + eps)
     ss = torch.where(rms < min_rms, torch.zeros_like(ss), ss).clamp(-0.1, 0.1)
     return torch.minimum(ss, (max_rms - rms) / rms)
 
