@@ -2,9 +2,11 @@
 ``RMS(U)`` and ``RMS(p)``, and an apply pass (Shazeer & Stern 2018, Sec. 3, 6, 8).
 
 One launch per pass for all tensors of a (device, dtype, mode) bucket. The small factored
-statistics (``R``, ``C``: one value per row or column) are updated between the passes with
-torch ops on the device; the per-tensor step size and clipping factor are computed on the
-device from the pass-2 sums, so nothing waits for the host. Semantics are
+statistics (``R``, ``C``: one value per row or column) are updated between the passes by a fixed
+number of torch ops on the device for all tensors together (:func:`_factored_statistics`); the
+per-tensor step size and clipping factor are computed on the device from the pass-2 sums, so
+nothing waits for the host. The row and column sums are atomic adds: their rounding order
+varies from run to run on a GPU. Semantics are
 :class:`mupkit.optim.Adafactor`'s (``mode="torch"`` or ``"hf"``).
 
 Per tensor, ``ints`` holds ``[factored, rows, cols, row_offset, col_offset]`` (offsets into the
@@ -13,6 +15,9 @@ launch's shared row/column sum buffers) and ``vals`` the :data:`ADAFACTOR_ROW` v
 
 from __future__ import annotations
 
+import functools
+import math
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
@@ -113,6 +118,103 @@ def _apply_kernel(p_ptrs, g_ptrs, a_ptrs, c_ptrs, m_ptrs, numels, tensor_of_bloc
     tl.store(tensor_pointer(p_ptrs, t, P_DTYPE) + offs, p.to(P_DTYPE), mask=mask)
 
 
+@dataclass(frozen=True)
+class FactoredLayout:
+    """Where a launch's tensors keep their factored statistics, for tensors of these shapes.
+
+    Every factored tensor (``*B x R x C``, ``R, C`` its last two dims) owns ``B R`` consecutive
+    entries of the launch's row buffer and ``B C`` of its column buffer. The row statistic is
+    normalized per ``R``-long segment (one per leading index), so each row entry knows its
+    segment and the tensor it belongs to. All index arrays live on the device."""
+
+    ints: torch.Tensor  # (tensors, 5) int64: factored, rows, cols, row offset, col offset
+    row_offsets: tuple[int, ...]
+    col_offsets: tuple[int, ...]
+    row_div: torch.Tensor  # (row entries,) fp32: C, what each row sum of g^2 is divided by
+    col_div: torch.Tensor  # (column entries,) fp32: R
+    tensor_of_row: torch.Tensor  # (row entries,) int64
+    tensor_of_col: torch.Tensor  # (column entries,) int64
+    segment_of_row: torch.Tensor  # (row entries,) int64
+    segment_first: torch.Tensor  # (segments,) int64: each segment's first row entry
+    segment_last: torch.Tensor  # (segments,) int64: its last
+    segment_rows: torch.Tensor  # (segments,) float64: R
+    tensor_of_segment: torch.Tensor  # (segments,) int64
+
+    @property
+    def row_entries(self) -> int:
+        return self.row_div.numel()
+
+    @property
+    def col_entries(self) -> int:
+        return self.col_div.numel()
+
+
+@functools.lru_cache(maxsize=32)
+def factored_layout(shapes: tuple[tuple[int, ...], ...], device: torch.device) -> FactoredLayout:
+    """The cached :class:`FactoredLayout` of tensors of these shapes (``()`` for 0-dim; tensors
+    with fewer than 2 dims are unfactored)."""
+    ints, row_offsets, col_offsets = [], [], []
+    row_div, col_div, tensor_of_row, tensor_of_col, segment_of_row = [], [], [], [], []
+    first, last, seg_rows, tensor_of_segment = [], [], [], []
+    for t, shape in enumerate(shapes):
+        factored = len(shape) >= 2
+        rows, cols = (shape[-2], shape[-1]) if factored else (1, 1)
+        batch = math.prod(shape[:-2]) if factored else 0
+        row_offsets.append(len(row_div))
+        col_offsets.append(len(col_div))
+        ints.append([int(factored), rows, cols, len(row_div), len(col_div)])
+        for _ in range(batch):
+            first.append(len(row_div))
+            last.append(len(row_div) + rows - 1)
+            seg_rows.append(float(rows))
+            tensor_of_segment.append(t)
+            segment_of_row += [len(first) - 1] * rows
+            row_div += [float(cols)] * rows
+            tensor_of_row += [t] * rows
+            col_div += [float(rows)] * cols
+            tensor_of_col += [t] * cols
+    def on_device(values, dtype):
+        return torch.tensor(values, dtype=dtype, device=device)
+    return FactoredLayout(on_device(ints, torch.int64), tuple(row_offsets), tuple(col_offsets),
+                          on_device(row_div, torch.float32), on_device(col_div, torch.float32),
+                          on_device(tensor_of_row, torch.int64), on_device(tensor_of_col, torch.int64),
+                          on_device(segment_of_row, torch.int64), on_device(first, torch.int64),
+                          on_device(last, torch.int64), on_device(seg_rows, torch.float64),
+                          on_device(tensor_of_segment, torch.int64))
+
+
+def _factored_statistics(items: Sequence[dict[str, Any]], layout: FactoredLayout, row_sums: torch.Tensor,
+                         col_sums: torch.Tensor, ombs: torch.Tensor, eps1: torch.Tensor,
+                         hf: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Update every factored tensor's ``R`` and ``C`` from this step's row and column means of
+    ``g^2``, all tensors at once; return the normalized row statistic ``R / mean_rows(R)`` (torch
+    mode: the mean clamped at eps1; mean per leading index, summed in float64) and the new ``C``,
+    both laid out as the launch's row and column buffers.
+
+    A fixed number of device ops for any number of tensors: the states are gathered into the
+    buffers, updated there and copied back (the per-tensor loop this replaces cost about ten ops
+    per factored tensor)."""
+    factored = [it for it in items if it["rows"] > 0]
+    row_vars = [it["state"]["row_var"].view(-1) for it in factored]
+    col_vars = [it["state"]["col_var"].view(-1) for it in factored]
+    rows, cols = torch.cat(row_vars), torch.cat(col_vars)
+    for stat, sums, div, owner in ((rows, row_sums, layout.row_div, layout.tensor_of_row),
+                                   (cols, col_sums, layout.col_div, layout.tensor_of_col)):
+        mean, omb = sums / div, ombs[owner]
+        if hf:  # hf: eps1 inside the EMA
+            stat.mul_(1.0 - omb).add_((mean + eps1[owner]) * omb)
+        else:
+            stat.lerp_(mean, omb)
+    torch._foreach_copy_(row_vars, list(rows.split([v.numel() for v in row_vars])))
+    torch._foreach_copy_(col_vars, list(cols.split([v.numel() for v in col_vars])))
+    running = rows.double().cumsum(0)
+    before = torch.where(layout.segment_first > 0, running[(layout.segment_first - 1).clamp(min=0)], 0.0)
+    mean_row = (running[layout.segment_last] - before) / layout.segment_rows
+    if not hf:
+        mean_row = torch.maximum(mean_row, eps1[layout.tensor_of_segment].double())
+    return (rows / mean_row[layout.segment_of_row]).float(), cols
+
+
 def adafactor(items: Sequence[dict[str, Any]], hf: bool, momentum: bool) -> None:
     """One Adafactor step of tensors sharing a device, a parameter dtype and a mode.
 
@@ -124,51 +226,32 @@ def adafactor(items: Sequence[dict[str, Any]], hf: bool, momentum: bool) -> None
     params = [it["param"] for it in items]
     device, dtype = params[0].device, params[0].dtype
     blocks = blocks_for(params)
-    factored = [it["rows"] > 0 for it in items]
-    row_sizes = [it["param"].numel() // it["cols"] if f else 0 for it, f in zip(items, factored)]
-    col_sizes = [it["param"].numel() // it["rows"] if f else 0 for it, f in zip(items, factored)]
-    row_offsets = [sum(row_sizes[:k]) for k in range(len(items))]
-    col_offsets = [sum(col_sizes[:k]) for k in range(len(items))]
-    ints = torch.tensor([[int(f), it["rows"] or 1, it["cols"] or 1, r, c] for it, f, r, c in
-                         zip(items, factored, row_offsets, col_offsets)], dtype=torch.int64).to(device)
+    layout = factored_layout(tuple(tuple(p.shape) for p in params), device)
     vals = values([[it["eps1"], it["floor"], it["sign"], it["beta1"] or 0.0] for it in items], device)
+    ombs = torch.tensor([it["omb"] for it in items], dtype=torch.float32).to(device)
     common = dict(NV=len(ADAFACTOR_ROW), P_DTYPE=TL_DTYPES[dtype], BLOCK=BLOCK)
     grads = addresses([it["grad"] for it in items], device)
     p_table = addresses(params, device)
     grid = (blocks.blocks,)
 
-    # pass 1: row/column sums of g^2, then the factored statistics (small tensors, torch ops)
-    row_sums = torch.zeros(max(sum(row_sizes), 1), dtype=torch.float32, device=device)
-    col_sums = torch.zeros(max(sum(col_sizes), 1), dtype=torch.float32, device=device)
-    if any(factored):
-        _sums_kernel[grid](grads, blocks.numel, blocks.tensor, blocks.start, ints, row_sums, col_sums,
+    # pass 1: row/column sums of g^2, then the factored statistics (a few torch ops for all tensors)
+    firsts, seconds = [it["state"].get("variance") for it in items], [it["state"].get("variance") for it in items]
+    if layout.row_entries:
+        row_sums = torch.zeros(layout.row_entries, dtype=torch.float32, device=device)
+        col_sums = torch.zeros(layout.col_entries, dtype=torch.float32, device=device)
+        _sums_kernel[grid](grads, blocks.numel, blocks.tensor, blocks.start, layout.ints, row_sums, col_sums,
                            P_DTYPE=TL_DTYPES[dtype], BLOCK=BLOCK)
-    row_factors, seconds = [], []
-    for it, f, r0, c0, nr, nc in zip(items, factored, row_offsets, col_offsets, row_sizes, col_sizes):
-        state = it["state"]
-        if not f:
-            row_factors.append(state["variance"])
-            seconds.append(state["variance"])
-            continue
-        row_var, col_var = state["row_var"], state["col_var"]
-        row_mean = row_sums[r0:r0 + nr].view(row_var.shape) / it["cols"]
-        col_mean = col_sums[c0:c0 + nc].view(col_var.shape) / it["rows"]
-        if hf:
-            for var, mean in ((row_var, row_mean), (col_var, col_mean)):
-                var.mul_(1.0 - it["omb"]).add_((mean + it["eps1"]) * it["omb"])
-            row_factors.append(row_var / (row_var.sum(-2, keepdim=True) / it["rows"]))
-        else:
-            row_var.lerp_(row_mean, it["omb"])
-            col_var.lerp_(col_mean, it["omb"])
-            row_factors.append(row_var / (row_var.sum(-2, keepdim=True) / it["rows"]).clamp_(min=it["eps1"]))
-        seconds.append(col_var)
-    a_table, c_table = addresses(row_factors, device), addresses(seconds, device)
+        row_factors, cols = _factored_statistics(items, layout, row_sums, col_sums, ombs, vals[:, 0], hf)
+        for k, it in enumerate(items):
+            if it["rows"] > 0:  # views into the shared buffers, at this tensor's offsets
+                firsts[k] = row_factors[layout.row_offsets[k]:]
+                seconds[k] = cols[layout.col_offsets[k]:]
+    a_table, c_table = addresses(firsts, device), addresses(seconds, device)
 
     # pass 2: unfactored moments, sum U^2 and sum p^2 per tensor
     sums = torch.zeros(len(items), 2, dtype=torch.float32, device=device)
-    ombs = torch.tensor([it["omb"] for it in items], dtype=torch.float32).to(device)
-    _direction_kernel[grid](p_table, grads, a_table, c_table, blocks.numel, blocks.tensor, blocks.start, vals, ints,
-                            ombs, sums, HF=hf, **common)
+    _direction_kernel[grid](p_table, grads, a_table, c_table, blocks.numel, blocks.tensor, blocks.start, vals,
+                            layout.ints, ombs, sums, HF=hf, **common)
 
     # on the device: step size (relative to RMS(p)), clipping by RMS(U), decay
     per_tensor = torch.tensor([[it["rho"], it["rms_floor"], it["lr_scale"], it["clip_threshold"], it["decay"],
@@ -184,7 +267,7 @@ def adafactor(items: Sequence[dict[str, Any]], hf: bool, momentum: bool) -> None
     # pass 3: the update
     m_table = addresses([it["state"]["exp_avg"] for it in items], device) if momentum else p_table
     _apply_kernel[grid](p_table, grads, a_table, c_table, m_table, blocks.numel, blocks.tensor, blocks.start, vals,
-                        ints, coefs, HF=hf, MOMENTUM=momentum, **common)
+                        layout.ints, coefs, HF=hf, MOMENTUM=momentum, **common)
 
 
-__all__ = ["ADAFACTOR_ROW", "adafactor"]
+__all__ = ["ADAFACTOR_ROW", "FactoredLayout", "adafactor", "factored_layout"]
