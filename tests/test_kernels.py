@@ -347,10 +347,11 @@ def test_atomic_add_kernels_are_not_taken_under_torch_deterministic_mode(cls, mo
 def test_prodigy_with_slice_p_stays_eager_by_default(monkeypatch):
     """The kernels take ``slice_p=1`` only, so a sliced Prodigy is not fused by default."""
     monkeypatch.setattr(kernels, "fused_by_default", lambda tensors, dtypes=kernels.KERNEL_DTYPES: True)
-    p = torch.nn.Parameter(torch.randn(64, device=DEVICE))
+    gen = torch.Generator().manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(64, generator=gen).to(DEVICE))
     opt = mupkit.optim.Prodigy([p], slice_p=11)
-    for _ in range(2):
-        p.grad = torch.randn(64, device=DEVICE)
+    for _ in range(3):  # a gradient that keeps its sign: d grows
+        p.grad = (1.0 + 0.1 * torch.randn(64, generator=gen)).to(DEVICE)
         opt.step()
     assert opt.param_groups[0]["fused"] is None and not hasattr(opt, "_fused_defaults")
     assert opt.param_groups[0]["d"] > opt.param_groups[0]["d0"]

@@ -82,13 +82,13 @@ class _GlobalStep(ScaledGroups, torch.optim.Optimizer):
         picks, the others then run the same one-pass functions eagerly, which needs plain
         contiguous tensors (no DTensor shards) and ``slice_p = 1``; else none (the eager path)."""
         top = self.param_groups[0]
+        if top["compiled"] is False or top["fused"]:
+            return set()
         params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
         if top["compiled"]:
             return {id(p) for p in params}
         flat = all(flattenable(p) for p in params) and all(group.get("slice_p", 1) == 1 for group in self.param_groups)
-        if top["compiled"] is False or top["fused"] or not flat:
-            return set()
-        return {id(p) for p, yes in zip(params, compiled_by_default(params)) if yes}
+        return {id(p) for p, yes in zip(params, compiled_by_default(params)) if yes} if flat else set()
 
     def _view(self, p: torch.Tensor) -> dict[str, Any]:
         """``p``'s state with rank-local views of DTensor entries (in-place updates reach them)."""
