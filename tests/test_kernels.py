@@ -334,7 +334,7 @@ def test_atomic_add_kernels_are_not_taken_under_torch_deterministic_mode(cls, mo
         torch.use_deterministic_algorithms(True)
         default = cls([p])
         default.step()
-        assert default.param_groups[0]["fused"] is None and default._fused_defaults[1] == []
+        assert default.param_groups[0]["fused"] is None and not any(default._fused_defaults[1])
         with pytest.raises(RuntimeError, match="use_deterministic_algorithms.*fused=False"):
             cls([p], fused=True).step()
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -355,3 +355,28 @@ def test_prodigy_with_slice_p_stays_eager_by_default(monkeypatch):
         opt.step()
     assert opt.param_groups[0]["fused"] is None and not hasattr(opt, "_fused_defaults")
     assert opt.param_groups[0]["d"] > opt.param_groups[0]["d0"]
+
+
+@pytest.mark.parametrize("cls", [mupkit.optim.AdamW, mupkit.optim.AdamAtan2, mupkit.optim.Adafactor])
+def test_fused_steps_update_the_fp32_master_copies_of_bf16_parameters(cls):
+    """``master_weights=True`` with the kernels: the master copies of a bf16 model follow an fp32
+    model fed the same (bf16-valued) gradients to 1e-6 after 10 steps."""
+    def run(dtype, **options):
+        torch.manual_seed(0)
+        model = mupkit.build(models.mlp, base=dict(width=16), target=dict(width=48))
+        with torch.no_grad():
+            for p in model.parameters():
+                p.copy_((p + 0.01).bfloat16().float())
+        model = model.to(DEVICE, dtype)
+        opt = cls(mupkit.param_groups(model), fused=True, **options)
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(10):
+            for p in model.parameters():
+                p.grad = torch.randn(p.shape, generator=gen).bfloat16().to(DEVICE, dtype)
+            opt.step()
+        return model, opt
+    reference, _ = run(torch.float32)
+    model, opt = run(torch.bfloat16, master_weights=True)
+    masters = [opt.state[p]["master"] for p in model.parameters()]
+    assert rel_err(masters, list(reference.parameters())) <= 1e-6
+    assert all(torch.equal(p, m.bfloat16()) for p, m in zip(model.parameters(), masters))

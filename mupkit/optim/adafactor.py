@@ -46,6 +46,7 @@ import torch
 from ..rules import FAMILIES
 from . import kernels
 from .compiled import compiled_by_default, left_to_default
+from .master import MasterWeights
 from .scaled import ScaledGroups
 from .sharding import ShardInfo, global_rms, local_tensor, shard_info, state_like, sum_over
 from .tensors import KeepsStateDtypes, compile_safe, default_foreach, state_dtype, working_copy, write_back
@@ -53,7 +54,7 @@ from .tensors import KeepsStateDtypes, compile_safe, default_foreach, state_dtyp
 MODES = ("torch", "hf")
 
 
-class Adafactor(KeepsStateDtypes, ScaledGroups, torch.optim.Optimizer):
+class Adafactor(MasterWeights, KeepsStateDtypes, ScaledGroups, torch.optim.Optimizer):
     """Adafactor with muP group scales; ``mode="torch"`` (default) or ``mode="hf"``.
 
     Arguments as in the chosen reference: ``lr`` (torch: cap of the relative step, default
@@ -77,7 +78,8 @@ class Adafactor(KeepsStateDtypes, ScaledGroups, torch.optim.Optimizer):
                  beta2_decay: float = -0.8, eps: tuple[float | None, float] | None = None,
                  clip_threshold: float = 1.0, weight_decay: float = 0.0, scale_parameter: bool = True,
                  relative_step: bool = True, warmup_init: bool = False, maximize: bool = False,
-                 foreach: bool | None = None, compiled: bool | None = None, fused: bool | None = None):
+                 foreach: bool | None = None, compiled: bool | None = None, fused: bool | None = None,
+                 master_weights: bool = False):
         if mode not in MODES:
             raise ValueError(f"mode={mode!r}; use one of {MODES}")
         if mode == "torch":
@@ -115,12 +117,12 @@ class Adafactor(KeepsStateDtypes, ScaledGroups, torch.optim.Optimizer):
                         clip_threshold=clip_threshold, weight_decay=weight_decay, scale_parameter=scale_parameter,
                         relative_step=relative_step, warmup_init=warmup_init, maximize=maximize, foreach=foreach,
                         compiled=compiled, fused=fused)
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, master_weights=master_weights)
 
     @torch.no_grad()
     def step(self, closure=None):
         loss = self._loss(closure)
-        with kernels.fused_defaults(self, deterministic=False), self._merged_groups():  # equal groups: one call
+        with self._master_weights(), kernels.fused_defaults(self, deterministic=False), self._merged_groups():
             self._step_groups()
         return loss
 

@@ -35,6 +35,7 @@ import torch
 from ..rules import FAMILIES
 from . import kernels
 from .compiled import ListKernel, compiled_by_default, left_to_default
+from .master import MasterWeights
 from .scaled import ScaledGroups
 from .tensors import (KeepsStateDtypes, by_device_and_dtype, cache_sized, default_foreach, device_steps, state_dtype,
                       working_copy, write_back)
@@ -42,7 +43,7 @@ from .tensors import (KeepsStateDtypes, by_device_and_dtype, cache_sized, defaul
 FORMULATIONS = ("lucidrains", "fused")
 
 
-class AdamAtan2(KeepsStateDtypes, ScaledGroups, torch.optim.Optimizer):
+class AdamAtan2(MasterWeights, KeepsStateDtypes, ScaledGroups, torch.optim.Optimizer):
     """Adam-atan2 with muP group scales; a drop-in for ``adam_atan2_pytorch.AdamAtan2``.
 
     ``weight_decay``: decoupled, ``p *= 1 - lr * weight_decay`` per step (the reference's
@@ -60,7 +61,8 @@ class AdamAtan2(KeepsStateDtypes, ScaledGroups, torch.optim.Optimizer):
     def __init__(self, params, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.99),
                  weight_decay: float = 0.0, *, a: float | None = None, b: float | None = None,
                  formulation: str = "lucidrains", maximize: bool = False, foreach: bool | None = None,
-                 compiled: bool | None = None, fused: bool | None = None, weight_decay_policy: str | None = None):
+                 compiled: bool | None = None, fused: bool | None = None, weight_decay_policy: str | None = None,
+                 master_weights: bool = False):
         if formulation not in FORMULATIONS:
             raise ValueError(f"formulation={formulation!r}; use one of {FORMULATIONS}")
         a = (1.27 if formulation == "lucidrains" else 1.0) if a is None else a
@@ -77,7 +79,7 @@ class AdamAtan2(KeepsStateDtypes, ScaledGroups, torch.optim.Optimizer):
             raise ValueError("choose one of foreach=True, compiled=True and fused=True")
         defaults = dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay, a=a, b=b, formulation=formulation,
                         maximize=maximize, foreach=foreach, compiled=compiled, fused=fused)
-        super().__init__(params, defaults, weight_decay_policy=weight_decay_policy)
+        super().__init__(params, defaults, weight_decay_policy=weight_decay_policy, master_weights=master_weights)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -85,29 +87,32 @@ class AdamAtan2(KeepsStateDtypes, ScaledGroups, torch.optim.Optimizer):
         # every compiled (fused) tensor of every group goes to one graph (one launch per device and dtype)
         compiled: tuple[list, ...] = ([], [], [], [], [])
         fused: tuple[list, ...] = ([], [], [], [], [], [])
-        with kernels.fused_defaults(self), self._merged_groups(), self._effective_hyperparameters():
-            gathered = [(group, self._gather(group)) for group in self.param_groups]  # equal groups merged
-            auto = [p for group, lists in gathered if left_to_default(group) for p in lists[0]]
-            auto_compiled = {id(p) for p, yes in zip(auto, compiled_by_default(auto)) if yes}
-            for group, lists in gathered:
-                if not lists[0]:
-                    continue
-                if group["fused"]:
-                    self._tabulate_fused(group, *lists[:4], into=fused)
-                    continue
-                chosen = [group["compiled"] or id(p) in auto_compiled for p in lists[0]]
-                if any(chosen):
-                    self._tabulate_compiled(group, *(_subset(column, chosen) for column in lists), into=compiled)
-                if not all(chosen):
-                    eager = [_subset(column, [not c for c in chosen]) for column in lists]
-                    beta1, beta2 = group["betas"]
-                    adam_atan2(*eager, lr=group["lr"], beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"],
-                               a=group["a"], b=group["b"], formulation=group["formulation"],
-                               maximize=group["maximize"], foreach=group["foreach"], compiled=False)
-        if compiled[0]:
-            _run_compiled(*compiled)
-        if fused[0]:
-            _run_fused(*fused)
+        with self._master_weights():  # the launches below too: they update the fp32 copies
+            with kernels.fused_defaults(self), self._merged_groups(), self._effective_hyperparameters():
+                gathered = [(group, self._gather(group)) for group in self.param_groups]  # equal groups merged
+                auto = [p for group, lists in gathered if left_to_default(group) for p in lists[0]]
+                auto_compiled = {id(p) for p, yes in zip(auto, compiled_by_default(auto)) if yes}
+                for group, lists in gathered:
+                    if not lists[0]:
+                        continue
+                    if group["fused"]:
+                        self._tabulate_fused(group, *lists[:4], into=fused)
+                        continue
+                    chosen = [group["compiled"] or id(p) in auto_compiled for p in lists[0]]
+                    if any(chosen):
+                        self._tabulate_compiled(group, *(_subset(column, chosen) for column in lists),
+                                                into=compiled)
+                    if not all(chosen):
+                        eager = [_subset(column, [not c for c in chosen]) for column in lists]
+                        beta1, beta2 = group["betas"]
+                        adam_atan2(*eager, lr=group["lr"], beta1=beta1, beta2=beta2,
+                                   weight_decay=group["weight_decay"], a=group["a"], b=group["b"],
+                                   formulation=group["formulation"], maximize=group["maximize"],
+                                   foreach=group["foreach"], compiled=False)
+            if compiled[0]:
+                _run_compiled(*compiled)
+            if fused[0]:
+                _run_fused(*fused)
         return loss
 
     @staticmethod

@@ -56,6 +56,7 @@ import torch
 
 from ..rules import FAMILIES
 from . import kernels
+from .master import MasterWeights
 from .scaled import ScaledGroups
 from .sharding import all_sum, global_rms, local_tensor, shard_info, state_like
 from .tensors import KeepsStateDtypes, default_foreach, state_dtype, working_copy, write_back
@@ -82,7 +83,7 @@ def named_groups(params: Iterable[Any]) -> list[Any]:
     return out
 
 
-class ScaledAdam(KeepsStateDtypes, ScaledGroups, torch.optim.Optimizer):
+class ScaledAdam(MasterWeights, KeepsStateDtypes, ScaledGroups, torch.optim.Optimizer):
     """ScaledAdam with muP group scales (icefall's arguments and defaults, plus
     ``clipping_scope`` and ``foreach``; see the module docstring). ``fused=True``: the Triton
     kernels (CUDA); by default (``fused`` and ``foreach`` not given) on CUDA
@@ -98,7 +99,8 @@ class ScaledAdam(KeepsStateDtypes, ScaledGroups, torch.optim.Optimizer):
                  betas: tuple[float, float] = (0.9, 0.98), scalar_lr_scale: float = 0.1, eps: float = 1.0e-8,
                  param_min_rms: float = 1.0e-5, param_max_rms: float = 3.0, scalar_max: float = 10.0,
                  size_update_period: int = 4, clipping_update_period: int = 100, *,
-                 clipping_scope: str = "group", foreach: bool | None = None, fused: bool | None = None):
+                 clipping_scope: str = "group", foreach: bool | None = None, fused: bool | None = None,
+                 master_weights: bool = False):
         if not lr >= 0:
             raise ValueError(f"lr={lr} must be >= 0")
         if not all(0.0 <= b < 1.0 for b in betas):
@@ -120,7 +122,7 @@ class ScaledAdam(KeepsStateDtypes, ScaledGroups, torch.optim.Optimizer):
                         foreach=foreach, fused=fused)
         self.clipping_scope = clipping_scope
         self._warned_zero = False
-        super().__init__(named_groups(params), defaults)
+        super().__init__(named_groups(params), defaults, master_weights=master_weights)
 
     def __setstate__(self, state):
         super().__setstate__(state)
@@ -129,7 +131,7 @@ class ScaledAdam(KeepsStateDtypes, ScaledGroups, torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         loss = self._loss(closure)
-        with kernels.fused_defaults(self, deterministic=False):
+        with self._master_weights(), kernels.fused_defaults(self, deterministic=False):
             live = [(group, self._gather(group)) for group in self.param_groups]
             live = [(group, items) for group, items in live if items]
             if self.clipping_scope == "all":

@@ -21,8 +21,9 @@ from typing import Any
 import torch
 
 from ..rules import FAMILIES
+from .master import MasterWeights
 from .scaled import ScaledGroups
-from .tensors import by_device_and_dtype, device_steps, plain_dense
+from .tensors import KeepsStateDtypes, by_device_and_dtype, device_steps, plain_dense
 
 
 def triton_route(optimizer: torch.optim.Optimizer) -> bool:
@@ -63,17 +64,19 @@ class TritonFused:
     default. ``fused=True`` on CUDA: the Triton kernel (:func:`triton_route`)."""
 
     def step(self, closure=None):
+        loss = self._loss(closure)  # on the model's own parameters, before any master copy is swapped in
         defaulted = [group for group, yes in zip(self.param_groups, self._fused_by_default()) if yes]
         for group in defaulted:
             group["fused"] = True
         try:
-            return self._triton_step(closure) if triton_route(self) else super().step(closure)
+            with self._master_weights():
+                self._triton_step() if triton_route(self) else super().step()
         finally:
             for group in defaulted:
                 group["fused"] = None
+        return loss
 
-    def _triton_step(self, closure):
-        loss = self._loss(closure)
+    def _triton_step(self) -> None:
         with torch.no_grad(), self._merged_groups(), self._effective_hyperparameters():  # equal groups: one row
             columns: list[list[Any]] = []
             for group in self.param_groups:
@@ -88,7 +91,6 @@ class TritonFused:
                 kernels.check_fused(type(self).__name__, columns[0])
                 for bucket in by_device_and_dtype(*columns):
                     self._launch(*bucket)
-        return loss
 
     def _fused_by_default(self) -> list[bool]:
         """:func:`fused_by_default` per group, decided when the groups are first stepped and
@@ -125,21 +127,21 @@ class _AdamKernel(TritonFused):
         adam(params, grads, exp_avgs, exp_avg_sqs, steps, rows)
 
 
-class Adam(_AdamKernel, ScaledGroups, torch.optim.Adam):
+class Adam(_AdamKernel, MasterWeights, KeepsStateDtypes, ScaledGroups, torch.optim.Adam):
     """``torch.optim.Adam`` (L2 weight decay added to the gradient) with muP group scales."""
 
     family = FAMILIES["adam"]
     decoupled = False
 
 
-class AdamW(_AdamKernel, ScaledGroups, torch.optim.AdamW):
+class AdamW(_AdamKernel, MasterWeights, KeepsStateDtypes, ScaledGroups, torch.optim.AdamW):
     """``torch.optim.AdamW`` (decoupled weight decay) with muP group scales."""
 
     family = FAMILIES["adamw"]
     decoupled = True
 
 
-class SGD(TritonFused, ScaledGroups, torch.optim.SGD):
+class SGD(TritonFused, MasterWeights, KeepsStateDtypes, ScaledGroups, torch.optim.SGD):
     """``torch.optim.SGD`` with muP group scales (TP5 Table 8 SGD column)."""
 
     family = FAMILIES["sgd"]

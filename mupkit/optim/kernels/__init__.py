@@ -66,11 +66,12 @@ def fused_defaults(optimizer: torch.optim.Optimizer, dtypes: tuple[torch.dtype, 
     key = (id(optimizer.param_groups), len(optimizer.param_groups), dtypes, refused)
     cached = getattr(optimizer, "_fused_defaults", None)
     if cached is None or cached[0] != key:
-        defaulted = [g for g in optimizer.param_groups if left_to_default(g)]
-        params = [p for g in defaulted for p in g["params"]]
-        cached = (key, [id(g) for g in defaulted] if not refused and fused_by_default(params, dtypes) else [])
+        defaulted = [left_to_default(g) for g in optimizer.param_groups]
+        params = [p for g, yes in zip(optimizer.param_groups, defaulted) if yes for p in g["params"]]
+        fused = not refused and fused_by_default(params, dtypes)
+        cached = (key, [fused and yes for yes in defaulted])
         optimizer._fused_defaults = cached
-    groups = [g for g in optimizer.param_groups if id(g) in cached[1]]
+    groups = [g for g, yes in zip(optimizer.param_groups, cached[1]) if yes]
     for group in groups:
         group["fused"] = True
     try:
