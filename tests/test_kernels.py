@@ -21,6 +21,30 @@ from mupkit.optim.kernels import elementwise  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
+
+def apply_device_function(fn, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``fn(a, b)`` elementwise through a Triton kernel, for a ``@triton.jit`` device function of
+    the kernels (passed as a constexpr, so it runs as the kernels run it)."""
+    import triton
+    out = torch.empty_like(a)
+    _apply_kernel_of_device_function[(triton.cdiv(a.numel(), 1024),)](a, b, out, a.numel(), FN=fn, BLOCK=1024)
+    return out
+
+
+def _make_apply_kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def kernel(a_ptr, b_ptr, out_ptr, n, FN: tl.constexpr, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        tl.store(out_ptr + offs, FN(tl.load(a_ptr + offs, mask=mask), tl.load(b_ptr + offs, mask=mask)), mask=mask)
+    return kernel
+
+
+_apply_kernel_of_device_function = _make_apply_kernel()
+
 SHAPES = [(33, 17), (5,), (), (3, 4, 5), (2100,)]  # 2100: more than one block
 LRS = [1e-2, 3e-3, 1e-2, 5e-4, 1e-3]  # a muP-like lr per tensor: all in one launch
 
@@ -60,22 +84,11 @@ def test_adam_kernel_matches_torch_adam_with_a_different_lr_and_step_per_tensor(
 def test_bias_correction_is_accurate_for_betas_near_one_and_long_runs():
     """``1 - beta^t`` from the kernel's fp32 ``expm1`` against float64, beta from 0 to 0.9999 and
     t from 1 to 1e6: within 3e-7 relative (``1 - exp2`` in fp32 was off by 6e-5 at beta 0.999, t 1)."""
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def kernel(step_ptr, log_beta_ptr, out_ptr, n, BLOCK: tl.constexpr):
-        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < n
-        out = elementwise.bias_correction(tl.load(step_ptr + offs, mask=mask), tl.load(log_beta_ptr + offs, mask=mask))
-        tl.store(out_ptr + offs, out, mask=mask)
-
     betas = torch.tensor([0.0, 0.5, 0.9, 0.95, 0.99, 0.999, 0.9999], dtype=torch.float64)
     steps = torch.tensor([1, 2, 3, 10, 100, 1000, 10_000, 1_000_000], dtype=torch.float64)
     beta, step = (t.reshape(-1) for t in torch.meshgrid(betas, steps, indexing="ij"))
     log_beta = torch.tensor([elementwise.log_or_minus_inf(b) for b in beta.tolist()])
-    out = torch.empty(beta.numel(), device=DEVICE)
-    kernel[(1,)](step.float().to(DEVICE), log_beta.float().to(DEVICE), out, beta.numel(), BLOCK=64)
+    out = apply_device_function(elementwise.bias_correction, step.float().to(DEVICE), log_beta.float().to(DEVICE))
     torch.testing.assert_close(out.cpu().double(), 1.0 - beta ** step, rtol=3e-7, atol=0.0)
 
 
@@ -100,24 +113,13 @@ def test_sgd_kernel_matches_torch_sgd(momentum, dampening, nesterov):
 
 
 def test_atan2_from_core_ops_is_accurate_over_many_decades_and_at_zero():
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def kernel(y_ptr, x_ptr, out_ptr, n, BLOCK: tl.constexpr):
-        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < n
-        out = elementwise.atan2_nonneg_x(tl.load(y_ptr + offs, mask=mask), tl.load(x_ptr + offs, mask=mask))
-        tl.store(out_ptr + offs, out, mask=mask)
-
     torch.manual_seed(0)
     y = torch.randn(3000) * torch.logspace(-6, 6, 3000)
     x = torch.rand(3000) * torch.logspace(6, -6, 3000)
     x[:10], y[5] = 0.0, 0.0  # atan2(+-y, 0) = +-pi/2, atan2(0, 0) = 0
     y, x = y.to(DEVICE), x.to(DEVICE)
-    out = torch.empty(3000, device=DEVICE)
-    kernel[(3,)](y, x, out, 3000, BLOCK=1024)
-    torch.testing.assert_close(out, torch.atan2(y, x), rtol=4e-7, atol=2e-7)
+    torch.testing.assert_close(apply_device_function(elementwise.atan2_nonneg_x, y, x), torch.atan2(y, x),
+                               rtol=4e-7, atol=2e-7)
 
 
 def _train(make_opt, dtype=torch.float32, steps=10):
