@@ -336,7 +336,7 @@ def test_atomic_add_kernels_are_not_taken_under_torch_deterministic_mode(cls, mo
         torch.use_deterministic_algorithms(True)
         default = cls([p])
         default.step()
-        assert default.param_groups[0]["fused"] is None and not any(default._fused_defaults[1])
+        assert default.param_groups[0]["fused"] is None and default._fused_defaults[1] is False
         with pytest.raises(RuntimeError, match="use_deterministic_algorithms.*fused=False"):
             cls([p], fused=True).step()
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -382,3 +382,37 @@ def test_fused_steps_update_the_fp32_master_copies_of_bf16_parameters(cls):
     masters = [opt.state[p]["master"] for p in model.parameters()]
     assert rel_err(masters, list(reference.parameters())) <= 1e-6
     assert all(torch.equal(p, m.bfloat16()) for p, m in zip(model.parameters(), masters))
+
+
+@pytest.mark.parametrize("mode", ["torch", "hf"])
+def test_fused_adafactor_keeps_a_tiny_gradient_tensor_beside_a_large_one(mode):
+    """The row statistic's mean is summed per tensor: a factored tensor whose g^2 is 1e-16 of its
+    neighbour's keeps its own scale (a sum shared across tensors would cancel it to 0)."""
+    def run(**impl):
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter((torch.randn(64, 32) * 0.3).to(DEVICE)) for _ in range(2)]
+        opt = mupkit.optim.Adafactor(params, mode=mode, **impl)
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(3):
+            for p, scale in zip(params, (1.0, 1e-8)):
+                p.grad = (torch.randn(p.shape, generator=gen) * scale).to(DEVICE)
+            opt.step()
+        return params
+    assert rel_err(run(fused=True), run(foreach=False)) <= 1e-6
+
+
+def test_a_path_chosen_after_the_first_step_is_respected(monkeypatch):
+    """The default's decision is cached, but a group that later names its path keeps it."""
+    monkeypatch.setattr(kernels, "fused_by_default", lambda tensors, dtypes=kernels.KERNEL_DTYPES: True)
+    checked = []
+    check = kernels.check_fused
+    monkeypatch.setattr(kernels, "check_fused", lambda name, tensors, **kw: checked.append(name) or check(
+        name, tensors, **kw))
+    p = torch.nn.Parameter(torch.randn(8, 16, device=DEVICE))
+    opt = mupkit.optim.AdamAtan2([p])
+    p.grad = torch.randn(8, 16, device=DEVICE)
+    opt.step()
+    assert checked == ["AdamAtan2"]
+    opt.param_groups[0]["fused"] = False
+    opt.step()
+    assert checked == ["AdamAtan2"] and opt.param_groups[0]["fused"] is False

@@ -115,3 +115,32 @@ def test_fp32_parameters_take_no_master_copy_and_subclasses_are_refused():
     with pytest.raises(ValueError, match=r"master_weights=True.*shape \(3,\).*Tagged.*MixedPrecisionPolicy"):
         mupkit.optim.AdamAtan2([q], master_weights=True).step()
     assert q.dtype == torch.bfloat16
+
+
+def test_a_parameter_changed_in_place_gets_a_fresh_master_copy():
+    """Zeroing the bf16 parameter between steps (as a model load_state_dict or a re-init would)
+    must not be undone by the old master copy at the next step."""
+    p = torch.nn.Parameter(torch.full((4,), 0.5, dtype=torch.bfloat16))
+    opt = mupkit.optim.SGD([p], lr=0.125, master_weights=True)
+    p.grad = torch.ones(4, dtype=torch.bfloat16)
+    opt.step()
+    assert torch.equal(p, torch.full((4,), 0.375, dtype=torch.bfloat16))
+    with torch.no_grad():
+        p.zero_()
+    opt.step()
+    assert torch.equal(p, torch.full((4,), -0.125, dtype=torch.bfloat16))
+    assert torch.equal(opt.state[p]["master"], torch.full((4,), -0.125))
+
+
+def test_an_fp32_checkpoint_resumes_in_a_bf16_model_as_in_torch():
+    """Without master weights, mupkit's AdamW loads state the way torch does (cast to the
+    parameter's dtype), so an fp32 run's checkpoint steps a bf16 copy of the model on every path."""
+    model = _model(torch.float32)
+    opt = mupkit.optim.AdamW(mupkit.param_groups(model), lr=1e-3)
+    _train(model, opt, _gradients(model, 2))
+    for impl in (dict(), dict(foreach=True), dict(fused=False)):
+        half = copy.deepcopy(model).bfloat16()
+        resumed = mupkit.optim.AdamW(mupkit.param_groups(half), lr=1e-3, **impl)
+        resumed.load_state_dict(copy.deepcopy(opt.state_dict()))
+        _train(half, resumed, _gradients(model, 1))
+        assert all(s["exp_avg"].dtype == torch.bfloat16 for s in resumed.state.values())

@@ -19,7 +19,7 @@ import contextlib
 
 import torch
 
-from .tensors import LOW_PRECISION, plain_dense
+from .tensors import LOW_PRECISION, plain_dense, restore_saved_dtypes
 
 
 class MasterWeights:
@@ -32,29 +32,42 @@ class MasterWeights:
         for group in self.param_groups:
             group.setdefault("master_weights", master_weights)
 
+    def load_state_dict(self, state_dict: dict) -> None:
+        """torch's, then: groups saved before this option take the constructor's value, and the
+        master copies (all state of a ``master_weights`` group) keep their saved fp32 dtype."""
+        super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            group.setdefault("master_weights", self.defaults["master_weights"])
+        restore_saved_dtypes(self, state_dict, lambda group, key: key == "master" or group["master_weights"])
+
     @contextlib.contextmanager
     def _master_weights(self):
         """Within: the low-precision parameters of ``master_weights`` groups hold their fp32
         master copies as data and an fp32 copy of their gradient; after, their own storage and
         gradient again, the storage rounded from the master copy. The copy is out of the state
-        meanwhile, so the optimizer sees the state it made itself (empty at its first step)."""
-        swapped: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
+        meanwhile, so the optimizer sees the state it made itself (empty at its first step).
+
+        A parameter changed in place since the last step (``load_state_dict`` of the model, an
+        EMA swap, a re-initialization: its version counter or storage moved) gets a fresh master
+        copy of its new values instead of the old copy overwriting them."""
+        mastered = [p for group in self.param_groups if group.get("master_weights") for p in group["params"]
+                    if p.dtype in LOW_PRECISION and p.grad is not None]
+        for p in mastered:  # all checked before any is swapped
+            if not plain_dense(p):
+                raise ValueError(f"{type(self).__name__}(master_weights=True): a parameter of shape "
+                                 f"{tuple(p.shape)} is a {type(p).__name__}, which cannot swap in an fp32 copy; "
+                                 f"with FSDP2 keep fp32 sharded parameters (MixedPrecisionPolicy) and leave "
+                                 f"master_weights off.")
+        seen = self.__dict__.setdefault("_master_seen", {})  # id(p) -> (storage, version) after the last step
+        swapped: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         try:
-            for group in self.param_groups:
-                if not group.get("master_weights"):
-                    continue
-                for p in group["params"]:
-                    if p.dtype not in LOW_PRECISION or p.grad is None:
-                        continue
-                    if not plain_dense(p):
-                        raise ValueError(f"{type(self).__name__}(master_weights=True): a parameter of shape "
-                                         f"{tuple(p.shape)} is a {type(p).__name__}, which cannot swap in an fp32 "
-                                         f"copy; with FSDP2 keep fp32 sharded parameters (MixedPrecisionPolicy) "
-                                         f"and leave master_weights off.")
-                    master = self.state[p].pop("master", None)
-                    swapped.append((p, p.data, p.grad))
-                    p.data = p.detach().float() if master is None else master
-                    p.grad = swapped[-1][2].float()
+            for p in mastered:
+                master = self.state[p].pop("master", None)
+                if master is None or seen.get(id(p), (p.data_ptr(), p._version)) != (p.data_ptr(), p._version):
+                    master = p.detach().float()
+                swapped.append((p, p.data, p.grad))
+                p.data = master
+                p.grad = swapped[-1][2].float()
             yield
         finally:
             for p, storage, grad in reversed(swapped):
@@ -63,6 +76,7 @@ class MasterWeights:
                 p.grad = grad
                 storage.copy_(master)
                 self.state[p]["master"] = master
+                seen[id(p)] = (p.data_ptr(), p._version)
 
 
 __all__ = ["MasterWeights"]

@@ -14,7 +14,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -57,7 +57,7 @@ def device_steps(states: list[dict[str, Any]], params: list[torch.Tensor]) -> li
     launchers advance them in one multi-tensor add and compute the bias corrections from them on
     the device, so the host neither reads nor writes a counter."""
     for state, p in zip(states, params):
-        if state["step"].device != p.device:
+        if state["step"].device != p.device or state["step"].dtype != torch.float32:
             state["step"] = state["step"].to(p.device, torch.float32)
     return [state["step"] for state in states]
 
@@ -123,12 +123,21 @@ class KeepsStateDtypes:
 
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)
-        keys = [k for group in state_dict["param_groups"] for k in group["params"]]  # ints or FQNs
-        params = dict(zip(keys, (p for group in self.param_groups for p in group["params"])))
-        for param_key, saved in state_dict["state"].items():
-            state = self.state[params[param_key]]
-            for key, value in saved.items():
-                loaded = state.get(key)
-                if isinstance(value, torch.Tensor) and value.is_floating_point() and isinstance(loaded, torch.Tensor) \
-                        and loaded.dtype != value.dtype:
-                    state[key] = value.to(device=loaded.device, copy=True)
+        restore_saved_dtypes(self, state_dict, lambda group, key: True)
+
+
+def restore_saved_dtypes(optimizer: torch.optim.Optimizer, state_dict: dict,
+                         wanted: Callable[[dict[str, Any], str], bool]) -> None:
+    """After ``torch.optim.Optimizer.load_state_dict`` (which casts each floating-point state
+    tensor to its parameter's dtype), give the entries ``wanted(group, key)`` picks back the
+    dtype they were saved with."""
+    keys = [k for group in state_dict["param_groups"] for k in group["params"]]  # ints or FQNs
+    owners = dict(zip(keys, ((p, group) for group in optimizer.param_groups for p in group["params"])))
+    for param_key, saved in state_dict["state"].items():
+        p, group = owners[param_key]
+        state = optimizer.state[p]
+        for key, value in saved.items():
+            loaded = state.get(key)
+            if isinstance(value, torch.Tensor) and value.is_floating_point() and isinstance(loaded, torch.Tensor) \
+                    and loaded.dtype != value.dtype and wanted(group, key):
+                state[key] = value.to(device=loaded.device, copy=True)

@@ -23,7 +23,7 @@ import torch
 from ..rules import FAMILIES
 from .master import MasterWeights
 from .scaled import ScaledGroups
-from .tensors import KeepsStateDtypes, by_device_and_dtype, device_steps, plain_dense
+from .tensors import by_device_and_dtype, device_steps, plain_dense
 
 
 def triton_route(optimizer: torch.optim.Optimizer) -> bool:
@@ -94,9 +94,11 @@ class TritonFused:
 
     def _fused_by_default(self) -> list[bool]:
         """:func:`fused_by_default` per group, decided when the groups are first stepped and
-        again whenever they are replaced (``load_state_dict``) or added (``add_param_group``): a
-        per-step check of every parameter would cost ~5 us per group."""
-        key = (id(self.param_groups), len(self.param_groups))
+        again whenever they are replaced (``load_state_dict``), added (``add_param_group``) or
+        change their choice of path: a per-step check of every parameter would cost ~5 us per
+        group."""
+        key = (id(self.param_groups), tuple((g.get("fused"), g.get("foreach"), g.get("differentiable"),
+                                             g.get("capturable")) for g in self.param_groups))
         if getattr(self, "_fused_default_key", None) != key:
             self._fused_default_key, self._fused_default = key, [fused_by_default(g) for g in self.param_groups]
         return self._fused_default
@@ -124,24 +126,26 @@ class _AdamKernel(TritonFused):
     @staticmethod
     def _launch(params, grads, exp_avgs, exp_avg_sqs, steps, rows):
         from .kernels.elementwise import adam
-        adam(params, grads, exp_avgs, exp_avg_sqs, steps, rows)
+        # one launch per state dtype too (a checkpoint can hold fp32 moments for some bf16 parameters)
+        for ms, ps, gs, vs, ss, rs in by_device_and_dtype(exp_avgs, params, grads, exp_avg_sqs, steps, rows):
+            adam(ps, gs, ms, vs, ss, rs)
 
 
-class Adam(_AdamKernel, MasterWeights, KeepsStateDtypes, ScaledGroups, torch.optim.Adam):
+class Adam(_AdamKernel, MasterWeights, ScaledGroups, torch.optim.Adam):
     """``torch.optim.Adam`` (L2 weight decay added to the gradient) with muP group scales."""
 
     family = FAMILIES["adam"]
     decoupled = False
 
 
-class AdamW(_AdamKernel, MasterWeights, KeepsStateDtypes, ScaledGroups, torch.optim.AdamW):
+class AdamW(_AdamKernel, MasterWeights, ScaledGroups, torch.optim.AdamW):
     """``torch.optim.AdamW`` (decoupled weight decay) with muP group scales."""
 
     family = FAMILIES["adamw"]
     decoupled = True
 
 
-class SGD(TritonFused, MasterWeights, KeepsStateDtypes, ScaledGroups, torch.optim.SGD):
+class SGD(TritonFused, MasterWeights, ScaledGroups, torch.optim.SGD):
     """``torch.optim.SGD`` with muP group scales (TP5 Table 8 SGD column)."""
 
     family = FAMILIES["sgd"]
@@ -166,4 +170,8 @@ class SGD(TritonFused, MasterWeights, KeepsStateDtypes, ScaledGroups, torch.opti
         if any(b is None for b in buffers) and not all(b is None for b in buffers):
             raise ValueError("SGD(fused=True) groups mixing momentum 0 and momentum > 0 on one device and dtype "
                              "are not supported by the Triton kernel; give them the same momentum.")
-        sgd(params, grads, None if buffers[0] is None else list(buffers), rows)
+        if buffers[0] is None:
+            sgd(params, grads, None, rows)
+            return
+        for bs, ps, gs, rs in by_device_and_dtype(buffers, params, grads, rows):  # one launch per buffer dtype too
+            sgd(ps, gs, bs, rs)

@@ -59,19 +59,19 @@ def fused_defaults(optimizer: torch.optim.Optimizer, dtypes: tuple[torch.dtype, 
     :func:`fused_by_default` (the rule is the optimizer's, so a model split between devices stays
     on its eager default); ``None`` again after. Kernels that are not ``deterministic`` (they sum
     with atomic adds) are not the default under ``torch.use_deterministic_algorithms(True)``.
-    Decided when the groups are first stepped and again when they are replaced or added (or the
-    deterministic mode changes): a per-step check would cost ~0.5 us per parameter."""
+    Which groups are left to the default is read every step (a path chosen later is respected);
+    the per-parameter check is cached until the groups are replaced, added or change their
+    choices, or the deterministic mode changes: it would cost ~0.5 us per parameter per step."""
     from ..compiled import left_to_default
     refused = not deterministic and torch.are_deterministic_algorithms_enabled()
-    key = (id(optimizer.param_groups), len(optimizer.param_groups), dtypes, refused)
+    defaulted = [left_to_default(g) for g in optimizer.param_groups]
+    key = (id(optimizer.param_groups), tuple(defaulted), dtypes, refused)
     cached = getattr(optimizer, "_fused_defaults", None)
     if cached is None or cached[0] != key:
-        defaulted = [left_to_default(g) for g in optimizer.param_groups]
         params = [p for g, yes in zip(optimizer.param_groups, defaulted) if yes for p in g["params"]]
-        fused = not refused and fused_by_default(params, dtypes)
-        cached = (key, [fused and yes for yes in defaulted])
+        cached = (key, not refused and fused_by_default(params, dtypes))
         optimizer._fused_defaults = cached
-    groups = [g for g, yes in zip(optimizer.param_groups, cached[1]) if yes]
+    groups = [g for g, yes in zip(optimizer.param_groups, defaulted) if yes] if cached[1] else []
     for group in groups:
         group["fused"] = True
     try:

@@ -135,8 +135,6 @@ class FactoredLayout:
     tensor_of_row: torch.Tensor  # (row entries,) int64
     tensor_of_col: torch.Tensor  # (column entries,) int64
     segment_of_row: torch.Tensor  # (row entries,) int64
-    segment_first: torch.Tensor  # (segments,) int64: each segment's first row entry
-    segment_last: torch.Tensor  # (segments,) int64: its last
     segment_rows: torch.Tensor  # (segments,) float64: R
     tensor_of_segment: torch.Tensor  # (segments,) int64
 
@@ -155,7 +153,7 @@ def factored_layout(shapes: tuple[tuple[int, ...], ...], device: torch.device) -
     with fewer than 2 dims are unfactored)."""
     ints, row_offsets, col_offsets = [], [], []
     row_div, col_div, tensor_of_row, tensor_of_col, segment_of_row = [], [], [], [], []
-    first, last, seg_rows, tensor_of_segment = [], [], [], []
+    seg_rows, tensor_of_segment = [], []
     for t, shape in enumerate(shapes):
         factored = len(shape) >= 2
         rows, cols = (shape[-2], shape[-1]) if factored else (1, 1)
@@ -164,11 +162,9 @@ def factored_layout(shapes: tuple[tuple[int, ...], ...], device: torch.device) -
         col_offsets.append(len(col_div))
         ints.append([int(factored), rows, cols, len(row_div), len(col_div)])
         for _ in range(batch):
-            first.append(len(row_div))
-            last.append(len(row_div) + rows - 1)
+            segment_of_row += [len(seg_rows)] * rows
             seg_rows.append(float(rows))
             tensor_of_segment.append(t)
-            segment_of_row += [len(first) - 1] * rows
             row_div += [float(cols)] * rows
             tensor_of_row += [t] * rows
             col_div += [float(rows)] * cols
@@ -178,8 +174,7 @@ def factored_layout(shapes: tuple[tuple[int, ...], ...], device: torch.device) -
     return FactoredLayout(on_device(ints, torch.int64), tuple(row_offsets), tuple(col_offsets),
                           on_device(row_div, torch.float32), on_device(col_div, torch.float32),
                           on_device(tensor_of_row, torch.int64), on_device(tensor_of_col, torch.int64),
-                          on_device(segment_of_row, torch.int64), on_device(first, torch.int64),
-                          on_device(last, torch.int64), on_device(seg_rows, torch.float64),
+                          on_device(segment_of_row, torch.int64), on_device(seg_rows, torch.float64),
                           on_device(tensor_of_segment, torch.int64))
 
 
@@ -188,7 +183,7 @@ def _factored_statistics(items: Sequence[dict[str, Any]], layout: FactoredLayout
                          hf: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Update every factored tensor's ``R`` and ``C`` from this step's row and column means of
     ``g^2``, all tensors at once; return the normalized row statistic ``R / mean_rows(R)`` (torch
-    mode: the mean clamped at eps1; mean per leading index, summed in float64) and the new ``C``,
+    mode: the mean clamped at eps1; mean per leading index, summed per segment in float64) and the new ``C``,
     both laid out as the launch's row and column buffers.
 
     A fixed number of device ops for any number of tensors: the states are gathered into the
@@ -207,9 +202,8 @@ def _factored_statistics(items: Sequence[dict[str, Any]], layout: FactoredLayout
             stat.lerp_(mean, omb)
     torch._foreach_copy_(row_vars, list(rows.split([v.numel() for v in row_vars])))
     torch._foreach_copy_(col_vars, list(cols.split([v.numel() for v in col_vars])))
-    running = rows.double().cumsum(0)
-    before = torch.where(layout.segment_first > 0, running[(layout.segment_first - 1).clamp(min=0)], 0.0)
-    mean_row = (running[layout.segment_last] - before) / layout.segment_rows
+    segment_sums = torch.zeros(layout.segment_rows.numel(), dtype=torch.float64, device=rows.device)
+    mean_row = segment_sums.index_add_(0, layout.segment_of_row, rows.double()) / layout.segment_rows
     if not hf:
         mean_row = torch.maximum(mean_row, eps1[layout.tensor_of_segment].double())
     return (rows / mean_row[layout.segment_of_row]).float(), cols
