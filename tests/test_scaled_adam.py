@@ -336,3 +336,16 @@ def test_eden_and_eden2_follow_their_formulas_and_save_their_position():
         sched2.step()
     assert opt2.param_groups[0]["lr"] == pytest.approx(((30 ** 2 + 100 ** 2) / 100 ** 2) ** -0.5, rel=1e-12)
     assert math.isclose(sched2.get_last_lr()[0], opt2.param_groups[0]["lr"])
+
+
+def test_a_deepcopied_or_pickled_optimizer_keeps_its_clipping_scope():
+    import copy
+    import pickle
+    p = torch.nn.Parameter(torch.randn(4, 4))
+    opt = mupkit.optim.ScaledAdam([p], clipping_scope="all")
+    p.grad = torch.randn(4, 4)
+    opt.step()
+    for clone in (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
+        assert clone.clipping_scope == "all"
+        clone.param_groups[0]["params"][0].grad = torch.randn(4, 4)
+        clone.step()

@@ -124,6 +124,9 @@ class ScaledAdam(MasterWeights, KeepsStateDtypes, ScaledGroups, torch.optim.Opti
         self._warned_zero = False
         super().__init__(named_groups(params), defaults, master_weights=master_weights)
 
+    def __getstate__(self):  # torch's keeps defaults, state and groups only
+        return {**super().__getstate__(), "clipping_scope": self.clipping_scope}
+
     def __setstate__(self, state):
         super().__setstate__(state)
         self.__dict__.setdefault("_warned_zero", True)
