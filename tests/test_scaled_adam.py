@@ -339,10 +339,9 @@ def test_eden_and_eden2_follow_their_formulas_and_save_their_position():
 
 
 def test_a_deepcopied_or_pickled_optimizer_keeps_its_clipping_scope():
-    import copy
     import pickle
     p = torch.nn.Parameter(torch.randn(4, 4))
-    opt = mupkit.optim.ScaledAdam([p], clipping_scope="all")
+    opt = ScaledAdam([p], clipping_scope="all")
     p.grad = torch.randn(4, 4)
     opt.step()
     for clone in (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
