@@ -182,7 +182,9 @@ def adam_atan2(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: 
         rows = [_compiled_row(float(s), lr, beta1, beta2, weight_decay, a, b, formulation) for s in steps]
         _run_compiled(params, grads, exp_avgs, exp_avg_sqs, rows)
         return
-    coefs = [_coefficients(float(s), lr, beta1, beta2, a, b, formulation) for s in steps]
+    values = [float(s) for s in steps]
+    by_step = {t: _coefficients(t, lr, beta1, beta2, a, b, formulation) for t in set(values)}  # few distinct
+    coefs = [by_step[t] for t in values]
     impl = _multi_tensor if foreach else _single_tensor
     impl(params, grads, exp_avgs, exp_avg_sqs, coefs, lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay)
 
@@ -219,7 +221,7 @@ def _multi_tensor(params, grads, exp_avgs, exp_avg_sqs, coefs, *, lr, beta1, bet
 
 def _multi_tensor_chunk(ms, vs, ps, gs, cs, tiny: float, *, lr, beta1, beta2, weight_decay):
     works = [working_copy(p) for p in ps]
-    gs = [g.to(ms[0].dtype) for g in gs]
+    gs = [g if g.dtype == ms[0].dtype else g.to(ms[0].dtype) for g in gs]
     torch._foreach_lerp_(ms, gs, 1.0 - beta1)
     torch._foreach_lerp_(vs, torch._foreach_mul(gs, gs), 1.0 - beta2)
     den = torch._foreach_mul(vs, [c[1] for c in cs])

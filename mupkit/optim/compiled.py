@@ -118,6 +118,8 @@ def compiled_by_default(params: Sequence[torch.Tensor]) -> list[bool]:
     ops), else the large ones if they number at most that; otherwise none. (On CUDA the default
     is the Triton kernels: :func:`.kernels.fused_by_default`.)
     """
+    if sum(n for n in (p.numel() for p in params) if n >= CPU_SMALL_TENSOR) < AUTO_COMPILE_MIN_NUMEL:
+        return [False] * len(params)  # too small a model, decided without the per-tensor checks below
     can = [flattenable(p) and p.device.type == "cpu" and p.is_floating_point() for p in params]
     large = [c and p.numel() >= CPU_SMALL_TENSOR for p, c in zip(params, can)]
     if sum(p.numel() for p, big in zip(params, large) if big) < AUTO_COMPILE_MIN_NUMEL:
