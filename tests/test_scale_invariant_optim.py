@@ -144,6 +144,27 @@ def test_adafactor_single_and_foreach_agree_in_float32(mode):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
+def test_adafactor_foreach_over_more_than_one_cache_sized_run_matches_single_tensor():
+    """The CPU multi-tensor path steps runs of about CPU_CHUNK elements one after another (every
+    statistic is per tensor): 12 factored 128 x 128 tensors and 1-D ones span two runs."""
+    from mupkit.optim.tensors import CPU_CHUNK
+    shapes = [(128, 128)] * 12 + [(300,)] * 3
+    assert sum(math.prod(s) for s in shapes) > CPU_CHUNK
+
+    def train(**impl):
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(s) * 0.1) for s in shapes]
+        opt = Adafactor([{"params": params[::2], "lr_scale": 0.5}, {"params": params[1::2]}], beta1=0.9, **impl)
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(5):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen)
+            opt.step()
+        return params
+    for a, b in zip(train(foreach=False), train(foreach=True)):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
 def test_adafactor_muP_multiplier_is_not_just_a_cap():
     """torch applies group lr as the cap in min(lr, t^-1/2), so a 0.5 multiplier on lr=0.5 is
     gone after 4 steps; mupkit scales every step."""

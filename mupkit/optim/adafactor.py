@@ -49,7 +49,8 @@ from .compiled import compiled_by_default, left_to_default
 from .master import MasterWeights
 from .scaled import ScaledGroups
 from .sharding import ShardInfo, global_rms, local_tensor, shard_info, state_like, sum_over
-from .tensors import KeepsStateDtypes, compile_safe, default_foreach, state_dtype, working_copy, write_back
+from .tensors import (KeepsStateDtypes, cache_sized, compile_safe, default_foreach, state_dtype, working_copy,
+                      write_back)
 
 MODES = ("torch", "hf")
 
@@ -315,7 +316,12 @@ def _run(tensors: list[dict[str, Any]], group: dict[str, Any], cfg: dict[str, An
     decay = [1.0 - (group["lr"] or 0.0) * cfg["weight_decay"]] * len(works)
     states, infos = [t["state"] for t in tensors], [t["info"] for t in tensors]
     if not compiled:
-        _step(params, works, grads, states, infos, rhos, ombs, decay, cfg)
+        if any(i.dim is not None for i in infos):  # sharded: every rank must make the same collective calls
+            _step(params, works, grads, states, infos, rhos, ombs, decay, cfg)
+            return
+        # every statistic is per tensor, so cache-sized runs of tensors step alone, each while in cache
+        for run in cache_sized((params, works, grads, states, infos, rhos, ombs, decay)):
+            _step(*run, cfg)
         return
     sharded = [i for i in infos if i.dim is not None]
     if sharded:
