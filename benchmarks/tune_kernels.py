@@ -27,7 +27,6 @@ def main() -> None:
         raise SystemExit("tune_kernels.py times Triton kernels on a CUDA GPU; this machine has none")
     import triton.testing
 
-    from mupkit.optim.adam_atan2 import _compiled_row
     from mupkit.optim.kernels import elementwise, tables
 
     numel = int(args.size) // args.tensors
@@ -45,14 +44,15 @@ def main() -> None:
     report("torch._fused_adamw_", triton.testing.do_bench(lambda: torch._fused_adamw_(
         p, g, m, v, [], steps, lr=1e-3, beta1=0.9, beta2=0.999, weight_decay=0.01, eps=1e-8, amsgrad=False,
         maximize=False)))
-    adam_rows = [elementwise.adam_row(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, decoupled=True,
-                                      step=1, maximize=False)] * len(p)
-    atan2_rows = [(*_compiled_row(1.0, 1e-3, 0.9, 0.99, 0.01, 1.27, 1.0, "lucidrains"), 1.0)] * len(p)
+    adam_rows = [elementwise.adam_row(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01,
+                                      decoupled=True)] * len(p)
+    atan2_rows = [elementwise.adam_atan2_row(lr=1e-3, beta1=0.9, beta2=0.99, weight_decay=0.01, a=1.27, b=1.0,
+                                             formulation="lucidrains", maximize=False)] * len(p)
     fp32 = elementwise.TL_DTYPES[torch.float32]
     for block, warps in itertools.product([1024, 2048, 4096, 8192], [4, 8, 16]):
         for name, kernel, rows, dtypes in [("adam", elementwise._adam_kernel, adam_rows, dict(S_DTYPE=fp32)),
                                            ("adam_atan2", elementwise._adam_atan2_kernel, atan2_rows, {})]:
-            ms = triton.testing.do_bench(lambda: tables.launch(kernel, [p, g, m, v], rows, block=block,
+            ms = triton.testing.do_bench(lambda: tables.launch(kernel, [p, g, m, v, steps], rows, block=block,
                                                                num_warps=warps, P_DTYPE=fp32, **dtypes))
             report(f"{name} block {block} warps {warps}", ms)
 

@@ -45,6 +45,23 @@ def _make_apply_kernel():
 
 _apply_kernel_of_device_function = _make_apply_kernel()
 
+
+@pytest.fixture
+def kernels_by_default(monkeypatch):
+    """The defaults' "CUDA tensors" rule made to hold for any tensors (on the CPU, the interpreter
+    then runs the kernels)."""
+    monkeypatch.setattr(kernels, "fused_by_default", lambda tensors, dtypes=kernels.KERNEL_DTYPES: True)
+
+
+@pytest.fixture
+def fused_checks(monkeypatch) -> list[str]:
+    """The names the kernels' entry check (``kernels.check_fused``) is called with, in order."""
+    checked: list[str] = []
+    check = kernels.check_fused
+    monkeypatch.setattr(kernels, "check_fused", lambda name, tensors, **kw: checked.append(name) or check(
+        name, tensors, **kw))
+    return checked
+
 SHAPES = [(33, 17), (5,), (), (3, 4, 5), (2100,)]  # 2100: more than one block
 LRS = [1e-2, 3e-3, 1e-2, 5e-4, 1e-3]  # a muP-like lr per tensor: all in one launch
 
@@ -283,7 +300,7 @@ def test_torch_based_optimizers_take_the_triton_kernel_for_fused_cuda_steps(cls,
     (mupkit.optim.AdamW, dict(lr=1e-2, weight_decay=0.1)), (mupkit.optim.SGD, dict(lr=0.05, momentum=0.9)),
     (mupkit.optim.AdamAtan2, dict(lr=1e-2)), (mupkit.optim.Adafactor, dict()), (mupkit.optim.DAdaptAdam, dict()),
     (mupkit.optim.Prodigy, dict()), (mupkit.optim.ScaledAdam, dict(lr=0.05))])
-def test_the_default_step_on_cuda_tensors_is_the_fused_kernel(cls, kwargs, monkeypatch):
+def test_the_default_step_on_cuda_tensors_is_the_fused_kernel(cls, kwargs, monkeypatch, fused_checks):
     """With no path chosen, CUDA parameters take the Triton kernels (``kernels.fused_by_default``).
     On a CUDA machine that is the real rule; on the CPU the rule is forced to hold (and the
     interpreter runs the kernels). The default step is then the ``fused=True`` step (bitwise; for
@@ -293,13 +310,10 @@ def test_the_default_step_on_cuda_tensors_is_the_fused_kernel(cls, kwargs, monke
     if DEVICE.type == "cpu":
         monkeypatch.setattr(kernels, "fused_by_default",
                             lambda tensors, dtypes=kernels.KERNEL_DTYPES: all(t.dtype in dtypes for t in tensors))
-        monkeypatch.setattr(torch_based, "fused_by_default", lambda group: group.get("fused") is None
+        monkeypatch.setattr(torch_based, "group_fused_by_default", lambda group: group.get("fused") is None
                             and group.get("foreach") is None)
         monkeypatch.setattr(torch_based, "triton_route", lambda opt: all(g["fused"] for g in opt.param_groups))
-    checked = []
-    check = kernels.check_fused
-    monkeypatch.setattr(kernels, "check_fused", lambda name, tensors, **kw: checked.append(name) or check(
-        name, tensors, **kw))
+    checked = fused_checks
 
     def run(**impl):
         checked.clear()
@@ -324,11 +338,10 @@ def test_the_default_step_on_cuda_tensors_is_the_fused_kernel(cls, kwargs, monke
 
 
 @pytest.mark.parametrize("cls", [mupkit.optim.Adafactor, mupkit.optim.ScaledAdam])
-def test_atomic_add_kernels_are_not_taken_under_torch_deterministic_mode(cls, monkeypatch):
+def test_atomic_add_kernels_are_not_taken_under_torch_deterministic_mode(cls, kernels_by_default):
     """Adafactor's and ScaledAdam's kernels sum with atomic adds (run-to-run roundings differ on
     a GPU): under ``torch.use_deterministic_algorithms(True)`` the default stays eager and
     ``fused=True`` is refused with the fix named; with ``warn_only`` it runs and warns."""
-    monkeypatch.setattr(kernels, "fused_by_default", lambda tensors, dtypes=kernels.KERNEL_DTYPES: True)
     p = torch.nn.Parameter(torch.randn(8, 16, device=DEVICE))
     p.grad = torch.randn(8, 16, device=DEVICE)
     before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
@@ -346,9 +359,8 @@ def test_atomic_add_kernels_are_not_taken_under_torch_deterministic_mode(cls, mo
         torch.use_deterministic_algorithms(before[0], warn_only=before[1])
 
 
-def test_prodigy_with_slice_p_stays_eager_by_default(monkeypatch):
+def test_prodigy_with_slice_p_stays_eager_by_default(kernels_by_default):
     """The kernels take ``slice_p=1`` only, so a sliced Prodigy is not fused by default."""
-    monkeypatch.setattr(kernels, "fused_by_default", lambda tensors, dtypes=kernels.KERNEL_DTYPES: True)
     gen = torch.Generator().manual_seed(0)
     p = torch.nn.Parameter(torch.randn(64, generator=gen).to(DEVICE))
     opt = mupkit.optim.Prodigy([p], slice_p=11)
@@ -401,13 +413,9 @@ def test_fused_adafactor_keeps_a_tiny_gradient_tensor_beside_a_large_one(mode):
     assert rel_err(run(fused=True), run(foreach=False)) <= 1e-6
 
 
-def test_a_path_chosen_after_the_first_step_is_respected(monkeypatch):
+def test_a_path_chosen_after_the_first_step_is_respected(kernels_by_default, fused_checks):
     """The default's decision is cached, but a group that later names its path keeps it."""
-    monkeypatch.setattr(kernels, "fused_by_default", lambda tensors, dtypes=kernels.KERNEL_DTYPES: True)
-    checked = []
-    check = kernels.check_fused
-    monkeypatch.setattr(kernels, "check_fused", lambda name, tensors, **kw: checked.append(name) or check(
-        name, tensors, **kw))
+    checked = fused_checks
     p = torch.nn.Parameter(torch.randn(8, 16, device=DEVICE))
     opt = mupkit.optim.AdamAtan2([p])
     p.grad = torch.randn(8, 16, device=DEVICE)

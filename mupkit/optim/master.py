@@ -63,7 +63,8 @@ class MasterWeights:
         try:
             for p in mastered:
                 master = self.state[p].pop("master", None)
-                if master is None or seen.get(id(p), (p.data_ptr(), p._version)) != (p.data_ptr(), p._version):
+                now = (p.data_ptr(), p._version)
+                if master is None or seen.get(id(p), now) != now:  # new, or changed since the last step
                     master = p.detach().float()
                 swapped.append((p, p.data, p.grad))
                 p.data = master
@@ -76,7 +77,7 @@ class MasterWeights:
                 p.grad = grad
                 storage.copy_(master)
                 self.state[p]["master"] = master
-                seen[id(p)] = (p.data_ptr(), p._version)
+                seen[id(p)] = (p.data_ptr(), p._version)  # after the write-back, which leaves the version as is
 
 
 __all__ = ["MasterWeights"]

@@ -11,7 +11,7 @@ installed): one launch per (device, dtype) for every group, where torch's fused 
 once per group; the state layout is torch's fused one (``step`` on the device). ``amsgrad``,
 ``capturable`` and ``differentiable`` keep torch's kernels. By default (no ``fused``/``foreach``
 given) a step is fused: torch's kernel on the CPU, the Triton kernel on CUDA
-(:func:`fused_by_default`).
+(:func:`group_fused_by_default`).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def triton_route(optimizer: torch.optim.Optimizer) -> bool:
     return kernels.triton_available() and all(p.is_cuda for g in groups for p in g["params"])
 
 
-def fused_by_default(group: dict[str, Any]) -> bool:
+def group_fused_by_default(group: dict[str, Any]) -> bool:
     """Whether a group that chose no implementation (``fused`` and ``foreach`` None, no
     ``differentiable`` or ``capturable`` step) runs fused: on the CPU torch's fused kernel, when
     all its parameters are plain dense floating-point CPU tensors (one pass over each tensor,
@@ -60,7 +60,7 @@ class TritonFused:
     ``_group_inputs(group, params)`` -> the kernel's tensor lists after params and grads, then the
     value rows (one per parameter), and ``_launch`` (one launch per device and dtype).
 
-    Default (``fused=None``, ``foreach=None``): fused (:func:`fused_by_default`), else torch's own
+    Default (``fused=None``, ``foreach=None``): fused (:func:`group_fused_by_default`), else torch's own
     default. ``fused=True`` on CUDA: the Triton kernel (:func:`triton_route`)."""
 
     def step(self, closure=None):
@@ -93,14 +93,14 @@ class TritonFused:
                     self._launch(*bucket)
 
     def _fused_by_default(self) -> list[bool]:
-        """:func:`fused_by_default` per group, decided when the groups are first stepped and
+        """:func:`group_fused_by_default` per group, decided when the groups are first stepped and
         again whenever they are replaced (``load_state_dict``), added (``add_param_group``) or
         change their choice of path: a per-step check of every parameter would cost ~5 us per
         group."""
         key = (id(self.param_groups), tuple((g.get("fused"), g.get("foreach"), g.get("differentiable"),
                                              g.get("capturable")) for g in self.param_groups))
         if getattr(self, "_fused_default_key", None) != key:
-            self._fused_default_key, self._fused_default = key, [fused_by_default(g) for g in self.param_groups]
+            self._fused_default_key, self._fused_default = key, [group_fused_by_default(g) for g in self.param_groups]
         return self._fused_default
 
 
