@@ -64,8 +64,9 @@ def test_adam_atan2_compiled_path_matches_single_tensor():
     assert max_diff(single, compiled) <= 1e-12
     # one group per tensor and 12 shapes (muP can make many groups): one graph serves them all
     shapes = [(n, 3) for n in range(1, 13)]
-    one_group_each = lambda ps: AdamAtan2([{"params": [p], "lr_scale": 1.0 / (1 + i)} for i, p in enumerate(ps)],
-                                          lr=1e-3, compiled=True)
+    def one_group_each(ps):
+        return AdamAtan2([{"params": [p], "lr_scale": 1.0 / (1 + i)} for i, p in enumerate(ps)], lr=1e-3,
+                         compiled=True)
     compiled, _ = run(one_group_each, steps=10, dtype=torch.float32, shapes=shapes)
     single, _ = run(lambda ps: AdamAtan2([{"params": [p], "lr_scale": 1.0 / (1 + i)} for i, p in enumerate(ps)],
                                          lr=1e-3), steps=10, dtype=torch.float32, shapes=shapes)
@@ -101,6 +102,30 @@ def test_adam_atan2_single_and_foreach_agree_in_float32_and_zero_gradients_stay_
     p.grad = torch.zeros(4)
     opt.step()  # atan2(0, 0) = 0: a never-used embedding row must not become NaN
     assert torch.equal(p.detach(), torch.ones(4))
+
+
+def test_adam_atan2_in_cache_sized_pieces_matches_the_reference(monkeypatch):
+    """The CPU paths step flat pieces of at most CPU_PIECE elements with reused scratch buffers:
+    with a 16-element chunk the (8, 16) and (3, 4, 5) tensors are cut (and pieces straddle tensors
+    in the multi-tensor runs). The single-tensor path still equals adam-atan2-pytorch bitwise in
+    float64 (pieces start at multiples of the CPU's vector width, as real 2^20-element pieces do,
+    so every element takes the same vector or scalar code), the multi-tensor path to 1e-12; in
+    fp32 (and bf16 parameters: fp32 working copies in scratch) the two agree to 1e-6 relative."""
+    ref_module = pytest.importorskip("adam_atan2_pytorch")
+    from mupkit.optim import tensors
+    ref, _ = run(lambda ps: ref_module.AdamAtan2(ps, lr=1e-3, weight_decay=0.1))
+    monkeypatch.setattr(tensors, "CPU_PIECE", 16)
+    single, _ = run(lambda ps: AdamAtan2(ps, lr=1e-3, weight_decay=0.1, foreach=False))
+    multi, _ = run(lambda ps: AdamAtan2(ps, lr=1e-3, weight_decay=0.1, foreach=True))
+    assert max_diff(single, ref) == 0.0
+    assert max_diff(multi, ref) <= 1e-12
+    for dtype in (torch.float32, torch.bfloat16):
+        single, _ = run(lambda ps: AdamAtan2(ps, lr=1e-2, foreach=False), dtype=dtype, steps=10)
+        multi, _ = run(lambda ps: AdamAtan2(ps, lr=1e-2, foreach=True), dtype=dtype, steps=10)
+        tolerance = 1e-6 if dtype == torch.float32 else 2.0 ** -8  # bf16: one unit in the last place
+        for a, b in zip(single, multi):
+            assert a.dtype == dtype
+            torch.testing.assert_close(a, b, rtol=tolerance, atol=tolerance)
 
 
 # --- Adafactor ---------------------------------------------------------------------------------

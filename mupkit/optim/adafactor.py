@@ -49,8 +49,8 @@ from .compiled import compiled_by_default, left_to_default
 from .master import MasterWeights
 from .scaled import ScaledGroups
 from .sharding import ShardInfo, global_rms, local_tensor, shard_info, state_like, sum_over
-from .tensors import (KeepsStateDtypes, cache_sized, compile_safe, default_foreach, state_dtype, working_copy,
-                      write_back)
+from .tensors import (KeepsStateDtypes, advance_steps, cache_sized, compile_safe, default_foreach, state_dtype,
+                      working_copy, write_back)
 
 MODES = ("torch", "hf")
 
@@ -201,12 +201,11 @@ def _fused_items(tensors: list[dict[str, Any]], group: dict[str, Any], cfg: dict
     """The fused kernels' per-tensor inputs (see :func:`.kernels.adafactor.adafactor`); advances
     the step counters."""
     items = []
-    for t in tensors:
-        if t["info"].dim is not None:
-            raise ValueError(f"Adafactor(fused=True) runs on whole tensors, but a parameter of shape "
-                             f"{tuple(t['info'].shape)} is sharded; use foreach=True, which reduces over the shards.")
-        t["state"]["step"] += 1
-        step = float(t["state"]["step"])
+    sharded = [t["info"].shape for t in tensors if t["info"].dim is not None]
+    if sharded:
+        raise ValueError(f"Adafactor(fused=True) runs on whole tensors, but a parameter of shape "
+                         f"{tuple(sharded[0])} is sharded; use foreach=True, which reduces over the shards.")
+    for t, step in zip(tensors, advance_steps([t["state"]["step"] for t in tensors])):
         dtype = state_dtype(t["param"])
         eps1 = torch.finfo(dtype).eps if cfg["eps"][0] is None else cfg["eps"][0]
         shape = t["info"].shape
@@ -307,12 +306,9 @@ def _run(tensors: list[dict[str, Any]], group: dict[str, Any], cfg: dict[str, An
     grads = [t["grad"].to(state_dtype(p)) for t, p in zip(tensors, params)]
     if group["maximize"]:
         grads = [-g for g in grads]
-    rhos, ombs = [], []
-    for t in tensors:
-        t["state"]["step"] += 1
-        step = float(t["state"]["step"])
-        rhos.append(_relative_step(group, step))
-        ombs.append(step ** group["beta2_decay"])
+    steps = advance_steps([t["state"]["step"] for t in tensors])
+    rhos = [_relative_step(group, step) for step in steps]
+    ombs = [step ** group["beta2_decay"] for step in steps]
     decay = [1.0 - (group["lr"] or 0.0) * cfg["weight_decay"]] * len(works)
     states, infos = [t["state"] for t in tensors], [t["info"] for t in tensors]
     if not compiled:

@@ -37,7 +37,9 @@ from . import kernels
 from .compiled import ListKernel, compiled_by_default, left_to_default
 from .master import MasterWeights
 from .scaled import ScaledGroups
-from .tensors import (KeepsStateDtypes, by_device_and_dtype, cache_sized, default_foreach, device_steps, state_dtype,
+from .sharding import local_tensors
+from .tensors import (CPU_SMALL_TENSOR, KeepsStateDtypes, advance_steps, as_dtype, by_device_and_dtype, cache_sized,
+                      default_foreach, device_steps, flat_pieces, flat_scratch, state_dtype, working_copies,
                       working_copy, write_back)
 
 FORMULATIONS = ("lucidrains", "fused")
@@ -120,10 +122,8 @@ class AdamAtan2(MasterWeights, KeepsStateDtypes, ScaledGroups, torch.optim.Optim
                            into: tuple[list, ...]):
         """Advance the steps and append the tensors and their value rows to the compiled columns."""
         beta1, beta2 = group["betas"]
-        for step in steps:
-            step += 1
-        rows = [_compiled_row(float(t), group["lr"], beta1, beta2, group["weight_decay"], group["a"], group["b"],
-                              group["formulation"]) for t in steps]
+        rows = [_compiled_row(t, group["lr"], beta1, beta2, group["weight_decay"], group["a"], group["b"],
+                              group["formulation"]) for t in advance_steps(steps)]
         if group["maximize"]:
             grads = [-g for g in grads]
         for column, values in zip(into, (params, grads, exp_avgs, exp_avg_sqs, rows)):
@@ -174,19 +174,18 @@ def adam_atan2(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: 
     ``foreach=None``: the multi-tensor path unless ``compiled``."""
     if foreach is None:
         foreach = not compiled and default_foreach(params, cpu="always")
-    for step in steps:
-        step += 1
+    values = advance_steps(steps)
     if maximize:
         grads = torch._foreach_neg(grads) if foreach else [-g for g in grads]
     if compiled:
-        rows = [_compiled_row(float(s), lr, beta1, beta2, weight_decay, a, b, formulation) for s in steps]
+        rows = [_compiled_row(t, lr, beta1, beta2, weight_decay, a, b, formulation) for t in values]
         _run_compiled(params, grads, exp_avgs, exp_avg_sqs, rows)
         return
-    values = [float(s) for s in steps]
     by_step = {t: _coefficients(t, lr, beta1, beta2, a, b, formulation) for t in set(values)}  # few distinct
     coefs = [by_step[t] for t in values]
-    impl = _multi_tensor if foreach else _single_tensor
-    impl(params, grads, exp_avgs, exp_avg_sqs, coefs, lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay)
+    impl = _multi_tensor if foreach else _single_tensor  # elementwise: each shard of a DTensor steps alone
+    impl(*local_tensors(params, grads, exp_avgs, exp_avg_sqs), coefs, lr=lr, beta1=beta1, beta2=beta2,
+         weight_decay=weight_decay)
 
 
 def _coefficients(t: float, lr: float, beta1: float, beta2: float, a: float, b: float,
@@ -199,41 +198,58 @@ def _coefficients(t: float, lr: float, beta1: float, beta2: float, a: float, b: 
 
 
 def _single_tensor(params, grads, exp_avgs, exp_avg_sqs, coefs, *, lr, beta1, beta2, weight_decay):
+    """The reference's per-parameter op sequence (so the same values, bitwise), a cache-sized flat
+    piece of a parameter at a time on the CPU (:func:`.tensors.flat_pieces`), with
+    :func:`.tensors.scratch` temporaries. The reference allocates three temporaries per parameter
+    and streams each through memory once per op (benchmarks/RESULTS.md)."""
     for p, g, m, v, (num_scale, den_scale, step_size) in zip(params, grads, exp_avgs, exp_avg_sqs, coefs):
-        work, g = working_copy(p), g.to(m.dtype)
-        m.lerp_(g, 1.0 - beta1)
-        v.lerp_(g * g, 1.0 - beta2)
-        den = v.mul(den_scale).sqrt_()
-        update = m.mul(num_scale).atan2_(den)
-        if weight_decay > 0:
-            work.mul_(1.0 - lr * weight_decay)
-        work.add_(update, alpha=-step_size)
-        write_back(p, work)
+        pieces = flat_pieces(p, g, m, v)
+        reuse = m.numel() >= CPU_SMALL_TENSOR  # a small temporary comes cheaply from the allocator's free lists
+        flat_den, flat_update = (flat_scratch([pieces[0][2]], slot)[0] if reuse else None for slot in (0, 1))
+        for p, g, m, v in pieces:
+            work, g = working_copy(p, slot=2), as_dtype([g], m.dtype, slot=3)[0]
+            n = m.numel()
+            den, update = (flat_den[:n].view(m.shape), flat_update[:n].view(m.shape)) if reuse else (None, None)
+            m.lerp_(g, 1.0 - beta1)
+            v.lerp_(torch.mul(g, g, out=den), 1.0 - beta2)
+            den = torch.mul(v, den_scale, out=den).sqrt_()
+            update = torch.mul(m, num_scale, out=update).atan2_(den)
+            if weight_decay > 0:
+                work.mul_(1.0 - lr * weight_decay)
+            work.add_(update, alpha=-step_size)
+            write_back(p, work)
 
 
 def _multi_tensor(params, grads, exp_avgs, exp_avg_sqs, coefs, *, lr, beta1, beta2, weight_decay):
-    tiny = {dtype: torch.finfo(dtype).tiny for dtype in {m.dtype for m in exp_avgs}}
     for bucket in by_device_and_dtype(exp_avgs, exp_avg_sqs, params, grads, coefs):
-        for ms, vs, ps, gs, cs in cache_sized(bucket):
-            _multi_tensor_chunk(ms, vs, ps, gs, cs, tiny[ms[0].dtype], lr=lr, beta1=beta1, beta2=beta2,
-                                weight_decay=weight_decay)
+        for ms, vs, ps, gs, cs in cache_sized(bucket, cut=True):
+            _multi_tensor_run(ms, vs, ps, gs, cs, lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay)
 
 
-def _multi_tensor_chunk(ms, vs, ps, gs, cs, tiny: float, *, lr, beta1, beta2, weight_decay):
-    works = [working_copy(p) for p in ps]
-    gs = [g if g.dtype == ms[0].dtype else g.to(ms[0].dtype) for g in gs]
+def _multi_tensor_run(ms, vs, ps, gs, cs, *, lr, beta1, beta2, weight_decay):
+    """One cache-sized run: foreach ops on the state, flat ops on the run's scratch.
+
+    ``atan2(s1 m, sqrt(s2 v)) = atan2(m, sqrt(v s2 / s1^2))`` (``s1 > 0``) saves a pass; the
+    numerators are copied next to each other so one ``atan2`` covers the run (torch has no
+    ``_foreach_atan2``, and its ``atan`` is twice the cost of ``atan2`` on the CPU)."""
+    works, gs = working_copies(ps, slot=2), as_dtype(gs, ms[0].dtype, slot=3)
     torch._foreach_lerp_(ms, gs, 1.0 - beta1)
-    torch._foreach_lerp_(vs, torch._foreach_mul(gs, gs), 1.0 - beta2)
-    den = torch._foreach_mul(vs, [c[1] for c in cs])
-    torch._foreach_sqrt_(den)
-    torch._foreach_clamp_min_(den, tiny)  # den >= 0: atan2(y, x) = atan(y / x)
-    update = torch._foreach_mul(ms, [c[0] for c in cs])
-    torch._foreach_div_(update, den)
-    torch._foreach_atan_(update)
+    torch._foreach_mul_(vs, beta2)
+    torch._foreach_addcmul_(vs, gs, gs, 1.0 - beta2)
+    (flat_den, den), (flat_num, num) = flat_scratch(vs, 0), flat_scratch(ms, 1)
+    torch._foreach_copy_(den, vs)
+    torch._foreach_mul_(den, [c[1] / (c[0] * c[0]) for c in cs])
+    torch._foreach_copy_(num, ms)
+    flat_den.sqrt_()
+    torch.atan2(flat_num, flat_den, out=flat_num)
     if weight_decay > 0:
         torch._foreach_mul_(works, 1.0 - lr * weight_decay)
-    torch._foreach_mul_(update, [-c[2] for c in cs])
-    torch._foreach_add_(works, update)
+    step_sizes = {c[2] for c in cs}
+    if len(step_sizes) == 1:
+        torch._foreach_add_(works, num, alpha=-step_sizes.pop())
+    else:
+        torch._foreach_mul_(num, [-c[2] for c in cs])
+        torch._foreach_add_(works, num)
     for p, work in zip(ps, works):
         write_back(p, work)
 

@@ -39,6 +39,14 @@ def local_tensor(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if DTensor is not None and isinstance(t, DTensor) else t
 
 
+def local_tensors(*columns: list[torch.Tensor]) -> tuple[list[torch.Tensor], ...]:
+    """:func:`local_tensor` of every tensor of parallel lists (the first holds parameters), for an
+    elementwise step on plain tensors; the lists themselves when no parameter is a DTensor."""
+    if all(type(p) in (torch.Tensor, torch.nn.Parameter) for p in columns[0]):
+        return columns
+    return tuple([local_tensor(t) for t in column] for column in columns)
+
+
 def shard_info(name: str, p: torch.Tensor) -> ShardInfo:
     if DTensor is None or not isinstance(p, DTensor):
         return ShardInfo(p.shape, None)
