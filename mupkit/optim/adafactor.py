@@ -49,8 +49,8 @@ from .compiled import compiled_by_default, left_to_default
 from .master import MasterWeights
 from .scaled import ScaledGroups
 from .sharding import ShardInfo, global_rms, local_tensor, shard_info, state_like, sum_over
-from .tensors import (KeepsStateDtypes, advance_steps, cache_sized, compile_safe, default_foreach, state_dtype,
-                      working_copy, write_back)
+from .tensors import (KeepsStateDtypes, advance_steps, cache_sized, compile_safe, default_foreach, scratch,
+                      state_dtype, working_copy, write_back)
 
 MODES = ("torch", "hf")
 
@@ -229,26 +229,26 @@ def _relative_step(group: dict[str, Any], t: float) -> float:
 
 
 def _update_direction(g: torch.Tensor, state: dict[str, Any], info: ShardInfo, cfg: dict[str, Any],
-                      one_minus_beta2: torch.Tensor) -> Callable[[], torch.Tensor]:
+                      one_minus_beta2: torch.Tensor) -> Callable[[torch.Tensor | None], torch.Tensor]:
     """Update the second-moment statistics in place (either mode) and return a function that
-    computes ``g / sqrt(V)`` from them: the compiled step calls it twice, for the update's RMS and
-    in the update loop, so inductor fuses it into both instead of storing it."""
+    computes ``g / sqrt(V)`` from them, into ``out`` when it is a tensor: the compiled step calls
+    it twice (``out=None``), for the update's RMS and in the update loop, so inductor fuses it
+    into both instead of storing it; the eager step once, into scratch."""
     hf = cfg["mode"] == "hf"
     eps1 = cfg["eps"][0]
     if eps1 is None:
         eps1 = torch.finfo(g.dtype).eps
     floor = max(eps1 * eps1, torch.finfo(g.dtype).tiny)  # eps1^2 must not underflow to 0: rsqrt(0) * 0 = NaN
+    g2 = torch.mul(g, g, out=_temporary(g, slot=1))
     if "variance" in state:
         variance = state["variance"]
-        g2 = g * g + eps1 if hf else g * g
-        if hf:
-            variance.mul_(1.0 - one_minus_beta2).add_(g2 * one_minus_beta2)
-            return lambda: variance.rsqrt().mul_(g)
+        if hf:  # g^2 + eps1
+            variance.mul_(1.0 - one_minus_beta2).add_(g2.add_(eps1).mul_(one_minus_beta2))
+            return lambda out: torch.rsqrt(variance, out=out).mul_(g)
         variance.lerp_(g2, one_minus_beta2)
-        return lambda: variance.clamp(min=floor).rsqrt_().mul_(g)
+        return lambda out: torch.clamp(variance, min=floor, out=out).rsqrt_().mul_(g)
     rows, cols = info.shape[-2], info.shape[-1]
     row_var, col_var = state["row_var"], state["col_var"]
-    g2 = g * g
     row_mean = sum_over(g2, -1, info).div_(cols)  # hf: mean(g^2 + eps1) = mean(g^2) + eps1
     col_mean = sum_over(g2, -2, info).div_(rows)
     if hf:
@@ -257,17 +257,32 @@ def _update_direction(g: torch.Tensor, state: dict[str, Any], info: ShardInfo, c
         row_var.mul_(1.0 - one_minus_beta2).add_(row_mean * one_minus_beta2)
         col_var.mul_(1.0 - one_minus_beta2).add_(col_mean * one_minus_beta2)
         row_factor = (row_var / sum_over(row_var, -2, info).div_(rows)).rsqrt_()
-        return lambda: (row_factor * col_var.rsqrt()).mul_(g)
+        col_factor = col_var.rsqrt()
+        return lambda out: torch.mul(row_factor, col_factor, out=out).mul_(g)
     row_var.lerp_(row_mean, one_minus_beta2)
     col_var.lerp_(col_mean, one_minus_beta2)
     scaled_rows = row_var / sum_over(row_var, -2, info).div_(rows).clamp_(min=eps1)  # R / mean(R)
-    return lambda: (scaled_rows * col_var).clamp_(min=floor).rsqrt_().mul_(g)
+    if not (g.is_cuda or torch.compiler.is_compiling()) and float(scaled_rows.min()) * float(col_var.min()) >= floor:
+        # no product falls under the floor, so rsqrt(R_i C_j / mean(R)) = rsqrt(R_i / mean(R)) rsqrt(C_j):
+        # the roots of the vectors, then two passes over the tensor instead of four (on the CPU, where
+        # reading the two minima costs no device sync)
+        row_factor, col_factor = scaled_rows.rsqrt(), col_var.rsqrt()
+        return lambda out: torch.mul(g, row_factor, out=out).mul_(col_factor)
+    return lambda out: torch.mul(scaled_rows, col_var, out=out).clamp_(min=floor).rsqrt_().mul_(g)
+
+
+def _temporary(like: torch.Tensor, slot: int) -> torch.Tensor | None:
+    """A :func:`.tensors.scratch` tensor shaped like ``like`` for an eager step; ``None`` (a fresh
+    result) when compiling, where inductor decides what is stored."""
+    return None if torch.compiler.is_compiling() else scratch([like], slot)[0]
 
 
 def _step(params: list[torch.Tensor], works: list[torch.Tensor], grads: list[torch.Tensor],
           states: list[dict[str, Any]], infos: list[ShardInfo], rho, omb, decay, cfg: dict[str, Any]) -> None:
     """One Adafactor step for parallel lists; ``rho``, ``omb`` (1 - beta2_t) and ``decay`` (torch
-    mode's ``1 - lr wd``) hold one value per tensor (floats, or a tensor when compiled)."""
+    mode's ``1 - lr wd``) hold one value per tensor (floats, or a tensor when compiled). Eager, the
+    updates of all the tensors live in one :func:`.tensors.scratch` buffer until their RMS is known."""
+    compiling = torch.compiler.is_compiling()
     rho = torch.as_tensor(rho, dtype=works[0].dtype, device=works[0].device)
     floor = cfg["eps"][1] * cfg["eps_scale"]
     alpha0 = global_rms(works, infos).clamp_(min=floor) * rho if cfg["scale_parameter"] else rho
@@ -275,12 +290,13 @@ def _step(params: list[torch.Tensor], works: list[torch.Tensor], grads: list[tor
         hf_decay = list((1.0 - cfg["weight_decay"] * alpha0).unbind())
         torch._foreach_mul_(works, list(decay) if cfg["mode"] == "torch" else hf_decay)
     directions = [_update_direction(g, s, i, cfg, omb[k]) for k, (g, s, i) in enumerate(zip(grads, states, infos))]
-    updates = [direction() for direction in directions]
+    outs = [None] * len(grads) if compiling else scratch(grads, slot=0)
+    updates = [direction(out) for direction, out in zip(directions, outs)]
     clip = (global_rms(updates, infos) / cfg["clip_threshold"]).clamp_(min=1.0)
     scales = list((alpha0 * cfg["lr_scale"] / clip).unbind())
     if cfg["beta1"] is None:
-        if torch.compiler.is_compiling():  # recomputed inside the update loop: no buffer per tensor
-            updates = [direction() for direction in directions]
+        if compiling:  # recomputed inside the update loop: no buffer per tensor
+            updates = [direction(None) for direction in directions]
         torch._foreach_addcmul_(works, updates, scales, value=-1.0)  # p -= alpha U / clip, one pass
     else:
         torch._foreach_mul_(updates, scales)
