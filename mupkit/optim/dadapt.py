@@ -45,6 +45,7 @@ from . import kernels
 from .compiled import ListKernel, compiled_by_default, flattenable
 from .scaled import ScaledGroups
 from .sharding import DTensor, local_tensor
+from .tensors import scratch_like
 
 #: the fused kernels' parameter dtype (the references keep state in the parameter's dtype)
 FUSED_DTYPES = (torch.float32,)
@@ -204,11 +205,12 @@ class DAdaptAdam(_GlobalStep):
                     continue
                 view = self._view(p)
                 s, m, v = view["s"], view["exp_avg"], view["exp_avg_sq"]
-                num = torch.dot(g.flatten(), s.div(v.sqrt().add_(eps)).flatten()) * (r * dlr)
+                ratio = torch.sqrt(v, out=scratch_like(v, 0)).add_(eps)
+                num = torch.dot(g.flatten(), torch.div(s, ratio, out=ratio).flatten()) * (r * dlr)
                 m.mul_(beta1).add_(g, alpha=r * dlr * (1 - beta1))
                 v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
                 s.mul_(root).add_(g, alpha=dlr * (1 - root))
-                terms.append(torch.stack([num, s.abs().sum() * r]).to(torch.float64))
+                terms.append(torch.stack([num, torch.abs(s, out=scratch_like(s, 0)).sum() * r]).to(torch.float64))
                 like = g
         if not self._advance(top, *self._reduce(terms, like)):
             return  # nothing to adapt from yet (e.g. an all-zero first gradient): skip, as the reference
@@ -220,7 +222,8 @@ class DAdaptAdam(_GlobalStep):
                 self.state[p]["step"] += 1
                 view = self._view(p)
                 self._decay(group, p, dlr)
-                local_tensor(p).addcdiv_(view["exp_avg"], view["exp_avg_sq"].sqrt().add_(eps), value=-1)
+                denom = torch.sqrt(view["exp_avg_sq"], out=scratch_like(view["exp_avg_sq"], 0)).add_(eps)
+                local_tensor(p).addcdiv_(view["exp_avg"], denom, value=-1)
 
     def _init_state(self, p: torch.Tensor) -> dict[str, Any]:
         state = self.state[p]
@@ -386,12 +389,14 @@ class Prodigy(_GlobalStep):
                     continue
                 view = self._view(p)
                 sliced = g.flatten()[::step]
-                num = torch.dot(sliced, view["p0"] - local.flatten()[::step]) * ((d / d0) * dlr)  # weight 1: see top
+                shift = torch.sub(view["p0"], local.flatten()[::step], out=scratch_like(view["p0"], 0))
+                num = torch.dot(sliced, shift) * ((d / d0) * dlr)  # weight 1: see top
                 if beta1 > 0:
                     view["exp_avg"].mul_(beta1).add_(g, alpha=r * d * (1 - beta1))
                 view["exp_avg_sq"].mul_(beta2).addcmul_(g, g, value=d * d * (1 - beta2))
                 view["s"].mul_(beta3).add_(sliced, alpha=(d / d0) * (d if group["safeguard_warmup"] else dlr))
-                terms.append(torch.stack([num, view["s"].abs().sum() * r]).to(torch.float64))
+                s_norm = torch.abs(view["s"], out=scratch_like(view["s"], 0)).sum()
+                terms.append(torch.stack([num, s_norm * r]).to(torch.float64))
         if fused:
             terms.append(_fused_launch("Prodigy", "prodigy_sums", fused))
             fused = []
@@ -429,7 +434,7 @@ class Prodigy(_GlobalStep):
                     updates.append(([p, p.grad, *momentum, self.state[p]["exp_avg_sq"]], update_row))
                     continue
                 view = self._view(p)
-                denom = view["exp_avg_sq"].sqrt().add_(d * eps)
+                denom = torch.sqrt(view["exp_avg_sq"], out=scratch_like(view["exp_avg_sq"], 0)).add_(d * eps)
                 self._decay(group, p, dlr)
                 if beta1 > 0:
                     local_tensor(p).addcdiv_(view["exp_avg"], denom, value=-dlr)
@@ -579,7 +584,7 @@ class DAdaptLion(_GlobalStep):
                 m.mul_(beta2).add_(g, alpha=(1 - beta2) * dlr)
                 num = torch.dot(update.flatten(), s.flatten()) * (r * dlr)
                 s.mul_(root).add_(update, alpha=(1 - root) * dlr)
-                terms.append(torch.stack([num, s.abs().sum() * r]).to(torch.float64))
+                terms.append(torch.stack([num, torch.abs(s, out=scratch_like(s, 0)).sum() * r]).to(torch.float64))
                 like = g
         num, den = self._reduce(terms, like)
         numerator = root * top["numerator"] + (1 - root) * num

@@ -207,6 +207,11 @@ def scratch(like: Sequence[torch.Tensor], slot: int, dtype: torch.dtype | None =
     return flat_scratch(like, slot, dtype)[1]
 
 
+def scratch_like(t: torch.Tensor, slot: int) -> torch.Tensor:
+    """One :func:`scratch` tensor shaped like ``t``."""
+    return flat_scratch([t], slot)[1][0]
+
+
 def flat_scratch(like: Sequence[torch.Tensor], slot: int,
                  dtype: torch.dtype | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """A flat tensor and views of it, back to back, shaped like ``like``'s tensors (of ``dtype``,
