@@ -15,10 +15,11 @@ import mupkit
 from mupkit import models
 
 
-def gpt_parameters(width: int, depth: int, device: str = "cpu") -> tuple[torch.nn.Module, list[torch.Tensor]]:
-    """A muP GPT from mupkit.models (vocab 512, base width 64) on ``device`` with random gradients set."""
+def gpt_parameters(width: int, depth: int, device: str = "cpu",
+                   vocab: int = 512) -> tuple[torch.nn.Module, list[torch.Tensor]]:
+    """A muP GPT from mupkit.models (base width 64) on ``device`` with random gradients set."""
     torch.manual_seed(0)
-    sizes = dict(depth=depth, base_width=64, vocab=512)
+    sizes = dict(depth=depth, base_width=64, vocab=vocab)
     model = mupkit.build(models.gpt, base=dict(width=64, **sizes), target=dict(width=width, **sizes)).to(device)
     params = list(model.parameters())
     for p in params:
@@ -62,15 +63,18 @@ def compare(title: str, makers: dict[str, Callable[[], torch.optim.Optimizer]], 
 
 def setup(description: str, steps: int = 5,
           repeats: int = 5) -> tuple[argparse.Namespace, torch.nn.Module, list[torch.Tensor], list[dict]]:
-    """Parse the common flags (--width, --depth, --steps, --repeats, --device), build the GPT, print the header."""
+    """Parse the common flags (--width, --depth, --vocab, --steps, --repeats, --device), build the GPT, print
+    the header."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--width", type=int, default=512)
     parser.add_argument("--depth", type=int, default=8)
+    parser.add_argument("--vocab", type=int, default=512,
+                        help="vocabulary size (50304: a GPT-2-sized embedding and unembedding)")
     parser.add_argument("--steps", type=int, default=steps)
     parser.add_argument("--repeats", type=int, default=repeats)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
-    model, params = gpt_parameters(args.width, args.depth, args.device)
+    model, params = gpt_parameters(args.width, args.depth, args.device, args.vocab)
     groups = mupkit.param_groups(model)
     where = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"torch {torch.__version__}, {where}; {sum(p.numel() for p in params) / 1e6:.1f}M "
