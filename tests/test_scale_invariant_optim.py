@@ -190,6 +190,32 @@ def test_adafactor_foreach_over_more_than_one_cache_sized_run_matches_single_ten
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
+def test_adafactor_factored_update_from_the_vectors_or_the_clamped_product_matches_torch():
+    """On the CPU the factored update is g * rsqrt(R / mean R) * rsqrt(C) from the vectors when no
+    product R_i C_j / mean(R) falls under the floor eps1^2, else the clamped full product (as
+    torch). A row and a column whose gradient is always zero put products under the floor in the
+    first tensor (the second takes the vectors): in fp32 and
+    float64 the result matches torch.optim.Adafactor (float64 to 1e-12; fp32, where torch's floor is
+    fp32's eps^2 too, to 1e-6 relative) and stays finite."""
+    for dtype, tolerance in ((torch.float64, 1e-12), (torch.float32, 1e-6)):
+        results = []
+        for make in (lambda ps: Adafactor(ps, foreach=False), lambda ps: Adafactor(ps, foreach=True),
+                     lambda ps: torch.optim.Adafactor(ps, foreach=False)):
+            gen = torch.Generator().manual_seed(3)
+            params = [torch.nn.Parameter(torch.randn(s, generator=gen, dtype=dtype)) for s in [(6, 9), (2, 5, 4)]]
+            opt = make(params)
+            for _ in range(8):
+                for p in params:
+                    p.grad = torch.randn(p.shape, generator=gen, dtype=dtype)
+                params[0].grad[1, :] = 0  # a never-used row and column: R_1 = C_2 = 0, under the floor
+                params[0].grad[:, 2] = 0
+                opt.step()
+            results.append(params)
+        for ours in results[:2]:
+            for a, b in zip(ours, results[2]):
+                assert torch.isfinite(a).all()
+                torch.testing.assert_close(a, b, rtol=tolerance, atol=tolerance)
+
 def test_adafactor_muP_multiplier_is_not_just_a_cap():
     """torch applies group lr as the cap in min(lr, t^-1/2), so a 0.5 multiplier on lr=0.5 is
     gone after 4 steps; mupkit scales every step."""
