@@ -16,8 +16,8 @@ The "lucidrains" formulation (default; ``a = 1.27, b = 1``, betas ``(0.9, 0.99)`
 use ``a = b = 1`` and betas ``(0.9, 0.999)`` to match it).
 
 muP family: ``adamw`` (entrywise-normalized, decoupled decay). Implementations: single-tensor,
-foreach (torch has no ``_foreach_atan2``; since the denominator is >= 0, ``atan2(y, x) =
-atan(y / max(x, tiny))`` is done with foreach ops, within a few ulp of ``atan2``), and compiled
+foreach (torch has no ``_foreach_atan2``: foreach ops on the state, then one ``atan2`` over each
+run's numerators and denominators laid side by side in scratch, :func:`_multi_tensor_run`), and compiled
 (``torch.compile`` of the update of every compiled group's tensors as one graph, per-tensor
 values in a table, ``atan2`` as a polynomial: :func:`atan2_nonnegative_x`). On the CPU the
 default (``compiled=None``) compiles a large model (:func:`.compiled.compiled_by_default`);
