@@ -50,7 +50,7 @@ from .master import MasterWeights
 from .scaled import ScaledGroups
 from .sharding import ShardInfo, global_rms, local_tensor, shard_info, state_like, sum_over
 from .tensors import (KeepsStateDtypes, advance_steps, cache_sized, compile_safe, default_foreach, scratch,
-                      state_dtype, working_copy, write_back)
+                      scratch_like, state_dtype, working_copy, write_back)
 
 MODES = ("torch", "hf")
 
@@ -274,7 +274,7 @@ def _update_direction(g: torch.Tensor, state: dict[str, Any], info: ShardInfo, c
 def _temporary(like: torch.Tensor, slot: int) -> torch.Tensor | None:
     """A :func:`.tensors.scratch` tensor shaped like ``like`` for an eager step; ``None`` (a fresh
     result) when compiling, where inductor decides what is stored."""
-    return None if torch.compiler.is_compiling() else scratch([like], slot)[0]
+    return None if torch.compiler.is_compiling() else scratch_like(like, slot)
 
 
 def _step(params: list[torch.Tensor], works: list[torch.Tensor], grads: list[torch.Tensor],

@@ -40,7 +40,7 @@ from .scaled import ScaledGroups
 from .sharding import local_tensors
 from .tensors import (CPU_SMALL_TENSOR, KeepsStateDtypes, advance_steps, as_dtype, by_device_and_dtype, cache_sized,
                       default_foreach, device_steps, flat_pieces, flat_scratch, state_dtype, working_copies,
-                      working_copy, write_back)
+                      write_back)
 
 FORMULATIONS = ("lucidrains", "fused")
 
@@ -207,7 +207,7 @@ def _single_tensor(params, grads, exp_avgs, exp_avg_sqs, coefs, *, lr, beta1, be
         reuse = m.numel() >= CPU_SMALL_TENSOR  # a small temporary comes cheaply from the allocator's free lists
         flat_den, flat_update = (flat_scratch([pieces[0][2]], slot)[0] if reuse else None for slot in (0, 1))
         for p, g, m, v in pieces:
-            work, g = working_copy(p, slot=2), as_dtype([g], m.dtype, slot=3)[0]
+            (work,), (g,) = working_copies([p], slot=2), as_dtype([g], m.dtype, slot=3)
             n = m.numel()
             den, update = (flat_den[:n].view(m.shape), flat_update[:n].view(m.shape)) if reuse else (None, None)
             m.lerp_(g, 1.0 - beta1)

@@ -39,12 +39,9 @@ def state_dtype(p: torch.Tensor) -> torch.dtype:
     return torch.float32 if p.dtype in LOW_PRECISION else p.dtype
 
 
-def working_copy(p: torch.Tensor, slot: int | None = None) -> torch.Tensor:
-    """The tensor the update math runs on: ``p`` itself, or an fp32 copy of a low-precision ``p``
-    (in :func:`scratch` buffer ``slot`` when one is given)."""
-    if p.dtype not in LOW_PRECISION:
-        return p
-    return p.float() if slot is None else scratch([p], slot, torch.float32)[0].copy_(p)
+def working_copy(p: torch.Tensor) -> torch.Tensor:
+    """The tensor the update math runs on: ``p`` itself, or an fp32 copy of a low-precision ``p``."""
+    return p.float() if p.dtype in LOW_PRECISION else p
 
 
 def working_copies(ps: list[torch.Tensor], slot: int) -> list[torch.Tensor]:
