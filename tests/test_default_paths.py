@@ -85,8 +85,9 @@ def spy_compiled(monkeypatch):
     monkeypatch.setattr(atan2_module, "_run_compiled",
                         lambda ps, *a: seen.extend(p.numel() for p in ps) or run_compiled(ps, *a))
     adafactor_run = adafactor_module._run
-    monkeypatch.setattr(adafactor_module, "_run", lambda ts, group, cfg, compiled: (
-        seen.extend(t["param"].numel() for t in ts) if compiled else None) or adafactor_run(ts, group, cfg, compiled))
+    monkeypatch.setattr(adafactor_module, "_run", lambda ts, group, cfg, path: (
+        seen.extend(t["param"].numel() for t in ts) if path == "compiled" else None) or adafactor_run(ts, group, cfg,
+                                                                                                      path))
     apply = compiled_module.ListKernel._apply
     monkeypatch.setattr(compiled_module.ListKernel, "_apply", lambda self, columns, rows, compiled: (
         seen.extend(t.numel() for t in columns[0]) if compiled else None) or apply(self, columns, rows, compiled))

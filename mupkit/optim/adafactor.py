@@ -48,9 +48,9 @@ from . import kernels
 from .compiled import compiled_by_default, left_to_default
 from .master import MasterWeights
 from .scaled import ScaledGroups
-from .sharding import ShardInfo, global_rms, local_tensor, shard_info, state_like, sum_over
-from .tensors import (KeepsStateDtypes, advance_steps, cache_sized, compile_safe, default_foreach, scratch,
-                      scratch_like, state_dtype, working_copy, write_back)
+from .sharding import ShardInfo, global_rms, local_tensor, mean_over, rms_values, shard_info, state_like
+from .tensors import (KeepsStateDtypes, advance_steps, as_dtype, cache_sized, compile_safe, default_foreach,
+                      scratch, scratch_like, state_dtype, working_copies, working_copy, write_back)
 
 MODES = ("torch", "hf")
 
@@ -146,16 +146,12 @@ class Adafactor(MasterWeights, KeepsStateDtypes, ScaledGroups, torch.optim.Optim
                     fused.setdefault(key, []).append(item)
                 continue
             chosen = [bool(group["compiled"]) or id(p) in auto_compiled for _, p in with_grad]
-            self._run_buckets([t for t, c in zip(tensors, chosen) if c], group, cfg, compiled=True)
+            self._run_buckets([t for t, c in zip(tensors, chosen) if c], group, cfg, "compiled")
             eager = [t for t, c in zip(tensors, chosen) if not c]
             foreach = group["foreach"]
             if foreach is None:
                 foreach = default_foreach([t["param"] for t in eager])
-            if foreach:
-                self._run_buckets(eager, group, cfg, compiled=False)
-            else:
-                for t in eager:
-                    _run([t], group, cfg, compiled=False)
+            self._run_buckets(eager, group, cfg, "foreach" if foreach else "single")
         if fused:
             kernels.check_fused("Adafactor", [it["param"] for items in fused.values() for it in items],
                                 deterministic=False)
@@ -164,13 +160,13 @@ class Adafactor(MasterWeights, KeepsStateDtypes, ScaledGroups, torch.optim.Optim
                 launch(items, hf=mode == "hf", momentum=momentum)
 
     @staticmethod
-    def _run_buckets(tensors: list[dict[str, Any]], group: dict[str, Any], cfg: dict[str, Any], compiled: bool):
-        """The multi-tensor step (eager or compiled) once per (device, state dtype) bucket."""
+    def _run_buckets(tensors: list[dict[str, Any]], group: dict[str, Any], cfg: dict[str, Any], path: str):
+        """:func:`_run` once per (device, state dtype) bucket."""
         buckets: dict[tuple, list[dict[str, Any]]] = {}
         for t in tensors:
             buckets.setdefault((t["param"].device, state_dtype(t["param"])), []).append(t)
         for bucket in buckets.values():
-            _run(bucket, group, cfg, compiled)
+            _run(bucket, group, cfg, path)
 
     def _tensors(self, group: dict[str, Any], index: int, p: torch.Tensor) -> dict[str, Any]:
         """The parameter's local shard, gradient, state and shard layout."""
@@ -247,21 +243,20 @@ def _update_direction(g: torch.Tensor, state: dict[str, Any], info: ShardInfo, c
             return lambda out: torch.rsqrt(variance, out=out).mul_(g)
         variance.lerp_(g2, one_minus_beta2)
         return lambda out: torch.clamp(variance, min=floor, out=out).rsqrt_().mul_(g)
-    rows, cols = info.shape[-2], info.shape[-1]
     row_var, col_var = state["row_var"], state["col_var"]
-    row_mean = sum_over(g2, -1, info).div_(cols)  # hf: mean(g^2 + eps1) = mean(g^2) + eps1
-    col_mean = sum_over(g2, -2, info).div_(rows)
+    row_mean = mean_over(g2, -1, info)  # hf: mean(g^2 + eps1) = mean(g^2) + eps1
+    col_mean = mean_over(g2, -2, info)
     if hf:
         row_mean.add_(eps1)
         col_mean.add_(eps1)
         row_var.mul_(1.0 - one_minus_beta2).add_(row_mean * one_minus_beta2)
         col_var.mul_(1.0 - one_minus_beta2).add_(col_mean * one_minus_beta2)
-        row_factor = (row_var / sum_over(row_var, -2, info).div_(rows)).rsqrt_()
+        row_factor = (row_var / mean_over(row_var, -2, info)).rsqrt_()
         col_factor = col_var.rsqrt()
         return lambda out: torch.mul(row_factor, col_factor, out=out).mul_(g)
     row_var.lerp_(row_mean, one_minus_beta2)
     col_var.lerp_(col_mean, one_minus_beta2)
-    scaled_rows = row_var / sum_over(row_var, -2, info).div_(rows).clamp_(min=eps1)  # R / mean(R)
+    scaled_rows = row_var / mean_over(row_var, -2, info).clamp_(min=eps1)  # R / mean(R)
     if not (g.is_cuda or torch.compiler.is_compiling()) and float(scaled_rows.min()) * float(col_var.min()) >= floor:
         # no product falls under the floor, so rsqrt(R_i C_j / mean(R)) = rsqrt(R_i / mean(R)) rsqrt(C_j):
         # the roots of the vectors, then two passes over the tensor instead of four (on the CPU, where
@@ -281,23 +276,41 @@ def _step(params: list[torch.Tensor], works: list[torch.Tensor], grads: list[tor
           states: list[dict[str, Any]], infos: list[ShardInfo], rho, omb, decay, cfg: dict[str, Any]) -> None:
     """One Adafactor step for parallel lists; ``rho``, ``omb`` (1 - beta2_t) and ``decay`` (torch
     mode's ``1 - lr wd``) hold one value per tensor (floats, or a tensor when compiled). Eager, the
-    updates of all the tensors live in one :func:`.tensors.scratch` buffer until their RMS is known."""
+    updates of all the tensors live in one :func:`.tensors.scratch` buffer until their RMS is known.
+
+    The per-tensor step sizes ``alpha`` and clipping divisors are Python floats on the CPU, eager
+    (one host read of the RMS values per call, which costs no device sync there, instead of ~10 ops
+    on 0-dim tensors: a quarter of a small tensor's step), and tensors otherwise (no host sync)."""
     compiling = torch.compiler.is_compiling()
-    rho = torch.as_tensor(rho, dtype=works[0].dtype, device=works[0].device)
+    on_host = not compiling and not works[0].is_cuda
     floor = cfg["eps"][1] * cfg["eps_scale"]
-    alpha0 = global_rms(works, infos).clamp_(min=floor) * rho if cfg["scale_parameter"] else rho
+    if on_host:
+        alpha0 = ([max(r, floor) * t for r, t in zip(rms_values(works, infos), rho)]
+                  if cfg["scale_parameter"] else list(rho))
+    else:
+        rho = torch.as_tensor(rho, dtype=works[0].dtype, device=works[0].device)
+        alpha0 = global_rms(works, infos).clamp_(min=floor) * rho if cfg["scale_parameter"] else rho
     if cfg["weight_decay"]:
-        hf_decay = list((1.0 - cfg["weight_decay"] * alpha0).unbind())
+        hf_decay = ([1.0 - cfg["weight_decay"] * a for a in alpha0] if on_host
+                    else list((1.0 - cfg["weight_decay"] * alpha0).unbind()))
         torch._foreach_mul_(works, list(decay) if cfg["mode"] == "torch" else hf_decay)
     directions = [_update_direction(g, s, i, cfg, omb[k]) for k, (g, s, i) in enumerate(zip(grads, states, infos))]
     outs = [None] * len(grads) if compiling else scratch(grads, slot=0)
     updates = [direction(out) for direction, out in zip(directions, outs)]
-    clip = (global_rms(updates, infos) / cfg["clip_threshold"]).clamp_(min=1.0)
-    scales = list((alpha0 * cfg["lr_scale"] / clip).unbind())
+    if on_host:
+        scales = [a * cfg["lr_scale"] / max(r / cfg["clip_threshold"], 1.0)
+                  for a, r in zip(alpha0, rms_values(updates, infos))]
+    else:
+        clip = (global_rms(updates, infos) / cfg["clip_threshold"]).clamp_(min=1.0)
+        scales = list((alpha0 * cfg["lr_scale"] / clip).unbind())
     if cfg["beta1"] is None:
         if compiling:  # recomputed inside the update loop: no buffer per tensor
             updates = [direction(None) for direction in directions]
-        torch._foreach_addcmul_(works, updates, scales, value=-1.0)  # p -= alpha U / clip, one pass
+        if on_host:
+            for work, update, scale in zip(works, updates, scales):
+                work.add_(update, alpha=-scale)  # p -= alpha U / clip, one pass
+        else:
+            torch._foreach_addcmul_(works, updates, scales, value=-1.0)
     else:
         torch._foreach_mul_(updates, scales)
         momenta = [s["exp_avg"] for s in states]
@@ -311,42 +324,60 @@ def _step(params: list[torch.Tensor], works: list[torch.Tensor], grads: list[tor
 _compiled_step = None
 
 
-def _run(tensors: list[dict[str, Any]], group: dict[str, Any], cfg: dict[str, Any], compiled: bool) -> None:
-    """Advance the step counters, then :func:`_step` (eager, or one compiled graph per bucket).
+def _run(tensors: list[dict[str, Any]], group: dict[str, Any], cfg: dict[str, Any], path: str) -> None:
+    """Advance the step counters of a bucket (one device and state dtype), then :func:`_step` on
+    it: a tensor at a time (``path="single"``), a cache-sized run of tensors at a time
+    (``"foreach"``; a bucket holding sharded tensors at once, so that every rank makes the same
+    collective calls) or as one compiled graph (``"compiled"``).
 
     Per-tensor scalars are Python floats when eager and tensors when compiled (so nothing recompiles).
     """
+    steps = advance_steps([t["state"]["step"] for t in tensors])
+    rhos = [_relative_step(group, step) for step in steps]
+    ombs = [step ** group["beta2_decay"] for step in steps]
+    decay = 1.0 - (group["lr"] or 0.0) * cfg["weight_decay"]
+    if path == "compiled":
+        _run_compiled(tensors, group, cfg, rhos, ombs, decay)
+        return
+    infos = [t["info"] for t in tensors]
+    if path == "single":
+        runs = [([t], [r], [o]) for t, r, o in zip(tensors, rhos, ombs)]
+    elif any(i.dim is not None for i in infos):
+        runs = [(tensors, rhos, ombs)]
+    else:  # every statistic is per tensor, so cache-sized runs of tensors step alone, each while in cache
+        runs = [run[1:] for run in cache_sized(([t["param"] for t in tensors], tensors, rhos, ombs))]
+    dtype = state_dtype(tensors[0]["param"])
+    for run, run_rhos, run_ombs in runs:
+        params = [t["param"] for t in run]
+        works = working_copies(params, slot=2)
+        grads = as_dtype([t["grad"] for t in run], dtype, slot=3)
+        if group["maximize"]:
+            grads = torch._foreach_neg(grads)
+        _step(params, works, grads, [t["state"] for t in run], [t["info"] for t in run], run_rhos, run_ombs,
+              [decay] * len(run), cfg)
+
+
+def _run_compiled(tensors: list[dict[str, Any]], group: dict[str, Any], cfg: dict[str, Any], rhos: list[float],
+                  ombs: list[float], decay: float) -> None:
+    """:func:`_step` compiled, once per bucket; its per-tensor scalars are tensors (nothing recompiles)."""
     global _compiled_step
+    sharded = [t["info"] for t in tensors if t["info"].dim is not None]
+    if sharded:
+        raise ValueError(f"Adafactor(compiled=True) runs on whole tensors, but a parameter of shape "
+                         f"{tuple(sharded[0].shape)} is sharded; use foreach=True, which reduces over the shards.")
     params = [t["param"] for t in tensors]
     works = [working_copy(p) for p in params]
     grads = [t["grad"].to(state_dtype(p)) for t, p in zip(tensors, params)]
     if group["maximize"]:
         grads = [-g for g in grads]
-    steps = advance_steps([t["state"]["step"] for t in tensors])
-    rhos = [_relative_step(group, step) for step in steps]
-    ombs = [step ** group["beta2_decay"] for step in steps]
-    decay = [1.0 - (group["lr"] or 0.0) * cfg["weight_decay"]] * len(works)
-    states, infos = [t["state"] for t in tensors], [t["info"] for t in tensors]
-    if not compiled:
-        if any(i.dim is not None for i in infos):  # sharded: every rank must make the same collective calls
-            _step(params, works, grads, states, infos, rhos, ombs, decay, cfg)
-            return
-        # every statistic is per tensor, so cache-sized runs of tensors step alone, each while in cache
-        for run in cache_sized((params, works, grads, states, infos, rhos, ombs, decay)):
-            _step(*run, cfg)
-        return
-    sharded = [i for i in infos if i.dim is not None]
-    if sharded:
-        raise ValueError(f"Adafactor(compiled=True) runs on whole tensors, but a parameter of shape "
-                         f"{tuple(sharded[0].shape)} is sharded; use foreach=True, which reduces over the shards.")
     if _compiled_step is None:
         _compiled_step = torch.compile(_step, dynamic=False)
     like = dict(dtype=works[0].dtype, device=works[0].device)
-    states = [{k: compile_safe(v) for k, v in s.items() if k != "step"} for s in states]
+    states = [{k: compile_safe(v) for k, v in t["state"].items() if k != "step"} for t in tensors]
     infos = [ShardInfo(compile_safe(w).shape, None) for w in works]
     _compiled_step([compile_safe(p) for p in params], [compile_safe(w) for w in works],
                    [compile_safe(g) for g in grads], states, infos, torch.tensor(rhos, **like),
-                   torch.tensor(ombs, **like), torch.tensor(decay, **like), cfg)
+                   torch.tensor(ombs, **like), torch.full((len(works),), decay, **like), cfg)
 
 
 __all__ = ["Adafactor", "MODES"]

@@ -100,13 +100,24 @@ def global_rms(tensors: list[torch.Tensor], infos: list[ShardInfo]) -> torch.Ten
     return (all_sum(norms.square(), infos) / numel).sqrt()
 
 
-def sum_over(x: torch.Tensor, dim: int, info: ShardInfo) -> torch.Tensor:
-    """``x.sum(dim, keepdim=True)`` of the global tensor, from this rank's shard ``x``."""
+def rms_values(tensors: list[torch.Tensor], infos: list[ShardInfo]) -> list[float]:
+    """:func:`global_rms` as Python floats, read back at once: for CPU tensors, where the read
+    costs no device sync and the arithmetic that follows is cheaper on floats than on 0-dim tensors."""
+    if any(i.dim is not None for i in infos):
+        return global_rms(tensors, infos).tolist()
+    norms = torch._foreach_norm(tensors)
+    values = [float(norms[0])] if len(norms) == 1 else torch.stack(norms).tolist()
+    return [n / math.sqrt(i.numel) for n, i in zip(values, infos)]
+
+
+def mean_over(x: torch.Tensor, dim: int, info: ShardInfo) -> torch.Tensor:
+    """``x.mean(dim, keepdim=True)`` of the global tensor, from this rank's shard ``x``."""
+    if info.dim is None or dim % len(info.shape) != info.dim:
+        return x.mean(dim, keepdim=True)
+    import torch.distributed as dist
     total = x.sum(dim, keepdim=True)
-    if info.dim is not None and dim % len(info.shape) == info.dim:
-        import torch.distributed as dist
-        dist.all_reduce(total, group=info.group)
-    return total
+    dist.all_reduce(total, group=info.group)
+    return total.div_(info.shape[dim])
 
 
 def state_like(local: torch.Tensor, p: torch.Tensor, info: ShardInfo, global_shape: tuple[int, ...],

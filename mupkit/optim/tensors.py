@@ -201,12 +201,12 @@ _SCRATCH = threading.local()
 def scratch(like: Sequence[torch.Tensor], slot: int, dtype: torch.dtype | None = None) -> list[torch.Tensor]:
     """Uninitialized tensors shaped like ``like``'s (of ``dtype``, default theirs), for use as
     temporaries of an eager step: the views of :func:`flat_scratch`."""
-    return flat_scratch(like, slot, dtype)[1]
+    return _views(_buffer(like, slot, dtype), like)
 
 
 def scratch_like(t: torch.Tensor, slot: int) -> torch.Tensor:
     """One :func:`scratch` tensor shaped like ``t``."""
-    return flat_scratch([t], slot)[1][0]
+    return _views(_buffer([t], slot, None), [t])[0]
 
 
 def flat_scratch(like: Sequence[torch.Tensor], slot: int,
@@ -217,18 +217,41 @@ def flat_scratch(like: Sequence[torch.Tensor], slot: int,
     number ``slot`` per dtype, so views from one slot alias the previous call's: temporaries alive
     at the same time take different slots. CUDA tensors (whose caching allocator already reuses
     memory) and requests over :data:`CPU_PIECE` elements get a fresh flat tensor."""
+    buffer = _buffer(like, slot, dtype)
+    return buffer[:sum(t.numel() for t in like)], _views(buffer, like)
+
+
+def _buffer(like: Sequence[torch.Tensor], slot: int, dtype: torch.dtype | None) -> torch.Tensor:
+    """A flat tensor of at least ``like``'s total size: this thread's buffer ``slot`` on the CPU
+    (grown when too small), or a fresh one (see :func:`flat_scratch`)."""
     dtype = dtype or like[0].dtype
-    sizes = [t.numel() for t in like]
-    total, device = sum(sizes), like[0].device
+    total, device = sum(t.numel() for t in like), like[0].device
     if like[0].is_cuda or total > CPU_PIECE:
-        flat = torch.empty(total, dtype=dtype, device=device)
-    else:
-        buffers = _SCRATCH.__dict__.setdefault("buffers", {})
-        buffer = buffers.get((slot, dtype, device))
-        if buffer is None or buffer.numel() < total:
-            buffer = buffers[(slot, dtype, device)] = torch.empty(total, dtype=dtype, device=device)
-        flat = buffer[:total]
-    return flat, [view.view(t.shape) for view, t in zip(flat.split(sizes), like)]
+        return torch.empty(total, dtype=dtype, device=device)
+    buffers = _SCRATCH.__dict__.setdefault("buffers", {})
+    buffer = buffers.get((slot, dtype, device))
+    if buffer is None or buffer.numel() < total:
+        buffer = buffers[(slot, dtype, device)] = torch.empty(total, dtype=dtype, device=device)
+    return buffer
+
+
+def _views(buffer: torch.Tensor, like: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Contiguous views of ``buffer`` shaped like ``like``'s tensors, back to back from its start
+    (``as_strided``: a third of the cost of a slice and a view, ~2 us per op here)."""
+    views, offset = [], buffer.storage_offset()
+    for t in like:
+        views.append(buffer.as_strided(t.shape, contiguous_strides(t.shape), offset))
+        offset += t.numel()
+    return views
+
+
+def contiguous_strides(shape: Sequence[int]) -> tuple[int, ...]:
+    """The strides of a contiguous tensor of ``shape``."""
+    strides, stride = [], 1
+    for size in reversed(shape):
+        strides.append(stride)
+        stride *= size
+    return tuple(reversed(strides))
 
 
 def compile_safe(t: torch.Tensor) -> torch.Tensor:
