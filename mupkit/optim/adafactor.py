@@ -39,6 +39,7 @@ scale (``eps_scale``), so zero-initialized tensors step like their muP init woul
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import torch
@@ -49,8 +50,8 @@ from .compiled import compiled_by_default, left_to_default
 from .master import MasterWeights
 from .scaled import ScaledGroups
 from .sharding import ShardInfo, global_rms, local_tensor, mean_over, rms_values, shard_info, state_like
-from .tensors import (KeepsStateDtypes, advance_steps, as_dtype, cache_sized, compile_safe, default_foreach,
-                      scratch, scratch_like, state_dtype, working_copies, working_copy, write_back)
+from .tensors import (CPU_PIECE, KeepsStateDtypes, advance_steps, as_dtype, cache_sized, compile_safe, default_foreach,
+                      scratch, scratch_like, state_dtype, subset, working_copies, working_copy, write_back)
 
 MODES = ("torch", "hf")
 
@@ -203,12 +204,11 @@ def _fused_items(tensors: list[dict[str, Any]], group: dict[str, Any], cfg: dict
                          f"{tuple(sharded[0])} is sharded; use foreach=True, which reduces over the shards.")
     for t, step in zip(tensors, advance_steps([t["state"]["step"] for t in tensors])):
         dtype = state_dtype(t["param"])
-        eps1 = torch.finfo(dtype).eps if cfg["eps"][0] is None else cfg["eps"][0]
         shape = t["info"].shape
         items.append(dict(param=t["param"], grad=t["grad"], state=t["state"],
                           rows=shape[-2] if len(shape) >= 2 else 0, cols=shape[-1] if len(shape) >= 2 else 0,
-                          omb=step ** group["beta2_decay"], rho=_relative_step(group, step), eps1=eps1,
-                          floor=max(eps1 * eps1, torch.finfo(dtype).tiny), rms_floor=cfg["eps"][1] * cfg["eps_scale"],
+                          omb=step ** group["beta2_decay"], rho=_relative_step(group, step), eps1=_eps1(cfg, dtype),
+                          floor=_floor(cfg, dtype), rms_floor=cfg["eps"][1] * cfg["eps_scale"],
                           lr_scale=cfg["lr_scale"], clip_threshold=cfg["clip_threshold"],
                           decay=1.0 - (group["lr"] or 0.0) * cfg["weight_decay"], hf_wd=cfg["weight_decay"],
                           sign=-1.0 if group["maximize"] else 1.0, beta1=cfg["beta1"],
@@ -225,35 +225,41 @@ def _relative_step(group: dict[str, Any], t: float) -> float:
 
 
 def _update_direction(g: torch.Tensor, state: dict[str, Any], info: ShardInfo, cfg: dict[str, Any],
-                      one_minus_beta2: torch.Tensor) -> Callable[[torch.Tensor | None], torch.Tensor]:
-    """Update the second-moment statistics in place (either mode) and return a function that
-    computes ``g / sqrt(V)`` from them, into ``out`` when it is a tensor: the compiled step calls
-    it twice (``out=None``), for the update's RMS and in the update loop, so inductor fuses it
-    into both instead of storing it; the eager step once, into scratch."""
-    hf = cfg["mode"] == "hf"
-    eps1 = cfg["eps"][0]
-    if eps1 is None:
-        eps1 = torch.finfo(g.dtype).eps
-    floor = max(eps1 * eps1, torch.finfo(g.dtype).tiny)  # eps1^2 must not underflow to 0: rsqrt(0) * 0 = NaN
+                      one_minus_beta2: torch.Tensor) -> Callable[..., torch.Tensor]:
+    """Update the second-moment statistics in place (either mode) and return a function
+    ``direction(out, rows=None)`` that computes ``g / sqrt(V)`` from them (``rows``: of that slice
+    of rows only), into ``out`` when it is a tensor: the compiled step calls it twice
+    (``out=None``), for the update's RMS and in the update loop, so inductor fuses it into both
+    instead of storing it; the eager step once, into scratch."""
     g2 = torch.mul(g, g, out=_temporary(g, slot=1))
     if "variance" in state:
         variance = state["variance"]
-        if hf:  # g^2 + eps1
-            variance.mul_(1.0 - one_minus_beta2).add_(g2.add_(eps1).mul_(one_minus_beta2))
-            return lambda out: torch.rsqrt(variance, out=out).mul_(g)
+        if cfg["mode"] == "hf":  # g^2 + eps1
+            variance.mul_(1.0 - one_minus_beta2).add_(g2.add_(_eps1(cfg, g.dtype)).mul_(one_minus_beta2))
+            return lambda out, rows=None: torch.rsqrt(_rows(variance, rows), out=out).mul_(_rows(g, rows))
         variance.lerp_(g2, one_minus_beta2)
-        return lambda out: torch.clamp(variance, min=floor, out=out).rsqrt_().mul_(g)
+        floor = _floor(cfg, g.dtype)
+        return lambda out, rows=None: torch.clamp(_rows(variance, rows), min=floor, out=out).rsqrt_().mul_(
+            _rows(g, rows))
+    return _factored_direction(g, state, info, cfg, one_minus_beta2, mean_over(g2, -1, info),
+                               mean_over(g2, -2, info))
+
+
+def _factored_direction(g: torch.Tensor, state: dict[str, Any], info: ShardInfo, cfg: dict[str, Any],
+                        one_minus_beta2: torch.Tensor, row_mean: torch.Tensor,
+                        col_mean: torch.Tensor) -> Callable[..., torch.Tensor]:
+    """:func:`_update_direction` of a factored tensor, from the means of ``g^2`` over its last dim
+    (``row_mean``) and over its rows (``col_mean``); updates them in place in hf mode."""
+    hf, eps1, floor = cfg["mode"] == "hf", _eps1(cfg, g.dtype), _floor(cfg, g.dtype)
     row_var, col_var = state["row_var"], state["col_var"]
-    row_mean = mean_over(g2, -1, info)  # hf: mean(g^2 + eps1) = mean(g^2) + eps1
-    col_mean = mean_over(g2, -2, info)
-    if hf:
+    if hf:  # mean(g^2 + eps1) = mean(g^2) + eps1
         row_mean.add_(eps1)
         col_mean.add_(eps1)
         row_var.mul_(1.0 - one_minus_beta2).add_(row_mean * one_minus_beta2)
         col_var.mul_(1.0 - one_minus_beta2).add_(col_mean * one_minus_beta2)
         row_factor = (row_var / mean_over(row_var, -2, info)).rsqrt_()
         col_factor = col_var.rsqrt()
-        return lambda out: torch.mul(row_factor, col_factor, out=out).mul_(g)
+        return lambda out, rows=None: torch.mul(_rows(row_factor, rows), col_factor, out=out).mul_(_rows(g, rows))
     row_var.lerp_(row_mean, one_minus_beta2)
     col_var.lerp_(col_mean, one_minus_beta2)
     scaled_rows = row_var / mean_over(row_var, -2, info).clamp_(min=eps1)  # R / mean(R)
@@ -262,8 +268,24 @@ def _update_direction(g: torch.Tensor, state: dict[str, Any], info: ShardInfo, c
         # the roots of the vectors, then two passes over the tensor instead of four (on the CPU, where
         # reading the two minima costs no device sync)
         row_factor, col_factor = scaled_rows.rsqrt(), col_var.rsqrt()
-        return lambda out: torch.mul(g, row_factor, out=out).mul_(col_factor)
-    return lambda out: torch.mul(scaled_rows, col_var, out=out).clamp_(min=floor).rsqrt_().mul_(g)
+        return lambda out, rows=None: torch.mul(_rows(g, rows), _rows(row_factor, rows), out=out).mul_(col_factor)
+    return lambda out, rows=None: torch.mul(_rows(scaled_rows, rows), col_var, out=out).clamp_(min=floor).rsqrt_(
+    ).mul_(_rows(g, rows))
+
+
+def _eps1(cfg: dict[str, Any], dtype: torch.dtype) -> float:
+    """``eps1``; ``None`` means the machine epsilon of the state dtype."""
+    return torch.finfo(dtype).eps if cfg["eps"][0] is None else cfg["eps"][0]
+
+
+def _floor(cfg: dict[str, Any], dtype: torch.dtype) -> float:
+    """The floor of ``V`` in torch mode, ``eps1^2``, kept above 0 (``rsqrt(0) * 0`` would be NaN)."""
+    eps1 = _eps1(cfg, dtype)
+    return max(eps1 * eps1, torch.finfo(dtype).tiny)
+
+
+def _rows(t: torch.Tensor, rows: slice | None) -> torch.Tensor:
+    return t if rows is None else t[rows]
 
 
 def _temporary(like: torch.Tensor, slot: int) -> torch.Tensor | None:
@@ -283,23 +305,20 @@ def _step(params: list[torch.Tensor], works: list[torch.Tensor], grads: list[tor
     on 0-dim tensors: a quarter of a small tensor's step), and tensors otherwise (no host sync)."""
     compiling = torch.compiler.is_compiling()
     on_host = not compiling and not works[0].is_cuda
-    floor = cfg["eps"][1] * cfg["eps_scale"]
     if on_host:
-        alpha0 = ([max(r, floor) * t for r, t in zip(rms_values(works, infos), rho)]
-                  if cfg["scale_parameter"] else list(rho))
+        alpha0 = _host_step_sizes(works, infos, rho, cfg)
     else:
         rho = torch.as_tensor(rho, dtype=works[0].dtype, device=works[0].device)
+        floor = cfg["eps"][1] * cfg["eps_scale"]
         alpha0 = global_rms(works, infos).clamp_(min=floor) * rho if cfg["scale_parameter"] else rho
     if cfg["weight_decay"]:
-        hf_decay = ([1.0 - cfg["weight_decay"] * a for a in alpha0] if on_host
-                    else list((1.0 - cfg["weight_decay"] * alpha0).unbind()))
-        torch._foreach_mul_(works, list(decay) if cfg["mode"] == "torch" else hf_decay)
+        torch._foreach_mul_(works, _host_decays(alpha0, decay, cfg) if on_host else list(decay)
+                            if cfg["mode"] == "torch" else list((1.0 - cfg["weight_decay"] * alpha0).unbind()))
     directions = [_update_direction(g, s, i, cfg, omb[k]) for k, (g, s, i) in enumerate(zip(grads, states, infos))]
     outs = [None] * len(grads) if compiling else scratch(grads, slot=0)
     updates = [direction(out) for direction, out in zip(directions, outs)]
     if on_host:
-        scales = [a * cfg["lr_scale"] / max(r / cfg["clip_threshold"], 1.0)
-                  for a, r in zip(alpha0, rms_values(updates, infos))]
+        scales = _host_scales(alpha0, rms_values(updates, infos), cfg)
     else:
         clip = (global_rms(updates, infos) / cfg["clip_threshold"]).clamp_(min=1.0)
         scales = list((alpha0 * cfg["lr_scale"] / clip).unbind())
@@ -321,6 +340,75 @@ def _step(params: list[torch.Tensor], works: list[torch.Tensor], grads: list[tor
         write_back(p, w)
 
 
+def _host_step_sizes(works: list[torch.Tensor], infos: list[ShardInfo], rho: list[float],
+                     cfg: dict[str, Any]) -> list[float]:
+    """``alpha_0 = rho max(eps2 eps_scale, RMS(p))`` per tensor (``rho`` without ``scale_parameter``),
+    as Python floats."""
+    if not cfg["scale_parameter"]:
+        return list(rho)
+    floor = cfg["eps"][1] * cfg["eps_scale"]
+    return [max(r, floor) * t for r, t in zip(rms_values(works, infos), rho)]
+
+
+def _host_decays(alpha0: list[float], decay: list[float], cfg: dict[str, Any]) -> list[float]:
+    """The weight-decay factors of the parameters: ``1 - lr wd`` (torch mode, given) or ``1 - wd alpha_0`` (hf)."""
+    return list(decay) if cfg["mode"] == "torch" else [1.0 - cfg["weight_decay"] * a for a in alpha0]
+
+
+def _host_scales(alpha0: list[float], update_rms: list[float], cfg: dict[str, Any]) -> list[float]:
+    """The step sizes of the clipped updates: ``alpha_0 lr_scale / max(1, RMS(U) / d)`` (Sec. 6)."""
+    return [a * cfg["lr_scale"] / max(r / cfg["clip_threshold"], 1.0) for a, r in zip(alpha0, update_rms)]
+
+
+def _in_row_blocks(t: dict[str, Any]) -> bool:
+    """Does the tensor take :func:`_step_in_row_blocks`: a CPU matrix of over
+    :data:`.tensors.CPU_PIECE` elements, whole on this rank?"""
+    p = t["param"]
+    return p.dim() == 2 and p.numel() > CPU_PIECE and not p.is_cuda and t["info"].dim is None
+
+
+def _step_in_row_blocks(t: dict[str, Any], rho: float, omb: float, decay: float, cfg: dict[str, Any],
+                        maximize: bool) -> None:
+    """The eager CPU step of a large matrix (:func:`_in_row_blocks`), a block of rows of at most
+    :data:`.tensors.CPU_PIECE` elements at a time, in :func:`.tensors.scratch` temporaries; the
+    same arithmetic as :func:`_step`, but each block is worked on while in cache, and no
+    temporary is the size of the matrix (a fresh one is mapped in anew, page by page, every step).
+
+    Three passes over the blocks: the means of ``g^2`` (the column sums accumulated across the
+    blocks), the RMS of the update, and the update itself, recomputed rather than stored. The step
+    reads ``g`` three times and ``p`` twice and writes ``p`` once; :func:`_step` on a matrix this
+    size streams ~13 of its sizes through memory.
+    """
+    p, state, info = t["param"], t["state"], t["info"]
+    work, g = working_copy(p), t["grad"].to(state_dtype(p))
+    if maximize:
+        g = -g
+    rows, cols = g.shape
+    size = max(1, CPU_PIECE // cols)
+    blocks = [slice(start, start + size) for start in range(0, rows, size)]
+    alpha0 = _host_step_sizes([work], [info], [rho], cfg)
+    row_mean, col_mean = g.new_empty(rows, 1), g.new_zeros(1, cols)
+    for block in blocks:
+        g2 = torch.mul(g[block], g[block], out=scratch_like(g[block], 1))
+        torch.mean(g2, -1, keepdim=True, out=row_mean[block])
+        col_mean.add_(g2.sum(0, keepdim=True))
+    direction = _factored_direction(g, state, info, cfg, omb, row_mean, col_mean.div_(rows))
+    squares = sum(float(torch.linalg.vector_norm(direction(scratch_like(g[b], 0), b))) ** 2 for b in blocks)
+    (scale,) = _host_scales(alpha0, [math.sqrt(squares / g.numel())], cfg)
+    (factor,) = _host_decays(alpha0, [decay], cfg) if cfg["weight_decay"] else (1.0,)
+    for block in blocks:
+        update, piece = direction(scratch_like(g[block], 0), block), work[block]
+        if factor != 1.0:
+            piece.mul_(factor)
+        if cfg["beta1"] is None:
+            piece.add_(update, alpha=-scale)
+        else:
+            momentum = state["exp_avg"][block]
+            momentum.mul_(cfg["beta1"]).add_(update.mul_(scale), alpha=1.0 - cfg["beta1"])
+            piece.sub_(momentum)
+    write_back(p, work)
+
+
 _compiled_step = None
 
 
@@ -339,6 +427,13 @@ def _run(tensors: list[dict[str, Any]], group: dict[str, Any], cfg: dict[str, An
     if path == "compiled":
         _run_compiled(tensors, group, cfg, rhos, ombs, decay)
         return
+    blocked = [_in_row_blocks(t) for t in tensors]
+    if any(blocked):
+        for t, rho, omb in zip(*(subset(column, blocked) for column in (tensors, rhos, ombs))):
+            _step_in_row_blocks(t, rho, omb, decay, cfg, group["maximize"])
+        tensors, rhos, ombs = (subset(column, [not b for b in blocked]) for column in (tensors, rhos, ombs))
+        if not tensors:
+            return
     infos = [t["info"] for t in tensors]
     if path == "single":
         runs = [([t], [r], [o]) for t, r, o in zip(tensors, rhos, ombs)]

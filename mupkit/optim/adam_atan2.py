@@ -39,8 +39,8 @@ from .master import MasterWeights
 from .scaled import ScaledGroups
 from .sharding import local_tensors
 from .tensors import (CPU_SMALL_TENSOR, KeepsStateDtypes, advance_steps, as_dtype, by_device_and_dtype, cache_sized,
-                      default_foreach, device_steps, flat_pieces, flat_scratch, state_dtype, working_copies,
-                      write_back)
+                      default_foreach, device_steps, flat_pieces, flat_scratch, state_dtype, subset,
+                      working_copies, write_back)
 
 FORMULATIONS = ("lucidrains", "fused")
 
@@ -102,10 +102,10 @@ class AdamAtan2(MasterWeights, KeepsStateDtypes, ScaledGroups, torch.optim.Optim
                         continue
                     chosen = [group["compiled"] or id(p) in auto_compiled for p in lists[0]]
                     if any(chosen):
-                        self._tabulate_compiled(group, *(_subset(column, chosen) for column in lists),
+                        self._tabulate_compiled(group, *(subset(column, chosen) for column in lists),
                                                 into=compiled)
                     if not all(chosen):
-                        eager = [_subset(column, [not c for c in chosen]) for column in lists]
+                        eager = [subset(column, [not c for c in chosen]) for column in lists]
                         beta1, beta2 = group["betas"]
                         adam_atan2(*eager, lr=group["lr"], beta1=beta1, beta2=beta2,
                                    weight_decay=group["weight_decay"], a=group["a"], b=group["b"],
@@ -160,10 +160,6 @@ class AdamAtan2(MasterWeights, KeepsStateDtypes, ScaledGroups, torch.optim.Optim
             exp_avg_sqs.append(state["exp_avg_sq"])
             steps.append(state["step"])
         return params, grads, exp_avgs, exp_avg_sqs, steps
-
-
-def _subset(column: list, keep: list[bool]) -> list:
-    return [item for item, k in zip(column, keep) if k]
 
 
 def adam_atan2(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],

@@ -117,6 +117,11 @@ def default_foreach(params: Sequence[torch.Tensor], cpu: str = "small") -> bool:
     return cpu == "always" or sum(p.numel() for p in params) < CPU_SMALL_TENSOR * len(params)
 
 
+def subset(column: list, keep: list[bool]) -> list:
+    """The items of ``column`` whose flag in ``keep`` is set."""
+    return [item for item, k in zip(column, keep) if k]
+
+
 def by_device_and_dtype(*lists: Sequence[torch.Tensor]) -> list[tuple[list[torch.Tensor], ...]]:
     """Split parallel tensor lists into buckets sharing the first list's (device, dtype)."""
     first = lists[0]
