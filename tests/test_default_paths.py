@@ -65,9 +65,9 @@ def test_inductor_failure_warns_once_and_keeps_the_eager_default(monkeypatch):
         compiled_module.inductor_works.cache_clear()
 
 
-def run(make, steps=10):
+def run(make, steps=10, shapes=SHAPES):
     g = torch.Generator().manual_seed(0)
-    params = [torch.nn.Parameter(torch.randn(s, generator=g)) for s in SHAPES]
+    params = [torch.nn.Parameter(torch.randn(s, generator=g)) for s in shapes]
     opt = make(params)
     for _ in range(steps):
         for p in params:
@@ -101,6 +101,22 @@ def test_default_compiles_a_large_model_and_matches_the_eager_path(cls, small_th
     assert not seen
     default = run(lambda ps: cls(ps))
     assert set(seen) == {32 * 48, 48, 5}  # every tensor went through compiled code
+    for a, b in zip(default, eager):
+        assert ((a - b).abs().max() / b.abs().max()).item() <= 1e-6
+
+
+def test_adafactor_default_keeps_large_matrices_eager_and_compiles_the_rest(small_thresholds, monkeypatch):
+    """Adafactor's eager step of a large CPU matrix (from the two factor vectors, in blocks) is
+    faster than the compiled one, so the default leaves matrices of CPU_EAGER_MATRIX elements or
+    more (here lowered to 1000) eager and decides for the other tensors by the usual rule."""
+    import mupkit.optim.adafactor as adafactor_module
+    monkeypatch.setattr(adafactor_module, "CPU_EAGER_MATRIX", 1000)
+    monkeypatch.setattr(compiled_module, "inductor_works", lambda: True)
+    seen = spy_compiled(monkeypatch)
+    shapes = [(32, 48), (3000,), (48,), (5,)]
+    default = run(lambda ps: Adafactor(ps), shapes=shapes)
+    assert set(seen) == {3000, 48, 5}  # the vectors compiled, the 1536-element matrix not
+    eager = run(lambda ps: Adafactor(ps, compiled=False), shapes=shapes)
     for a, b in zip(default, eager):
         assert ((a - b).abs().max() / b.abs().max()).item() <= 1e-6
 

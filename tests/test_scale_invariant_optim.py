@@ -220,20 +220,21 @@ def test_adafactor_factored_update_from_the_vectors_or_the_clamped_product_match
                                            ("hf", dict(beta1=0.9, weight_decay=0.1)),
                                            ("hf", dict(relative_step=False, scale_parameter=False, lr=1e-3))],
                          ids=["torch-wd-maximize", "hf-beta1-wd", "hf-external-lr"])
-def test_adafactor_large_matrices_step_in_row_blocks_and_match_the_references(mode, settings, monkeypatch):
-    """On the CPU a matrix of over CPU_PIECE elements steps a block of rows at a time (the column
-    sums accumulated across blocks, the update recomputed per pass). With CPU_PIECE = 40: (8, 16)
-    in blocks of 2 rows, (7, 50) a row per block (wider than a block), (9, 5) in blocks of 8 and 1
-    rows; (3, 4, 5) and (16,) as before. A row and a column that never get a gradient put products
-    under the torch-mode floor in (8, 16) (the clamped product, per block). 50 float64 steps match
-    torch.optim.Adafactor / transformers' Adafactor to 1e-12, on both eager paths."""
+def test_adafactor_large_tensors_step_in_blocks_and_match_the_references(mode, settings, monkeypatch):
+    """On the CPU a vector or matrix of over CPU_PIECE elements steps a block at a time (a
+    matrix's column sums accumulated across blocks of rows, the update recomputed per pass). With
+    CPU_PIECE = 40: (8, 16) in blocks of 2 rows, (7, 50) a row per block (wider than a block),
+    (9, 5) in blocks of 8 and 1 rows, (90,) in blocks of 40, 40 and 10; (3, 4, 5) and (16,)
+    whole. A row and a column that never get a gradient put products under the torch-mode floor
+    in (8, 16) (the clamped product, per block). 50 float64 steps match torch.optim.Adafactor /
+    transformers' Adafactor to 1e-12, on both eager paths."""
     import mupkit.optim.adafactor as adafactor
     monkeypatch.setattr(adafactor, "CPU_PIECE", 40)
     blocked = []
-    step_in_row_blocks = adafactor._step_in_row_blocks
-    monkeypatch.setattr(adafactor, "_step_in_row_blocks",
-                        lambda t, *a: blocked.append(tuple(t["param"].shape)) or step_in_row_blocks(t, *a))
-    shapes = [(8, 16), (7, 50), (9, 5), (3, 4, 5), (16,)]
+    step_in_blocks = adafactor._step_in_blocks
+    monkeypatch.setattr(adafactor, "_step_in_blocks",
+                        lambda t, *a: blocked.append(tuple(t["param"].shape)) or step_in_blocks(t, *a))
+    shapes = [(8, 16), (7, 50), (9, 5), (90,), (3, 4, 5), (16,)]
 
     def train(make):
         gen = torch.Generator().manual_seed(5)
@@ -253,7 +254,7 @@ def test_adafactor_large_matrices_step_in_row_blocks_and_match_the_references(mo
     for path in PATHS:
         blocked.clear()
         ours = train(lambda ps: Adafactor(ps, mode=mode, **settings, **path))
-        assert sorted(set(blocked)) == [(7, 50), (8, 16), (9, 5)] and len(blocked) == 150
+        assert sorted(set(blocked)) == [(7, 50), (8, 16), (9, 5), (90,)] and len(blocked) == 200
         assert max_diff(ours, reference) <= 1e-12
 
 

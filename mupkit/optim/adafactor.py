@@ -55,6 +55,12 @@ from .tensors import (CPU_PIECE, KeepsStateDtypes, advance_steps, as_dtype, cach
 
 MODES = ("torch", "hf")
 
+#: elements from which a CPU matrix steps faster on the eager path (in cache, from the two factor
+#: vectors, in blocks when large) than compiled, so the default keeps it eager: 16 matrices of
+#: 512 x 512 step in about the same time both ways, of 1024 x 1024 1.2x faster eagerly
+#: (benchmarks/RESULTS.md)
+CPU_EAGER_MATRIX = 1 << 18
+
 
 class Adafactor(MasterWeights, KeepsStateDtypes, ScaledGroups, torch.optim.Optimizer):
     """Adafactor with muP group scales; ``mode="torch"`` (default) or ``mode="hf"``.
@@ -69,7 +75,8 @@ class Adafactor(MasterWeights, KeepsStateDtypes, ScaledGroups, torch.optim.Optim
     the multi-tensor step (unsharded parameters; per-step scalars are tensors, so it compiles
     once per bucket). ``fused``: the Triton kernels (CUDA; their sums are atomic adds, so not
     under ``torch.use_deterministic_algorithms``). Default (none given): on CUDA the kernels
-    (:func:`.kernels.fused_by_default`); on the CPU a large model is compiled
+    (:func:`.kernels.fused_by_default`); on the CPU matrices of :data:`CPU_EAGER_MATRIX` elements
+    or more step eagerly, the other tensors of a large model are compiled
     (:func:`.compiled.compiled_by_default`), what is left takes the eager default;
     ``compiled=False``: nothing is compiled.
     """
@@ -131,7 +138,7 @@ class Adafactor(MasterWeights, KeepsStateDtypes, ScaledGroups, torch.optim.Optim
     def _step_groups(self) -> None:
         fused: dict[tuple, list[dict[str, Any]]] = {}  # every fused group's tensors, by launch bucket
         auto = [p for group in self.param_groups if left_to_default(group) for p in group["params"]
-                if p.grad is not None]
+                if p.grad is not None and not _faster_eager(p)]
         auto_compiled = {id(p) for p, yes in zip(auto, compiled_by_default(auto)) if yes}
         for group in self.param_groups:
             with_grad = [(i, p) for i, p in enumerate(group["params"]) if p.grad is not None]
@@ -194,6 +201,11 @@ class Adafactor(MasterWeights, KeepsStateDtypes, ScaledGroups, torch.optim.Optim
         return {"param": local, "grad": local_tensor(p.grad), "state": local_state, "info": info}
 
 
+def _faster_eager(p: torch.Tensor) -> bool:
+    """A CPU matrix of :data:`CPU_EAGER_MATRIX` elements or more: the default steps it eagerly."""
+    return p.dim() >= 2 and p.numel() >= CPU_EAGER_MATRIX and not p.is_cuda
+
+
 def _fused_items(tensors: list[dict[str, Any]], group: dict[str, Any], cfg: dict[str, Any]) -> list[dict[str, Any]]:
     """The fused kernels' per-tensor inputs (see :func:`.kernels.adafactor.adafactor`); advances
     the step counters."""
@@ -233,16 +245,27 @@ def _update_direction(g: torch.Tensor, state: dict[str, Any], info: ShardInfo, c
     instead of storing it; the eager step once, into scratch."""
     g2 = torch.mul(g, g, out=_temporary(g, slot=1))
     if "variance" in state:
-        variance = state["variance"]
-        if cfg["mode"] == "hf":  # g^2 + eps1
-            variance.mul_(1.0 - one_minus_beta2).add_(g2.add_(_eps1(cfg, g.dtype)).mul_(one_minus_beta2))
-            return lambda out, rows=None: torch.rsqrt(_rows(variance, rows), out=out).mul_(_rows(g, rows))
-        variance.lerp_(g2, one_minus_beta2)
-        floor = _floor(cfg, g.dtype)
-        return lambda out, rows=None: torch.clamp(_rows(variance, rows), min=floor, out=out).rsqrt_().mul_(
-            _rows(g, rows))
+        _update_variance(state["variance"], g2, cfg, one_minus_beta2)
+        return _unfactored_direction(g, state["variance"], cfg)
     return _factored_direction(g, state, info, cfg, one_minus_beta2, mean_over(g2, -1, info),
                                mean_over(g2, -2, info))
+
+
+def _update_variance(variance: torch.Tensor, g2: torch.Tensor, cfg: dict[str, Any],
+                     one_minus_beta2: torch.Tensor) -> None:
+    """The unfactored second moment's EMA, in place (``g2`` is overwritten in hf mode)."""
+    if cfg["mode"] == "hf":  # g^2 + eps1
+        variance.mul_(1.0 - one_minus_beta2).add_(g2.add_(_eps1(cfg, g2.dtype)).mul_(one_minus_beta2))
+    else:
+        variance.lerp_(g2, one_minus_beta2)
+
+
+def _unfactored_direction(g: torch.Tensor, variance: torch.Tensor, cfg: dict[str, Any]) -> Callable[..., torch.Tensor]:
+    """:func:`_update_direction` of an unfactored tensor (0-D or 1-D), from its updated ``variance``."""
+    if cfg["mode"] == "hf":
+        return lambda out, rows=None: torch.rsqrt(_rows(variance, rows), out=out).mul_(_rows(g, rows))
+    floor = _floor(cfg, g.dtype)
+    return lambda out, rows=None: torch.clamp(_rows(variance, rows), min=floor, out=out).rsqrt_().mul_(_rows(g, rows))
 
 
 def _factored_direction(g: torch.Tensor, state: dict[str, Any], info: ShardInfo, cfg: dict[str, Any],
@@ -360,39 +383,46 @@ def _host_scales(alpha0: list[float], update_rms: list[float], cfg: dict[str, An
     return [a * cfg["lr_scale"] / max(r / cfg["clip_threshold"], 1.0) for a, r in zip(alpha0, update_rms)]
 
 
-def _in_row_blocks(t: dict[str, Any]) -> bool:
-    """Does the tensor take :func:`_step_in_row_blocks`: a CPU matrix of over
+def _in_blocks(t: dict[str, Any]) -> bool:
+    """Does the tensor take :func:`_step_in_blocks`: a CPU vector or matrix of over
     :data:`.tensors.CPU_PIECE` elements, whole on this rank?"""
     p = t["param"]
-    return p.dim() == 2 and p.numel() > CPU_PIECE and not p.is_cuda and t["info"].dim is None
+    return p.dim() in (1, 2) and p.numel() > CPU_PIECE and not p.is_cuda and t["info"].dim is None
 
 
-def _step_in_row_blocks(t: dict[str, Any], rho: float, omb: float, decay: float, cfg: dict[str, Any],
-                        maximize: bool) -> None:
-    """The eager CPU step of a large matrix (:func:`_in_row_blocks`), a block of rows of at most
-    :data:`.tensors.CPU_PIECE` elements at a time, in :func:`.tensors.scratch` temporaries; the
-    same arithmetic as :func:`_step`, but each block is worked on while in cache, and no
-    temporary is the size of the matrix (a fresh one is mapped in anew, page by page, every step).
+def _step_in_blocks(t: dict[str, Any], rho: float, omb: float, decay: float, cfg: dict[str, Any],
+                    maximize: bool) -> None:
+    """The eager CPU step of a large vector or matrix (:func:`_in_blocks`), a block of at most
+    :data:`.tensors.CPU_PIECE` elements (of whole rows, for a matrix) at a time, in
+    :func:`.tensors.scratch` temporaries: the same arithmetic as :func:`_step`, but each block is
+    worked on while in cache, and no temporary is the size of the tensor (a fresh one is mapped
+    in anew, page by page, every step).
 
-    Three passes over the blocks: the means of ``g^2`` (the column sums accumulated across the
+    Three passes over the blocks: the second moment (a matrix's column sums accumulated across the
     blocks), the RMS of the update, and the update itself, recomputed rather than stored. The step
-    reads ``g`` three times and ``p`` twice and writes ``p`` once; :func:`_step` on a matrix this
+    reads ``g`` three times and ``p`` twice and writes ``p`` once; :func:`_step` on a tensor this
     size streams ~13 of its sizes through memory.
     """
     p, state, info = t["param"], t["state"], t["info"]
     work, g = working_copy(p), t["grad"].to(state_dtype(p))
     if maximize:
         g = -g
-    rows, cols = g.shape
+    rows, cols = g.shape if g.dim() == 2 else (g.numel(), 1)
     size = max(1, CPU_PIECE // cols)
     blocks = [slice(start, start + size) for start in range(0, rows, size)]
     alpha0 = _host_step_sizes([work], [info], [rho], cfg)
-    row_mean, col_mean = g.new_empty(rows, 1), g.new_zeros(1, cols)
-    for block in blocks:
-        g2 = torch.mul(g[block], g[block], out=scratch_like(g[block], 1))
-        torch.mean(g2, -1, keepdim=True, out=row_mean[block])
-        col_mean.add_(g2.sum(0, keepdim=True))
-    direction = _factored_direction(g, state, info, cfg, omb, row_mean, col_mean.div_(rows))
+    if "variance" in state:
+        for block in blocks:
+            _update_variance(state["variance"][block], torch.mul(g[block], g[block], out=scratch_like(g[block], 1)),
+                             cfg, omb)
+        direction = _unfactored_direction(g, state["variance"], cfg)
+    else:
+        row_mean, col_mean = g.new_empty(rows, 1), g.new_zeros(1, cols)
+        for block in blocks:
+            g2 = torch.mul(g[block], g[block], out=scratch_like(g[block], 1))
+            torch.mean(g2, -1, keepdim=True, out=row_mean[block])
+            col_mean.add_(g2.sum(0, keepdim=True))
+        direction = _factored_direction(g, state, info, cfg, omb, row_mean, col_mean.div_(rows))
     squares = sum(float(torch.linalg.vector_norm(direction(scratch_like(g[b], 0), b))) ** 2 for b in blocks)
     (scale,) = _host_scales(alpha0, [math.sqrt(squares / g.numel())], cfg)
     (factor,) = _host_decays(alpha0, [decay], cfg) if cfg["weight_decay"] else (1.0,)
@@ -427,10 +457,10 @@ def _run(tensors: list[dict[str, Any]], group: dict[str, Any], cfg: dict[str, An
     if path == "compiled":
         _run_compiled(tensors, group, cfg, rhos, ombs, decay)
         return
-    blocked = [_in_row_blocks(t) for t in tensors]
+    blocked = [_in_blocks(t) for t in tensors]
     if any(blocked):
         for t, rho, omb in zip(*(subset(column, blocked) for column in (tensors, rhos, ombs))):
-            _step_in_row_blocks(t, rho, omb, decay, cfg, group["maximize"])
+            _step_in_blocks(t, rho, omb, decay, cfg, group["maximize"])
         tensors, rhos, ombs = (subset(column, [not b for b in blocked]) for column in (tensors, rhos, ombs))
         if not tensors:
             return
