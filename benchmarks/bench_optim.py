@@ -87,8 +87,6 @@ def optimizers() -> dict[str, tuple[int, str | None, Callable]]:
         "torch Adafactor": (12, None, lambda ps, gs: torch.optim.Adafactor(ps)),
         "mupkit Adafactor default": (12, "torch Adafactor", lambda ps, gs: mupkit.optim.Adafactor(gs)),
         "mupkit Adafactor eager": (12, "torch Adafactor", lambda ps, gs: mupkit.optim.Adafactor(gs, compiled=False)),
-        "mupkit Adafactor compiled": (12, "torch Adafactor",
-                                      lambda ps, gs: mupkit.optim.Adafactor(gs, compiled=True)),
         "mupkit DAdaptAdam default": (36, "dadaptation DAdaptAdam", lambda ps, gs: mupkit.optim.DAdaptAdam(gs)),
         "mupkit DAdaptAdam eager": (36, "dadaptation DAdaptAdam",
                                     lambda ps, gs: mupkit.optim.DAdaptAdam(gs, compiled=False)),
