@@ -27,7 +27,11 @@ Deliberate fixes of the references' pitfalls:
 * bf16/fp16 parameters keep fp32 state and do the math in fp32 (torch keeps bf16 state).
 * Sharded parameters (FSDP2 ``fully_shard``): column statistics and both RMS values are reduced
   over the shards (torch 2.13's Adafactor fails on DTensors); see :mod:`.sharding`.
-* The foreach path makes no per-tensor host sync: all RMS values are reduced as one tensor.
+* The foreach path makes no per-tensor host sync on CUDA: all RMS values are reduced as one
+  tensor, and the step sizes stay on the device. On the CPU, where reading a value costs no
+  sync, the eager step reads the RMS values back once per run of tensors and computes the step
+  sizes as Python floats, and a vector or matrix of over a million elements steps in blocks
+  that stay in cache (:func:`_step_in_blocks`).
 
 muP family (with ``scale_parameter``): ``adafactor``, whose step is relative to the parameter's
 RMS. Hidden LR multiplier ``m_in^-1/2`` (Adam's ``m_in^-1`` over the hidden init scale
