@@ -245,12 +245,12 @@ def _views(buffer: torch.Tensor, like: Sequence[torch.Tensor]) -> list[torch.Ten
     (``as_strided``: a third of the cost of a slice and a view, ~2 us per op here)."""
     views, offset = [], buffer.storage_offset()
     for t in like:
-        views.append(buffer.as_strided(t.shape, contiguous_strides(t.shape), offset))
+        views.append(buffer.as_strided(t.shape, _contiguous_strides(t.shape), offset))
         offset += t.numel()
     return views
 
 
-def contiguous_strides(shape: Sequence[int]) -> tuple[int, ...]:
+def _contiguous_strides(shape: Sequence[int]) -> tuple[int, ...]:
     """The strides of a contiguous tensor of ``shape``."""
     strides, stride = [], 1
     for size in reversed(shape):
