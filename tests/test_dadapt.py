@@ -57,6 +57,28 @@ def test_prodigy_matches_prodigyopt(kwargs):
     assert_same(run(lambda ps: Prodigy(ps, **kwargs)), run(lambda ps: prodigyopt.Prodigy(ps, **kwargs)))
 
 
+@pytest.mark.parametrize("name,kwargs", [("DAdaptAdam", dict(decouple=True, weight_decay=0.1)),
+                                         ("DAdaptAdam", dict(weight_decay=0.1)),
+                                         ("Prodigy", dict(weight_decay=0.1)), ("Prodigy", dict(betas=(0.0, 0.999)))])
+def test_eager_steps_in_flat_pieces_match_the_reference(name, kwargs, monkeypatch):
+    """The eager DAdaptAdam step and Prodigy's update step large tensors a flat piece of at most
+    CPU_PIECE elements at a time (the dot products and L1 norms summed over pieces). With
+    CPU_PIECE = 16 every tensor above 16 elements is cut, unevenly for (3, 4, 5); the d sequence
+    and the parameters still match the reference (1e-12 / 1e-10, float64, 100 steps)."""
+    from mupkit.optim import tensors
+    reference = {"DAdaptAdam": ("dadaptation", "DAdaptAdam"), "Prodigy": ("prodigyopt", "Prodigy")}[name]
+    ref_cls = getattr(pytest.importorskip(reference[0]), reference[1])
+    pieces = []
+    flat_pieces = tensors.flat_pieces
+    monkeypatch.setattr(tensors, "CPU_PIECE", 16)
+    import mupkit.optim.dadapt as dadapt_module
+    monkeypatch.setattr(dadapt_module, "flat_pieces", lambda *ts: pieces.append(len(flat_pieces(*ts))) or
+                        flat_pieces(*ts))
+    ours = run(lambda ps: getattr(mupkit.optim, name)(ps, compiled=False, **kwargs))
+    assert max(pieces) == 8  # (8, 16) in 8 pieces: the cut path ran
+    assert_same(ours, run(lambda ps: ref_cls(ps, **kwargs)))
+
+
 @pytest.mark.parametrize("kwargs", [dict(), dict(momentum=0.9), dict(weight_decay=1e-3), dict(growth_rate=1.02)])
 def test_dadapt_sgd_matches_dadaptation(kwargs):
     dadaptation = pytest.importorskip("dadaptation")

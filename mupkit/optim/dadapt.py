@@ -45,7 +45,7 @@ from . import kernels
 from .compiled import ListKernel, compiled_by_default, flattenable
 from .scaled import ScaledGroups
 from .sharding import DTensor, local_tensor
-from .tensors import scratch_like
+from .tensors import flat_pieces, scratch_like
 
 #: the fused kernels' parameter dtype (the references keep state in the parameter's dtype)
 FUSED_DTYPES = (torch.float32,)
@@ -204,13 +204,16 @@ class DAdaptAdam(_GlobalStep):
                 if group["lr"] == 0.0:
                     continue
                 view = self._view(p)
-                s, m, v = view["s"], view["exp_avg"], view["exp_avg_sq"]
-                ratio = torch.sqrt(v, out=scratch_like(v, 0)).add_(eps)
-                num = torch.dot(g.flatten(), torch.div(s, ratio, out=ratio).flatten()) * (r * dlr)
-                m.mul_(beta1).add_(g, alpha=r * dlr * (1 - beta1))
-                v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-                s.mul_(root).add_(g, alpha=dlr * (1 - root))
-                terms.append(torch.stack([num, torch.abs(s, out=scratch_like(s, 0)).sum() * r]).to(torch.float64))
+                sums = []  # per flat piece (pieces stay in cache across the ops: tensors.flat_pieces)
+                for g_, s, m, v in flat_pieces(g, view["s"], view["exp_avg"], view["exp_avg_sq"]):
+                    ratio = torch.sqrt(v, out=scratch_like(v, 0)).add_(eps)
+                    num = torch.dot(g_.flatten(), torch.div(s, ratio, out=ratio).flatten())
+                    m.mul_(beta1).add_(g_, alpha=r * dlr * (1 - beta1))
+                    v.mul_(beta2).addcmul_(g_, g_, value=1 - beta2)
+                    s.mul_(root).add_(g_, alpha=dlr * (1 - root))
+                    sums.append(torch.stack([num * (r * dlr), torch.abs(s, out=scratch_like(s, 0)).sum() * r]))
+                total = sums[0] if len(sums) == 1 else torch.stack(sums).to(torch.float64).sum(0)
+                terms.append(total.to(torch.float64))
                 like = g
         if not self._advance(top, *self._reduce(terms, like)):
             return  # nothing to adapt from yet (e.g. an all-zero first gradient): skip, as the reference
@@ -222,8 +225,8 @@ class DAdaptAdam(_GlobalStep):
                 self.state[p]["step"] += 1
                 view = self._view(p)
                 self._decay(group, p, dlr)
-                denom = torch.sqrt(view["exp_avg_sq"], out=scratch_like(view["exp_avg_sq"], 0)).add_(eps)
-                local_tensor(p).addcdiv_(view["exp_avg"], denom, value=-1)
+                for local, m, v in flat_pieces(local_tensor(p), view["exp_avg"], view["exp_avg_sq"]):
+                    local.addcdiv_(m, torch.sqrt(v, out=scratch_like(v, 0)).add_(eps), value=-1)
 
     def _init_state(self, p: torch.Tensor) -> dict[str, Any]:
         state = self.state[p]
@@ -434,12 +437,11 @@ class Prodigy(_GlobalStep):
                     updates.append(([p, p.grad, *momentum, self.state[p]["exp_avg_sq"]], update_row))
                     continue
                 view = self._view(p)
-                denom = torch.sqrt(view["exp_avg_sq"], out=scratch_like(view["exp_avg_sq"], 0)).add_(d * eps)
                 self._decay(group, p, dlr)
-                if beta1 > 0:
-                    local_tensor(p).addcdiv_(view["exp_avg"], denom, value=-dlr)
-                else:
-                    local_tensor(p).addcdiv_(self._grad(group, p, group["decouple"]), denom, value=-r * dlr * d)
+                numerator, scale = ((view["exp_avg"], -dlr) if beta1 > 0 else
+                                    (self._grad(group, p, group["decouple"]), -r * dlr * d))
+                for local, num, v in flat_pieces(local_tensor(p), numerator, view["exp_avg_sq"]):
+                    local.addcdiv_(num, torch.sqrt(v, out=scratch_like(v, 0)).add_(d * eps), value=scale)
         if fused:
             _fused_launch("Prodigy", "prodigy_update", fused)
         if updates:
