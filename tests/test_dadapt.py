@@ -8,6 +8,7 @@ parameters to 1e-10.
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -77,6 +78,37 @@ def test_eager_steps_in_flat_pieces_match_the_reference(name, kwargs, monkeypatc
     ours = run(lambda ps: getattr(mupkit.optim, name)(ps, compiled=False, **kwargs))
     assert max(pieces) == 8  # (8, 16) in 8 pieces: the cut path ran
     assert_same(ours, run(lambda ps: ref_cls(ps, **kwargs)))
+
+
+@pytest.mark.parametrize("cut", [False, True])
+def test_prodigy_zero_initialized_parameter_matches_prodigyopt_without_resizing_a_temporary(cut, monkeypatch):
+    """prodigyopt keeps a 0-dim p0 for a parameter that is all zeros at the start; the eager step
+    broadcasts it over the parameter (uncut, and with CPU_PIECE = 16 beside a cut tensor) with no
+    out= temporary resized on the way (a deprecated torch behaviour, an error here), and the d
+    sequence and parameters match prodigyopt (float64, 30 steps: 1e-12 / 1e-10)."""
+    prodigyopt = pytest.importorskip("prodigyopt")
+    if cut:
+        from mupkit.optim import tensors
+        monkeypatch.setattr(tensors, "CPU_PIECE", 16)
+
+    def train(make):
+        gen = torch.Generator().manual_seed(4)
+        params = [torch.nn.Parameter(torch.zeros(40, dtype=torch.float64)),
+                  torch.nn.Parameter(torch.randn(8, 16, generator=gen, dtype=torch.float64))]
+        opt, ds = make(params), []
+        for _ in range(30):
+            for p in params:
+                p.grad = (p.detach() - 1.0) + 0.1 * torch.randn(p.shape, generator=gen, dtype=torch.float64)
+            opt.step()
+            ds.append(opt.param_groups[0]["d"])
+        return params, ds
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ours = train(lambda ps: Prodigy(ps, compiled=False))
+    ref = train(lambda ps: prodigyopt.Prodigy(ps))
+    (p1, d1), (p2, d2) = ours, ref
+    assert max((a - b).abs().max().item() for a, b in zip(p1, p2)) <= 1e-10
+    assert all(abs(x - y) <= 1e-12 * abs(y) for x, y in zip(d1, d2)) and d1[-1] > d1[0]
 
 
 @pytest.mark.parametrize("kwargs", [dict(), dict(momentum=0.9), dict(weight_decay=1e-3), dict(growth_rate=1.02)])

@@ -140,6 +140,11 @@ class _GlobalStep(ScaledGroups, torch.optim.Optimizer):
             local.add_(local, alpha=-wd * dlr)
 
 
+def _summed(rows: list[torch.Tensor]) -> torch.Tensor:
+    """The float64 sum of a tensor's per-piece rows of terms (the row itself for one piece)."""
+    return rows[0].to(torch.float64) if len(rows) == 1 else torch.stack(rows).to(torch.float64).sum(0)
+
+
 def _flat_state(p: torch.Tensor, local_flat: torch.Tensor, slice_p: int) -> torch.Tensor:
     """Prodigy's flattened per-parameter state: for a parameter sharded along dim 0, the local
     slice is a contiguous block of the flattened tensor, i.e. a ``Shard(0)`` DTensor."""
@@ -212,8 +217,7 @@ class DAdaptAdam(_GlobalStep):
                     v.mul_(beta2).addcmul_(g_, g_, value=1 - beta2)
                     s.mul_(root).add_(g_, alpha=dlr * (1 - root))
                     sums.append(torch.stack([num * (r * dlr), torch.abs(s, out=scratch_like(s, 0)).sum() * r]))
-                total = sums[0] if len(sums) == 1 else torch.stack(sums).to(torch.float64).sum(0)
-                terms.append(total.to(torch.float64))
+                terms.append(_summed(sums))
                 like = g
         if not self._advance(top, *self._reduce(terms, like)):
             return  # nothing to adapt from yet (e.g. an all-zero first gradient): skip, as the reference
@@ -391,15 +395,18 @@ class Prodigy(_GlobalStep):
                     one_pass.append(([p, p.grad, state["p0"], state["exp_avg_sq"], state["s"]], row))
                     continue
                 view = self._view(p)
-                sliced = g.flatten()[::step]
-                shift = torch.sub(view["p0"], local.flatten()[::step], out=scratch_like(view["p0"], 0))
-                num = torch.dot(sliced, shift) * ((d / d0) * dlr)  # weight 1: see top
                 if beta1 > 0:
                     view["exp_avg"].mul_(beta1).add_(g, alpha=r * d * (1 - beta1))
                 view["exp_avg_sq"].mul_(beta2).addcmul_(g, g, value=d * d * (1 - beta2))
-                view["s"].mul_(beta3).add_(sliced, alpha=(d / d0) * (d if group["safeguard_warmup"] else dlr))
-                s_norm = torch.abs(view["s"], out=scratch_like(view["s"], 0)).sum()
-                terms.append(torch.stack([num, s_norm * r]).to(torch.float64))
+                sliced, p0 = g.flatten()[::step], view["p0"]
+                if p0.dim() == 0:  # the reference's 0-dim p0 of a zero parameter
+                    p0 = p0.expand(sliced.shape)
+                sums = []  # per flat piece, when the tensors can be cut (slice_p=1): see tensors.flat_pieces
+                for g_, local_, p0_, s in flat_pieces(sliced, local.flatten()[::step], p0, view["s"]):
+                    num = torch.dot(g_, torch.sub(p0_, local_, out=scratch_like(g_, 0)))  # weight 1: see top
+                    s.mul_(beta3).add_(g_, alpha=(d / d0) * (d if group["safeguard_warmup"] else dlr))
+                    sums.append(torch.stack([num * ((d / d0) * dlr), torch.abs(s, out=scratch_like(s, 0)).sum() * r]))
+                terms.append(_summed(sums))
         if fused:
             terms.append(_fused_launch("Prodigy", "prodigy_sums", fused))
             fused = []
