@@ -234,7 +234,11 @@ def _multi_tensor_run(ms, vs, ps, gs, cs, *, lr, beta1, beta2, weight_decay):
     torch._foreach_addcmul_(vs, gs, gs, 1.0 - beta2)
     (flat_den, den), (flat_num, num) = flat_scratch(vs, 0), flat_scratch(ms, 1)
     torch._foreach_copy_(den, vs)
-    torch._foreach_mul_(den, [c[1] / (c[0] * c[0]) for c in cs])
+    den_scales = [c[1] / (c[0] * c[0]) for c in cs]
+    if len(set(den_scales)) == 1:  # one step and betas for the run: one op over the flat scratch
+        flat_den.mul_(den_scales[0])
+    else:
+        torch._foreach_mul_(den, den_scales)
     torch._foreach_copy_(num, ms)
     flat_den.sqrt_()
     torch.atan2(flat_num, flat_den, out=flat_num)
