@@ -339,8 +339,13 @@ def _step(params: list[torch.Tensor], works: list[torch.Tensor], grads: list[tor
         floor = cfg["eps"][1] * cfg["eps_scale"]
         alpha0 = global_rms(works, infos).clamp_(min=floor) * rho if cfg["scale_parameter"] else rho
     if cfg["weight_decay"]:
-        torch._foreach_mul_(works, _host_decays(alpha0, decay, cfg) if on_host else list(decay)
-                            if cfg["mode"] == "torch" else list((1.0 - cfg["weight_decay"] * alpha0).unbind()))
+        if on_host:
+            factors = _host_decays(alpha0, decay, cfg)
+        elif cfg["mode"] == "torch":
+            factors = list(decay)
+        else:
+            factors = list((1.0 - cfg["weight_decay"] * alpha0).unbind())
+        torch._foreach_mul_(works, factors)
     directions = [_update_direction(g, s, i, cfg, omb[k]) for k, (g, s, i) in enumerate(zip(grads, states, infos))]
     outs = [None] * len(grads) if compiling else scratch(grads, slot=0)
     updates = [direction(out) for direction, out in zip(directions, outs)]
