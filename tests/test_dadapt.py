@@ -80,6 +80,66 @@ def test_eager_steps_in_flat_pieces_match_the_reference(name, kwargs, monkeypatc
     assert_same(ours, run(lambda ps: ref_cls(ps, **kwargs)))
 
 
+@pytest.fixture
+def packing(monkeypatch):
+    """The CPU default packs every small tensor of any model (the real thresholds: 64 tensors, 4M
+    elements); returns the lengths of the columns each packed call got."""
+    import mupkit.optim.compiled as compiled_module
+    monkeypatch.setattr(compiled_module, "AUTO_COMPILE_MIN_NUMEL", 1)
+    monkeypatch.setattr(compiled_module, "PACKED_MIN_TENSORS", 2)
+    calls = []
+    packed = compiled_module.ListKernel.packed
+    monkeypatch.setattr(compiled_module.ListKernel, "packed",
+                        lambda self, columns, rows: calls.append(len(columns[0])) or packed(self, columns, rows))
+    return calls
+
+
+@pytest.mark.parametrize("name,kwargs", [("DAdaptAdam", dict(decouple=True, weight_decay=0.1)),
+                                         ("Prodigy", dict(weight_decay=0.1)),
+                                         ("Prodigy", dict(betas=(0.0, 0.999), decouple=False, weight_decay=0.1))])
+@pytest.mark.parametrize("run_size", [1 << 17, 40])
+def test_default_packs_small_tensors_and_matches_the_reference(name, kwargs, run_size, packing, monkeypatch):
+    """Small tensors step packed (ListKernel.packed: copied into flat runs, one compiled call per
+    run, copied back): the d sequence and the parameters still match the reference (1e-12 /
+    1e-10, float64, 100 steps), with the runs whole and cut at 40 elements (between tensors)."""
+    import mupkit.optim.compiled as compiled_module
+    monkeypatch.setattr(compiled_module, "PACKED_RUN", run_size)
+    reference = {"DAdaptAdam": ("dadaptation", "DAdaptAdam"), "Prodigy": ("prodigyopt", "Prodigy")}[name]
+    ref_cls = getattr(pytest.importorskip(reference[0]), reference[1])
+    ours = run(lambda ps: getattr(mupkit.optim, name)(ps, **kwargs))
+    assert packing and max(packing) == len(SHAPES)  # every tensor with a gradient went packed
+    assert_same(ours, run(lambda ps: ref_cls(ps, **kwargs)))
+
+
+def test_packed_runs_write_back_only_what_the_function_writes():
+    """ListKernel.packed against the same function run tensor by tensor (float64): the columns in
+    ``writes`` come back updated to 1e-12, any strides (a transposed gradient) and two rows mixed
+    in one list; the gradient column is left as it was, and the returned sums agree to 1e-12."""
+    from mupkit.optim.dadapt import _DADAPT_ADAM
+    gen = torch.Generator().manual_seed(3)
+    shapes = [(3, 4), (5,), (), (2, 3, 4), (7,), (4, 3)]
+
+    def tensors():
+        cols = [[torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes] for _ in range(5)]
+        cols[3] = [v.abs() for v in cols[3]]  # v >= 0
+        cols[1][-1] = torch.randn(3, 4, generator=gen, dtype=torch.float64).t()  # a non-contiguous gradient
+        return cols
+    rows = [(1e-8, 0.3, 0.9, 0.01, 0.999, 0.001, 0.99, 0.02, 0.0, 1e-3, 1.0),
+            (1e-8, 0.1, 0.9, 0.02, 0.999, 0.001, 0.99, 0.01, 0.05, 0.0, 2.0)]
+    rows = [rows[i % 2] for i in range(len(shapes))]
+    packed = tensors()
+    eager = [[t.clone() for t in column] for column in packed]
+    grads = [g.clone() for g in packed[1]]
+    sums = _DADAPT_ADAM.packed(packed, rows)
+    eager[1][-1] = eager[1][-1].contiguous()  # the per-tensor path takes contiguous tensors
+    expected = _DADAPT_ADAM(eager, rows, compiled=False)
+    torch.testing.assert_close(sums, expected, rtol=1e-12, atol=0)
+    for k in (0, 2, 3, 4):
+        for a, b in zip(packed[k], eager[k]):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-15)
+    assert all(torch.equal(a, b) for a, b in zip(packed[1], grads))
+
+
 @pytest.mark.parametrize("cut", [False, True])
 def test_prodigy_zero_initialized_parameter_matches_prodigyopt_without_resizing_a_temporary(cut, monkeypatch):
     """prodigyopt keeps a 0-dim p0 for a parameter that is all zeros at the start; the eager step

@@ -308,7 +308,7 @@ def atan2_nonnegative_x(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return torch.copysign(torch.where(a > x, math.pi / 2 - angle, angle), y)
 
 
-_COMPILED = ListKernel(_compiled_tensor)
+_COMPILED = ListKernel(_compiled_tensor, writes=(0, 1, 2))
 
 
 def _run_compiled(params, grads, exp_avgs, exp_avg_sqs, rows) -> None:

@@ -42,7 +42,7 @@ import torch
 
 from ..rules import FAMILIES
 from . import kernels
-from .compiled import ListKernel, compiled_by_default, flattenable
+from .compiled import ListKernel, compiled_by_default, flattenable, packed_by_default
 from .scaled import ScaledGroups
 from .sharding import DTensor, local_tensor
 from .tensors import flat_pieces, scratch_like
@@ -158,6 +158,10 @@ def _flat_state(p: torch.Tensor, local_flat: torch.Tensor, slice_p: int) -> torc
                               stride=(1,))
 
 
+#: DAdaptAdam's per-parameter state tensors
+STATE_KEYS = ("s", "exp_avg", "exp_avg_sq")
+
+
 class DAdaptAdam(_GlobalStep):
     """D-Adapted Adam (``dadaptation.DAdaptAdam`` 3.2 arguments and defaults) with muP group scales.
 
@@ -192,17 +196,27 @@ class DAdaptAdam(_GlobalStep):
 
     def _step(self) -> None:
         top, dlr = self._adam_step_size()
-        compiled = self._compiled_ids()
-        if (compiled or top["fused"]) and top["k"] > 0:
-            self._one_pass_step(top, dlr, compiled)
+        if top["k"] > 0 and top["fused"]:
+            self._advance(top, *self._one_pass_terms(top, dlr, None).tolist())
+            return
+        compiled = self._compiled_ids() if top["k"] > 0 else set()
+        packed = self._packed_ids(compiled) if top["k"] > 0 and top["compiled"] is None else set()
+        terms = []
+        if packed:  # thousands of small CPU tensors: the one-pass function on packed runs
+            terms.append(self._one_pass_terms(top, dlr, packed, packed=True))
+        if compiled:  # every other tensor in one pass too: compiled, or the same function eagerly
+            others = {id(p) for group in self.param_groups for p in group["params"] if p.grad is not None} - packed
+            terms.append(self._one_pass_terms(top, dlr, others, compiled=compiled))
+        like = next((p for group in self.param_groups for p in group["params"] if p.grad is not None), None)
+        if compiled:
+            self._advance(top, *self._reduce([t for t in terms if t is not None], like))
             return
         beta1, beta2 = top["betas"]
         root = math.sqrt(beta2)
-        terms, like = [], None
         for group in self.param_groups:
             r, eps = self._r(group), group["eps"] * group["eps_scale"]
             for p in group["params"]:
-                if p.grad is None:
+                if p.grad is None or id(p) in packed:
                     continue
                 g = self._grad(group, p, group["decouple"])
                 self._init_state(p)
@@ -218,13 +232,12 @@ class DAdaptAdam(_GlobalStep):
                     s.mul_(root).add_(g_, alpha=dlr * (1 - root))
                     sums.append(torch.stack([num * (r * dlr), torch.abs(s, out=scratch_like(s, 0)).sum() * r]))
                 terms.append(_summed(sums))
-                like = g
-        if not self._advance(top, *self._reduce(terms, like)):
+        if not self._advance(top, *self._reduce([t for t in terms if t is not None], like)):
             return  # nothing to adapt from yet (e.g. an all-zero first gradient): skip, as the reference
         for group in self.param_groups:
             eps = group["eps"] * group["eps_scale"]
             for p in group["params"]:
-                if p.grad is None:
+                if p.grad is None or id(p) in packed:
                     continue
                 self.state[p]["step"] += 1
                 view = self._view(p)
@@ -236,7 +249,7 @@ class DAdaptAdam(_GlobalStep):
         state = self.state[p]
         if not state:
             state["step"] = 0
-            for key in ("s", "exp_avg", "exp_avg_sq"):
+            for key in STATE_KEYS:
                 state[key] = torch.zeros_like(p.detach())  # a DTensor for a sharded p (checkpoints)
         return state
 
@@ -250,12 +263,23 @@ class DAdaptAdam(_GlobalStep):
         self._store(numerator=numerator, d=d, k=top["k"] + 1)
         return True
 
-    def _one_pass_step(self, top: dict[str, Any], dlr: float, compiled: set[int]) -> None:
-        """The whole step in one pass per tensor (a compiled function for the tensors whose ids are
-        in ``compiled``, the same function eagerly for the rest; ``fused``: one Triton launch for
-        all). The parameter update does not depend on this step's ``d``, so it runs before the
-        reduction; that is only valid once some gradient was nonzero (``k > 0``), since the
-        reference skips the update while ``den`` is 0."""
+    def _packed_ids(self, compiled: set[int]) -> set[int]:
+        """ids of the parameters, of those not in ``compiled``, that the default steps packed
+        (:func:`.compiled.packed_by_default`)."""
+        params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+        tensors = [(p, p.grad, *(self._init_state(p)[key] for key in STATE_KEYS)) for group in self.param_groups
+                   if group["lr"] != 0.0 for p in group["params"] if p.grad is not None and id(p) not in compiled]
+        chosen = packed_by_default(tensors, sum(p.numel() for p in params))
+        return {id(ts[0]) for ts, yes in zip(tensors, chosen) if yes}
+
+    def _one_pass_terms(self, top: dict[str, Any], dlr: float, ids: set[int] | None, *,
+                        compiled: set[int] = frozenset(), packed: bool = False) -> torch.Tensor | None:
+        """Step the tensors whose ids are in ``ids`` (None: all) in one pass each, and return
+        their summed terms: ``fused``: one Triton launch for all; ``packed``: in packed runs
+        (:meth:`.compiled.ListKernel.packed`); else a compiled function for those in ``compiled``
+        and the same function eagerly for the rest. The parameter update does not depend on this
+        step's ``d``, so it runs before the reduction; that is only valid once some gradient was
+        nonzero (``k > 0``), since the reference skips the update while ``den`` is 0."""
         beta1, beta2 = top["betas"]
         root = math.sqrt(beta2)
         items = []
@@ -264,22 +288,24 @@ class DAdaptAdam(_GlobalStep):
                 continue
             r, eps = self._r(group), group["eps"] * group["eps_scale"]
             wd = group["weight_decay"] * group["wd_scale"]
-            l2, decay = (0.0, 1.0 - wd * group["lr_scale"] * dlr) if group["decouple"] else (wd, 1.0)
+            l2, decay = (0.0, wd * group["lr_scale"] * dlr) if group["decouple"] else (wd, 0.0)
             row = (eps, r * dlr, beta1, r * dlr * (1 - beta1), beta2, 1 - beta2, root, dlr * (1 - root), l2, decay, r)
             for p in group["params"]:
-                if p.grad is not None:
+                if p.grad is not None and (ids is None or id(p) in ids):
                     state = self._init_state(p)
                     state["step"] += 1
                     items.append((p, state, row))
         if top["fused"]:
-            sums = _fused_launch("DAdaptAdam", "dadapt_adam", [[p, p.grad, s["exp_avg"], s["exp_avg_sq"], s["s"], row]
+            return _fused_launch("DAdaptAdam", "dadapt_adam", [[p, p.grad, s["exp_avg"], s["exp_avg_sq"], s["s"], row]
                                                                for p, s, row in items])
-            self._advance(top, *sums.tolist())
-            return
-        total = _DADAPT_ADAM([[p for p, _, _ in items], [p.grad for p, _, _ in items]]
-                             + [[s[key] for _, s, _ in items] for key in ("exp_avg", "exp_avg_sq", "s")],
-                             [row for _, _, row in items], [id(p) in compiled for p, _, _ in items]) if items else None
-        self._advance(top, *self._reduce([] if total is None else [total], items[-1][0] if items else None))
+        if not items:
+            return None
+        columns = [[p for p, _, _ in items], [p.grad for p, _, _ in items]] + \
+            [[s[key] for _, s, _ in items] for key in ("exp_avg", "exp_avg_sq", "s")]
+        rows = [row for _, _, row in items]
+        if packed:
+            return _DADAPT_ADAM.packed(columns, rows)
+        return _DADAPT_ADAM(columns, rows, [id(p) in compiled for p, _, _ in items])
 
 
 def _dadapt_adam_pass(p, g, m, v, s, eps, num_scale, beta1, m_scale, beta2, one_minus_beta2, root, s_scale, l2,
@@ -295,11 +321,11 @@ def _dadapt_adam_pass(p, g, m, v, s, eps, num_scale, beta1, m_scale, beta2, one_
     m.copy_(m_new)
     v.copy_(v_new)
     s.copy_(s_new)
-    p.copy_(p * decay - m_new / (v_new.sqrt() + eps))
+    p.copy_(p - decay * p - m_new / (v_new.sqrt() + eps))
     return torch.stack([num, s_new.abs().sum() * r])
 
 
-_DADAPT_ADAM = ListKernel(_dadapt_adam_pass)
+_DADAPT_ADAM = ListKernel(_dadapt_adam_pass, writes=(0, 2, 3, 4))
 
 
 def _fused_launch(name: str, kernel: str, rows: list[list[Any]]) -> torch.Tensor | None:
@@ -359,30 +385,24 @@ class Prodigy(_GlobalStep):
         beta3 = top["beta3"] if top["beta3"] is not None else math.sqrt(beta2)
         d, d0, k = top["d"], top["d0"], top["k"]
         compiled = self._compiled_ids()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    self._init_state(group, p, beta1)
+        packed = self._packed_ids(compiled) if top["compiled"] is None else set()
         terms, like, fused = [], None, []
         sums_rows: dict[int, list[float]] = {}  # per group: the statistics pass's values
         one_pass: list[tuple[list[torch.Tensor], list[float]]] = []  # (tensors, row) of the one-pass statistics
         for group in self.param_groups:
             r, step = self._r(group), group["slice_p"]
             for p in group["params"]:
-                if p.grad is None:
+                if p.grad is None or group["lr"] == 0.0:
                     continue
                 g = self._grad(group, p, group["decouple"])
                 local = local_tensor(p)
                 state = self.state[p]
-                if not state:
-                    state["step"] = 0
-                    state["s"] = _flat_state(p, torch.zeros_like(local.flatten()[::step]), step)
-                    unsharded_zero = not isinstance(p, DTensor or ()) and not local.any()  # the reference's 0-dim p0
-                    state["p0"] = local.new_zeros(()) if unsharded_zero else \
-                        _flat_state(p, local.flatten()[::step].clone(), step)
-                    if beta1 > 0:
-                        state["exp_avg"] = torch.zeros_like(p.detach())
-                    state["exp_avg_sq"] = torch.zeros_like(p.detach())
-                if group["lr"] == 0.0:
-                    continue
                 like = g
-                if compiled or top["fused"]:
+                if id(p) in compiled or id(p) in packed or top["fused"]:
                     if id(group) not in sums_rows:
                         s_scale = (d / d0) * (d if group["safeguard_warmup"] else dlr)
                         l2 = 0.0 if group["decouple"] else group["weight_decay"] * group["wd_scale"]
@@ -410,9 +430,7 @@ class Prodigy(_GlobalStep):
         if fused:
             terms.append(_fused_launch("Prodigy", "prodigy_sums", fused))
             fused = []
-        if one_pass:
-            terms.append(_PRODIGY_SUMS([list(column) for column in zip(*(t for t, _ in one_pass))],
-                                       [row for _, row in one_pass], [id(t[0]) in compiled for t, _ in one_pass]))
+        terms.extend(_run_kernel(_PRODIGY_SUMS, one_pass, packed))
         delta, den = self._reduce(terms, like)
         if den == 0:  # every rank saw the same zero (the reduction ran), so every rank skips alike
             return
@@ -438,7 +456,7 @@ class Prodigy(_GlobalStep):
                     fused.append([p, p.grad, self.state[p]["exp_avg"] if beta1 > 0 else None,
                                   self.state[p]["exp_avg_sq"], (*update_row, 1.0 if beta1 > 0 else 0.0)])
                     continue
-                if compiled:
+                if id(p) in compiled or id(p) in packed:
                     update_row = update_row or self._update_row(group, beta1, d_old, d, dlr)
                     momentum = [self.state[p]["exp_avg"]] if beta1 > 0 else []
                     updates.append(([p, p.grad, *momentum, self.state[p]["exp_avg_sq"]], update_row))
@@ -451,19 +469,56 @@ class Prodigy(_GlobalStep):
                     local.addcdiv_(num, torch.sqrt(v, out=scratch_like(v, 0)).add_(d * eps), value=scale)
         if fused:
             _fused_launch("Prodigy", "prodigy_update", fused)
-        if updates:
-            _PRODIGY_UPDATE_KERNELS[beta1 > 0]([list(column) for column in zip(*(t for t, _ in updates))],
-                                               [row for _, row in updates], [id(t[0]) in compiled for t, _ in updates])
+        _run_kernel(_PRODIGY_UPDATE_KERNELS[beta1 > 0], updates, packed)
+
+    def _init_state(self, group: dict[str, Any], p: torch.Tensor, beta1: float) -> None:
+        state = self.state[p]
+        if state:
+            return
+        local, step = local_tensor(p), group["slice_p"]
+        state["step"] = 0
+        state["s"] = _flat_state(p, torch.zeros_like(local.flatten()[::step]), step)
+        unsharded_zero = not isinstance(p, DTensor or ()) and not local.any()  # the reference's 0-dim p0
+        state["p0"] = local.new_zeros(()) if unsharded_zero else _flat_state(p, local.flatten()[::step].clone(), step)
+        if beta1 > 0:
+            state["exp_avg"] = torch.zeros_like(p.detach())
+        state["exp_avg_sq"] = torch.zeros_like(p.detach())
+
+    def _packed_ids(self, compiled: set[int]) -> set[int]:
+        """ids of the parameters, of those not in ``compiled``, that the default steps packed (both
+        passes; :func:`.compiled.packed_by_default`): ``slice_p = 1`` and a full-size ``p0``."""
+        params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+        tensors = [(p, p.grad, *(self.state[p][key] for key in ("p0", "exp_avg_sq", "s", "exp_avg")
+                                 if key in self.state[p]))
+                   for group in self.param_groups if group["lr"] != 0.0 and group["slice_p"] == 1
+                   for p in group["params"] if p.grad is not None and id(p) not in compiled]
+        chosen = packed_by_default(tensors, sum(p.numel() for p in params))
+        return {id(ts[0]) for ts, yes in zip(tensors, chosen) if yes}
 
     def _update_row(self, group: dict[str, Any], beta1: float, d_old: float, d: float, dlr: float) -> list[float]:
         """A group's per-step values for the update pass (momentum uses the old ``d``): a row of
         :data:`.kernels.dadapt.PRODIGY_UPDATE_ROW` without its last (momentum) column."""
         r, eps = self._r(group), group["eps"] * group["eps_scale"]
         wd = group["weight_decay"] * group["wd_scale"]
-        l2, decay = (0.0, 1.0 - wd * group["lr_scale"] * dlr) if group["decouple"] else (wd, 1.0)
+        l2, decay = (0.0, wd * group["lr_scale"] * dlr) if group["decouple"] else (wd, 0.0)
         if beta1 > 0:
             return [l2, beta1, r * d_old * (1 - beta1), d * eps, decay, dlr]
         return [l2, beta1, 0.0, d * eps, decay, r * dlr * d]
+
+
+def _run_kernel(kernel: ListKernel, items: list[tuple[list[torch.Tensor], list[float]]],
+                packed: set[int]) -> list[torch.Tensor]:
+    """``kernel`` over ``(tensors, row)`` items, compiled, or in packed runs for the items whose
+    parameter (first tensor) has its id in ``packed``; returns what it returned."""
+    results = []
+    for pack in (False, True):
+        chosen = [(tensors, row) for tensors, row in items if (id(tensors[0]) in packed) == pack]
+        if chosen:
+            columns, rows = [list(column) for column in zip(*(t for t, _ in chosen))], [row for _, row in chosen]
+            result = kernel.packed(columns, rows) if pack else kernel(columns, rows)
+            if result is not None:
+                results.append(result)
+    return results
 
 
 def _prodigy_sums(p, g, p0, v, s, l2, num_scale, beta2, v_scale, beta3, s_scale, r):
@@ -480,18 +535,19 @@ def _prodigy_sums(p, g, p0, v, s, l2, num_scale, beta2, v_scale, beta3, s_scale,
 def _prodigy_momentum_update(p, g, m, v, l2, beta1, m_scale, eps_d, decay, step):
     m_new = m * beta1 + (g + l2 * p) * m_scale
     m.copy_(m_new)
-    p.copy_(p * decay - step * m_new / (v.sqrt() + eps_d))
+    p.copy_(p - decay * p - step * m_new / (v.sqrt() + eps_d))
 
 
 def _prodigy_update(p, g, v, l2, beta1, m_scale, eps_d, decay, step):
     """``beta1 = 0``: the step uses ``g`` itself (``beta1``, ``m_scale`` are unused, kept so both
     update functions take the same row)."""
-    p.copy_(p * decay - step * (g + l2 * p) / (v.sqrt() + eps_d))
+    p.copy_(p - decay * p - step * (g + l2 * p) / (v.sqrt() + eps_d))
 
 
-_PRODIGY_SUMS = ListKernel(_prodigy_sums)
+_PRODIGY_SUMS = ListKernel(_prodigy_sums, writes=(3, 4))
 #: the update pass, by whether there is a first moment (beta1 > 0)
-_PRODIGY_UPDATE_KERNELS = {True: ListKernel(_prodigy_momentum_update), False: ListKernel(_prodigy_update)}
+_PRODIGY_UPDATE_KERNELS = {True: ListKernel(_prodigy_momentum_update, writes=(0, 2)),
+                           False: ListKernel(_prodigy_update, writes=(0,))}
 
 
 class DAdaptSGD(_GlobalStep):

@@ -2,7 +2,10 @@
 denominator of ``d`` (summed on the device, then one host read per step) and the update.
 
 fp32 parameters and state (the references keep state in the parameter's dtype; mupkit's
-D-Adaptation does too, so the fused path takes fp32 only). Row layouts: ``*_ROW``.
+D-Adaptation does too, so the fused path takes fp32 only). Row layouts: ``*_ROW``; ``decay`` is the
+decoupled decay's fraction of ``p`` per step, subtracted as ``p - decay p`` like the references'
+``p.add_(p, alpha=-decay)`` (a factor ``1 - decay`` rounded to fp32 would lose most of a small
+decay's digits).
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ def _dadapt_adam_kernel(p_ptrs, g_ptrs, m_ptrs, v_ptrs, s_ptrs, numels, tensor_o
     m = m * tl.load(row + 2) + g * tl.load(row + 3)
     v = v * tl.load(row + 4) + g * g * tl.load(row + 5)
     s = s * tl.load(row + 6) + g * tl.load(row + 7)
-    p = p * tl.load(row + 9) - m / (tl.sqrt(v) + eps)
+    p = p - tl.load(row + 9) * p - m / (tl.sqrt(v) + eps)
     tl.store(m_ptr + offs, m, mask=mask)
     tl.store(v_ptr + offs, v, mask=mask)
     tl.store(s_ptr + offs, s, mask=mask)
@@ -108,7 +111,7 @@ def _prodigy_update_kernel(p_ptrs, g_ptrs, m_ptrs, v_ptrs, numels, tensor_of_blo
         m_ptr = tensor_pointer(m_ptrs, t, tl.float32)
         g = tl.load(m_ptr + offs, mask=mask) * tl.load(row + 1) + g * tl.load(row + 2)
         tl.store(m_ptr + offs, g, mask=mask)
-    p = p * tl.load(row + 4) - tl.load(row + 5) * g / (tl.sqrt(v) + tl.load(row + 3))
+    p = p - tl.load(row + 4) * p - tl.load(row + 5) * g / (tl.sqrt(v) + tl.load(row + 3))
     tl.store(p_ptr + offs, p, mask=mask)
 
 
