@@ -113,8 +113,9 @@ def test_default_packs_small_tensors_and_matches_the_reference(name, kwargs, run
 
 def test_packed_runs_write_back_only_what_the_function_writes():
     """ListKernel.packed against the same function run tensor by tensor (float64): the columns in
-    ``writes`` come back updated to 1e-12, any strides (a transposed gradient) and two rows mixed
-    in one list; the gradient column is left as it was, and the returned sums agree to 1e-12."""
+    ``writes`` come back updated to 1e-12, with two rows mixed in one list and a third row of one
+    tensor (which runs eagerly: PACKED_MIN_RUN); the gradient column is left as it was, and the
+    returned sums agree to 1e-12."""
     from mupkit.optim.dadapt import _DADAPT_ADAM
     gen = torch.Generator().manual_seed(3)
     shapes = [(3, 4), (5,), (), (2, 3, 4), (7,), (4, 3)]
@@ -122,16 +123,14 @@ def test_packed_runs_write_back_only_what_the_function_writes():
     def tensors():
         cols = [[torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes] for _ in range(5)]
         cols[3] = [v.abs() for v in cols[3]]  # v >= 0
-        cols[1][-1] = torch.randn(3, 4, generator=gen, dtype=torch.float64).t()  # a non-contiguous gradient
         return cols
-    rows = [(1e-8, 0.3, 0.9, 0.01, 0.999, 0.001, 0.99, 0.02, 0.0, 1e-3, 1.0),
-            (1e-8, 0.1, 0.9, 0.02, 0.999, 0.001, 0.99, 0.01, 0.05, 0.0, 2.0)]
-    rows = [rows[i % 2] for i in range(len(shapes))]
+    two = [(1e-8, 0.3, 0.9, 0.01, 0.999, 0.001, 0.99, 0.02, 0.0, 1e-3, 1.0),
+           (1e-8, 0.1, 0.9, 0.02, 0.999, 0.001, 0.99, 0.01, 0.05, 0.0, 2.0)]
+    rows = [two[i % 2] for i in range(len(shapes) - 1)] + [(1e-6, 0.2, 0.8, 0.03, 0.99, 0.01, 0.9, 0.05, 0.0, 0.0, 0.5)]
     packed = tensors()
     eager = [[t.clone() for t in column] for column in packed]
     grads = [g.clone() for g in packed[1]]
     sums = _DADAPT_ADAM.packed(packed, rows)
-    eager[1][-1] = eager[1][-1].contiguous()  # the per-tensor path takes contiguous tensors
     expected = _DADAPT_ADAM(eager, rows, compiled=False)
     torch.testing.assert_close(sums, expected, rtol=1e-12, atol=0)
     for k in (0, 2, 3, 4):

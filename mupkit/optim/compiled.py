@@ -50,6 +50,10 @@ PACKED_RUN = CPU_CHUNK
 #: fewest small tensors the CPU default packs (fewer cost too little per step to pay for a compile)
 PACKED_MIN_TENSORS = 64
 
+#: fewest tensors sharing a row that are packed; fewer run eagerly, tensor by tensor (a packed run
+#: costs ~150 us, about as much as the eager function on one small tensor)
+PACKED_MIN_RUN = 2
+
 
 class ListKernel:
     """``fn(*tensors_of_one_parameter, *values_of_its_row)`` over lists of parameters.
@@ -104,25 +108,31 @@ class ListKernel:
         for every run length: the length is dynamic) steps the buffers in one loop, and the
         ``writes`` columns are copied back. On thousands of small tensors this costs ~1-2 us per
         tensor and column (the copies) and ~150 us per run, against ~100 us per tensor for ``fn``
-        run eagerly tensor by tensor."""
+        run eagerly tensor by tensor; so a row shared by fewer than :data:`PACKED_MIN_RUN`
+        parameters runs eagerly."""
         if self._compiled_run is None:
             self._compiled_run = torch.compile(self._apply_run, fullgraph=True, dynamic=True)
         total = None
-        for *bucket, bucket_rows in by_device_and_dtype(*columns, rows):
-            by_row: dict[tuple, list[int]] = {}  # a row's parameters run together, wherever they are in the list
-            for i, row in enumerate(bucket_rows):
-                by_row.setdefault(tuple(row), []).append(i)
-            table = torch.tensor(list(by_row), dtype=_table_dtype(bucket[0][0]))
-            for values, members in zip(table, by_row.values()):
-                for run in _runs([[column[i] for i in members] for column in bucket]):
-                    packed = [packed_scratch(column, PACKED_SLOT + k) for k, column in enumerate(run)]
-                    for column, (_, views) in zip(run, packed):
-                        torch._foreach_copy_(views, column)
-                    with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+        with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+            for *bucket, bucket_rows in by_device_and_dtype(*columns, rows):
+                by_row: dict[tuple, list[int]] = {}  # a row's parameters run together, wherever they are
+                for i, row in enumerate(bucket_rows):
+                    by_row.setdefault(tuple(row), []).append(i)
+                alone = [i for members in by_row.values() if len(members) < PACKED_MIN_RUN for i in members]
+                if alone:  # a run of its own would cost more than the eager function on it
+                    total = _plus(total, self([[column[i] for i in alone] for column in bucket],
+                                              [bucket_rows[i] for i in alone], compiled=False))
+                by_row = {row: members for row, members in by_row.items() if len(members) >= PACKED_MIN_RUN}
+                table = torch.tensor(list(by_row), dtype=_table_dtype(bucket[0][0]))
+                for values, members in zip(table, by_row.values()):
+                    for run in _runs([[column[i] for i in members] for column in bucket]):
+                        packed = [packed_scratch(column, PACKED_SLOT + k) for k, column in enumerate(run)]
+                        for column, (_, views) in zip(run, packed):
+                            torch._foreach_copy_(views, column)
                         result = self._compiled_run(self.fn, [flat for flat, _ in packed], values)
-                    for k in self.writes:
-                        torch._foreach_copy_(run[k], packed[k][1])
-                    total = _plus(total, result)
+                        for k in self.writes:
+                            torch._foreach_copy_(run[k], packed[k][1])
+                        total = _plus(total, result)
         return total
 
 
@@ -146,13 +156,13 @@ def _table_dtype(like: torch.Tensor) -> torch.dtype:
 
 
 def packable(tensors: Sequence[torch.Tensor]) -> bool:
-    """Whether one parameter's tensors (one per column) can step packed: small plain dense CPU
-    tensors (no DTensor or other subclass) of one size. The copies into and out of the packed
-    buffers take any strides, and each column keeps its own dtype."""
+    """Whether one parameter's tensors (one per column) can step packed: small plain dense
+    contiguous CPU tensors (no DTensor or other subclass; what the per-tensor path also takes) of
+    one size. Each column keeps its own dtype."""
     first = tensors[0]
     n = first.numel()
     return n < CPU_SMALL_TENSOR and first.is_cpu and all(
-        type(t) in _PLAIN and t.layout == torch.strided and t.numel() == n for t in tensors)
+        type(t) in _PLAIN and t.layout == torch.strided and t.is_contiguous() and t.numel() == n for t in tensors)
 
 
 def packed_by_default(tensors: Sequence[Sequence[torch.Tensor]], model_numel: int) -> list[bool]:
@@ -264,6 +274,6 @@ def _probe(x: torch.Tensor, w: torch.Tensor) -> None:
     x.lerp_(torch.full_like(x, 2.0), w)
 
 
-__all__ = ["AUTO_COMPILE_MAX_TENSORS", "AUTO_COMPILE_MIN_NUMEL", "ListKernel", "PACKED_MIN_TENSORS", "PACKED_RUN",
-           "PACKED_SLOT", "compiled_by_default",
+__all__ = ["AUTO_COMPILE_MAX_TENSORS", "AUTO_COMPILE_MIN_NUMEL", "ListKernel", "PACKED_MIN_RUN", "PACKED_MIN_TENSORS",
+           "PACKED_RUN", "PACKED_SLOT", "compiled_by_default",
            "flattenable", "inductor_works", "left_to_default", "packable", "packed_by_default"]
