@@ -80,18 +80,19 @@ def test_eager_steps_in_flat_pieces_match_the_reference(name, kwargs, monkeypatc
     assert_same(ours, run(lambda ps: ref_cls(ps, **kwargs)))
 
 
-@pytest.fixture
-def packing(monkeypatch):
-    """The CPU default packs every small tensor of any model (the real thresholds: 64 tensors, 4M
-    elements); returns the lengths of the columns each packed call got."""
+@pytest.fixture(params=[True, False], ids=["compiled runs", "eager runs"])
+def packing(request, monkeypatch):
+    """The CPU default packs the small tensors of any model of 2+ of them (the real threshold:
+    64), its runs compiled (a model of AUTO_COMPILE_MIN_NUMEL elements, here 1) or eager (here no
+    model is that large); returns the lengths of the columns each packed call got."""
     import mupkit.optim.compiled as compiled_module
-    monkeypatch.setattr(compiled_module, "AUTO_COMPILE_MIN_NUMEL", 1)
+    monkeypatch.setattr(compiled_module, "AUTO_COMPILE_MIN_NUMEL", 1 if request.param else 10 ** 12)
     monkeypatch.setattr(compiled_module, "PACKED_MIN_TENSORS", 2)
     calls = []
     packed = compiled_module.ListKernel.packed
-    monkeypatch.setattr(compiled_module.ListKernel, "packed",
-                        lambda self, columns, rows: calls.append(len(columns[0])) or packed(self, columns, rows))
-    return calls
+    monkeypatch.setattr(compiled_module.ListKernel, "packed", lambda self, columns, rows, compiled=True: (
+        calls.append((len(columns[0]), compiled)) or packed(self, columns, rows, compiled)))
+    return request.param, calls
 
 
 @pytest.mark.parametrize("name,kwargs", [("DAdaptAdam", dict(decouple=True, weight_decay=0.1)),
@@ -99,23 +100,27 @@ def packing(monkeypatch):
                                          ("Prodigy", dict(betas=(0.0, 0.999), decouple=False, weight_decay=0.1))])
 @pytest.mark.parametrize("run_size", [1 << 17, 40])
 def test_default_packs_small_tensors_and_matches_the_reference(name, kwargs, run_size, packing, monkeypatch):
-    """Small tensors step packed (ListKernel.packed: copied into flat runs, one compiled call per
-    run, copied back): the d sequence and the parameters still match the reference (1e-12 /
-    1e-10, float64, 100 steps), with the runs whole and cut at 40 elements (between tensors)."""
+    """Small tensors step packed (ListKernel.packed: copied into flat runs, one call per run,
+    copied back), the runs compiled or eager: the d sequence and the parameters still match the
+    reference (1e-12 / 1e-10, float64, 100 steps), with the runs whole and cut at 40 elements
+    (between tensors)."""
     import mupkit.optim.compiled as compiled_module
     monkeypatch.setattr(compiled_module, "PACKED_RUN", run_size)
+    monkeypatch.setattr(compiled_module, "PACKED_EAGER_RUN", run_size)
+    compile_runs, calls = packing
     reference = {"DAdaptAdam": ("dadaptation", "DAdaptAdam"), "Prodigy": ("prodigyopt", "Prodigy")}[name]
     ref_cls = getattr(pytest.importorskip(reference[0]), reference[1])
     ours = run(lambda ps: getattr(mupkit.optim, name)(ps, **kwargs))
-    assert packing and max(packing) == len(SHAPES)  # every tensor with a gradient went packed
+    assert calls and set(calls) == {(len(SHAPES), compile_runs)}  # every tensor with a gradient went packed
     assert_same(ours, run(lambda ps: ref_cls(ps, **kwargs)))
 
 
-def test_packed_runs_write_back_only_what_the_function_writes():
-    """ListKernel.packed against the same function run tensor by tensor (float64): the columns in
-    ``writes`` come back updated to 1e-12, with two rows mixed in one list and a third row of one
-    tensor (which runs eagerly: PACKED_MIN_RUN); the gradient column is left as it was, and the
-    returned sums agree to 1e-12."""
+@pytest.mark.parametrize("compiled", [True, False])
+def test_packed_runs_write_back_only_what_the_function_writes(compiled):
+    """ListKernel.packed, runs compiled or eager, against the same function run tensor by tensor
+    (float64): the columns in ``writes`` come back updated to 1e-12, with two rows mixed in one
+    list and a third row of one tensor (which runs eagerly: PACKED_MIN_RUN); the gradient column
+    is left as it was, and the returned sums agree to 1e-12."""
     from mupkit.optim.dadapt import _DADAPT_ADAM
     gen = torch.Generator().manual_seed(3)
     shapes = [(3, 4), (5,), (), (2, 3, 4), (7,), (4, 3)]
@@ -130,7 +135,7 @@ def test_packed_runs_write_back_only_what_the_function_writes():
     packed = tensors()
     eager = [[t.clone() for t in column] for column in packed]
     grads = [g.clone() for g in packed[1]]
-    sums = _DADAPT_ADAM.packed(packed, rows)
+    sums = _DADAPT_ADAM.packed(packed, rows, compiled)
     expected = _DADAPT_ADAM(eager, rows, compiled=False)
     torch.testing.assert_close(sums, expected, rtol=1e-12, atol=0)
     for k in (0, 2, 3, 4):

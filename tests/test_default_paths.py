@@ -191,20 +191,22 @@ def test_groups_of_equal_values_step_as_one_multi_tensor_call(cls, monkeypatch):
     assert len(merged.param_groups) == 12 and merged.param_groups[0]["param_names"] == ["p0"]
 
 
-def test_packed_by_default_takes_many_small_tensors_of_a_large_model(monkeypatch):
-    """The CPU default packs small tensors when there are at least PACKED_MIN_TENSORS of them in a
-    model of AUTO_COMPILE_MIN_NUMEL elements or more (here 4 and 2000); a tensor that is not a
-    plain dense CPU tensor of its parameter's size stays out."""
-    from mupkit.optim.compiled import packed_by_default
+def test_packed_by_default_takes_many_small_tensors(monkeypatch):
+    """The CPU default packs small tensors when there are at least PACKED_MIN_TENSORS of them
+    (here 4); a tensor that is not a plain dense contiguous CPU tensor of its parameter's size
+    stays out. The runs are compiled for a model of AUTO_COMPILE_MIN_NUMEL elements (here 2000)
+    when torch.compile works, else eager."""
+    from mupkit.optim.compiled import packed_by_default, packed_runs_compiled
     monkeypatch.setattr(compiled_module, "AUTO_COMPILE_MIN_NUMEL", 2000)
     monkeypatch.setattr(compiled_module, "PACKED_MIN_TENSORS", 4)
     monkeypatch.setattr(compiled_module, "inductor_works", lambda: True)
     small = [(torch.zeros(16), torch.zeros(16)) for _ in range(5)]
     odd = [(torch.zeros(16), torch.zeros(8)),  # a state of another size
            (torch.zeros(16), torch.zeros(16).to_sparse()),  # a sparse gradient
+           (torch.zeros(16), torch.zeros(4, 4).t()),  # a non-contiguous gradient
            (torch.zeros(1 << 16), torch.zeros(1 << 16))]  # too large to pack: CPU_SMALL_TENSOR
-    assert packed_by_default(small + odd, model_numel=2000) == [True] * 5 + [False] * 3
-    assert packed_by_default(small + odd, model_numel=1999) == [False] * 8  # too small a model
-    assert packed_by_default(small[:3] + odd, model_numel=10 ** 6) == [False] * 6  # too few to pack
+    assert packed_by_default(small + odd) == [True] * 5 + [False] * 4
+    assert packed_by_default(small[:3] + odd) == [False] * 7  # too few to pack
+    assert packed_runs_compiled(2000) and not packed_runs_compiled(1999)
     monkeypatch.setattr(compiled_module, "inductor_works", lambda: False)
-    assert packed_by_default(small, model_numel=10 ** 6) == [False] * 5
+    assert not packed_runs_compiled(10 ** 9)

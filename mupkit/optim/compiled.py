@@ -47,6 +47,10 @@ PACKED_SLOT = 16
 #: most elements of one packed run (its columns stay in cache from the copy in to the copy out)
 PACKED_RUN = CPU_CHUNK
 
+#: most elements of one packed run stepped eagerly (its temporaries are fresh memory each op: runs
+#: of 2^16 measured 10-17 us per small tensor, 2^13 up to 2x that; benchmarks/RESULTS.md)
+PACKED_EAGER_RUN = 1 << 16
+
 #: fewest small tensors the CPU default packs (fewer cost too little per step to pay for a compile)
 PACKED_MIN_TENSORS = 64
 
@@ -101,7 +105,8 @@ class ListKernel:
         with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
             return self._compiled(self.fn, flat, table)
 
-    def packed(self, columns: Sequence[Sequence[torch.Tensor]], rows: Sequence[Sequence[float]]) -> torch.Tensor | None:
+    def packed(self, columns: Sequence[Sequence[torch.Tensor]], rows: Sequence[Sequence[float]],
+               compiled: bool = True) -> torch.Tensor | None:
         """``fn`` over :func:`packable` parameters, once per run of parameters that share a row
         and hold at most :data:`PACKED_RUN` elements together: each column of the run is copied
         into a flat scratch buffer (one multi-tensor copy), one compiled call of ``fn`` (one graph
@@ -109,9 +114,11 @@ class ListKernel:
         ``writes`` columns are copied back. On thousands of small tensors this costs ~1-2 us per
         tensor and column (the copies) and ~150 us per run, against ~100 us per tensor for ``fn``
         run eagerly tensor by tensor; so a row shared by fewer than :data:`PACKED_MIN_RUN`
-        parameters runs eagerly."""
-        if self._compiled_run is None:
+        parameters runs eagerly. ``compiled=False``: ``fn`` runs eagerly on runs of at most
+        :data:`PACKED_EAGER_RUN` elements (no compile; ~20 ops per run instead of per tensor)."""
+        if compiled and self._compiled_run is None:
             self._compiled_run = torch.compile(self._apply_run, fullgraph=True, dynamic=True)
+        run_fn, run_size = (self._compiled_run, PACKED_RUN) if compiled else (self._apply_run, PACKED_EAGER_RUN)
         total = None
         with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
             for *bucket, bucket_rows in by_device_and_dtype(*columns, rows):
@@ -125,11 +132,11 @@ class ListKernel:
                 by_row = {row: members for row, members in by_row.items() if len(members) >= PACKED_MIN_RUN}
                 table = torch.tensor(list(by_row), dtype=_table_dtype(bucket[0][0]))
                 for values, members in zip(table, by_row.values()):
-                    for run in _runs([[column[i] for i in members] for column in bucket]):
+                    for run in _runs([[column[i] for i in members] for column in bucket], run_size):
                         packed = [packed_scratch(column, PACKED_SLOT + k) for k, column in enumerate(run)]
                         for column, (_, views) in zip(run, packed):
                             torch._foreach_copy_(views, column)
-                        result = self._compiled_run(self.fn, [flat for flat, _ in packed], values)
+                        result = run_fn(self.fn, [flat for flat, _ in packed], values)
                         for k in self.writes:
                             torch._foreach_copy_(run[k], packed[k][1])
                         total = _plus(total, result)
@@ -165,26 +172,30 @@ def packable(tensors: Sequence[torch.Tensor]) -> bool:
         type(t) in _PLAIN and t.layout == torch.strided and t.is_contiguous() and t.numel() == n for t in tensors)
 
 
-def packed_by_default(tensors: Sequence[Sequence[torch.Tensor]], model_numel: int) -> list[bool]:
+def packed_by_default(tensors: Sequence[Sequence[torch.Tensor]]) -> list[bool]:
     """Which parameters (each given by its tensors, one per column) the CPU default steps packed
     (:meth:`ListKernel.packed`): the :func:`packable` ones, when they number at least
-    :data:`PACKED_MIN_TENSORS`, the model (``model_numel`` elements in all) is one the CPU default
-    compiles (:data:`AUTO_COMPILE_MIN_NUMEL` elements or more: the packed graph's compile costs
-    seconds once per process, packing saves tens of us per tensor and step) and
-    ``torch.compile`` works here."""
-    if model_numel < AUTO_COMPILE_MIN_NUMEL or len(tensors) < PACKED_MIN_TENSORS:
+    :data:`PACKED_MIN_TENSORS`."""
+    if len(tensors) < PACKED_MIN_TENSORS:
         return [False] * len(tensors)
     flags = [packable(ts) for ts in tensors]
-    return flags if sum(flags) >= PACKED_MIN_TENSORS and inductor_works() else [False] * len(tensors)
+    return flags if sum(flags) >= PACKED_MIN_TENSORS else [False] * len(tensors)
 
 
-def _runs(columns: list[list[torch.Tensor]]) -> list[list[list[torch.Tensor]]]:
-    """The columns cut into runs of consecutive parameters holding at most :data:`PACKED_RUN`
-    elements together (or one parameter)."""
+def packed_runs_compiled(model_numel: int) -> bool:
+    """Whether the CPU default compiles its packed runs: for a model it compiles
+    (:data:`AUTO_COMPILE_MIN_NUMEL` elements or more in all: the graph's compile costs seconds
+    once per process), when ``torch.compile`` works here; else the runs step eagerly."""
+    return model_numel >= AUTO_COMPILE_MIN_NUMEL and inductor_works()
+
+
+def _runs(columns: list[list[torch.Tensor]], run_size: int) -> list[list[list[torch.Tensor]]]:
+    """The columns cut into runs of consecutive parameters holding at most ``run_size`` elements
+    together (or one parameter)."""
     runs, start, size = [], 0, 0
     for i, t in enumerate(columns[0]):
         n = t.numel()
-        if i > start and size + n > PACKED_RUN:
+        if i > start and size + n > run_size:
             runs.append([column[start:i] for column in columns])
             start, size = i, 0
         size += n
@@ -275,5 +286,5 @@ def _probe(x: torch.Tensor, w: torch.Tensor) -> None:
 
 
 __all__ = ["AUTO_COMPILE_MAX_TENSORS", "AUTO_COMPILE_MIN_NUMEL", "ListKernel", "PACKED_MIN_RUN", "PACKED_MIN_TENSORS",
-           "PACKED_RUN", "PACKED_SLOT", "compiled_by_default",
-           "flattenable", "inductor_works", "left_to_default", "packable", "packed_by_default"]
+           "PACKED_EAGER_RUN", "PACKED_RUN", "PACKED_SLOT", "compiled_by_default", "flattenable", "inductor_works",
+           "left_to_default", "packable", "packed_by_default", "packed_runs_compiled"]

@@ -42,7 +42,7 @@ import torch
 
 from ..rules import FAMILIES
 from . import kernels
-from .compiled import ListKernel, compiled_by_default, flattenable, packed_by_default
+from .compiled import ListKernel, compiled_by_default, flattenable, packed_by_default, packed_runs_compiled
 from .scaled import ScaledGroups
 from .sharding import DTensor, local_tensor
 from .tensors import flat_pieces, scratch_like
@@ -200,10 +200,11 @@ class DAdaptAdam(_GlobalStep):
             self._advance(top, *self._one_pass_terms(top, dlr, None).tolist())
             return
         compiled = self._compiled_ids() if top["k"] > 0 else set()
-        packed = self._packed_ids(compiled) if top["k"] > 0 and top["compiled"] is None else set()
+        default = top["k"] > 0 and top["compiled"] is None
+        packed, compile_runs = self._packed_ids(compiled) if default else (set(), False)
         terms = []
-        if packed:  # thousands of small CPU tensors: the one-pass function on packed runs
-            terms.append(self._one_pass_terms(top, dlr, packed, packed=True))
+        if packed:  # many small CPU tensors: the one-pass function on packed runs
+            terms.append(self._one_pass_terms(top, dlr, packed, packed=True, compile_runs=compile_runs))
         if compiled:  # every other tensor in one pass too: compiled, or the same function eagerly
             others = {id(p) for group in self.param_groups for p in group["params"] if p.grad is not None} - packed
             terms.append(self._one_pass_terms(top, dlr, others, compiled=compiled))
@@ -263,23 +264,25 @@ class DAdaptAdam(_GlobalStep):
         self._store(numerator=numerator, d=d, k=top["k"] + 1)
         return True
 
-    def _packed_ids(self, compiled: set[int]) -> set[int]:
+    def _packed_ids(self, compiled: set[int]) -> tuple[set[int], bool]:
         """ids of the parameters, of those not in ``compiled``, that the default steps packed
-        (:func:`.compiled.packed_by_default`)."""
+        (:func:`.compiled.packed_by_default`), and whether their runs are compiled."""
         params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
         tensors = [(p, p.grad, *(self._init_state(p)[key] for key in STATE_KEYS)) for group in self.param_groups
                    if group["lr"] != 0.0 for p in group["params"] if p.grad is not None and id(p) not in compiled]
-        chosen = packed_by_default(tensors, sum(p.numel() for p in params))
-        return {id(ts[0]) for ts, yes in zip(tensors, chosen) if yes}
+        ids = {id(ts[0]) for ts, yes in zip(tensors, packed_by_default(tensors)) if yes}
+        return ids, bool(ids) and packed_runs_compiled(sum(p.numel() for p in params))
 
     def _one_pass_terms(self, top: dict[str, Any], dlr: float, ids: set[int] | None, *,
-                        compiled: set[int] = frozenset(), packed: bool = False) -> torch.Tensor | None:
+                        compiled: set[int] = frozenset(), packed: bool = False,
+                        compile_runs: bool = False) -> torch.Tensor | None:
         """Step the tensors whose ids are in ``ids`` (None: all) in one pass each, and return
         their summed terms: ``fused``: one Triton launch for all; ``packed``: in packed runs
-        (:meth:`.compiled.ListKernel.packed`); else a compiled function for those in ``compiled``
-        and the same function eagerly for the rest. The parameter update does not depend on this
-        step's ``d``, so it runs before the reduction; that is only valid once some gradient was
-        nonzero (``k > 0``), since the reference skips the update while ``den`` is 0."""
+        (:meth:`.compiled.ListKernel.packed`, compiled or not by ``compile_runs``); else a
+        compiled function for those in ``compiled`` and the same function eagerly for the rest.
+        The parameter update does not depend on this step's ``d``, so it runs before the
+        reduction; that is only valid once some gradient was nonzero (``k > 0``), since the
+        reference skips the update while ``den`` is 0."""
         beta1, beta2 = top["betas"]
         root = math.sqrt(beta2)
         items = []
@@ -304,7 +307,7 @@ class DAdaptAdam(_GlobalStep):
             [[s[key] for _, s, _ in items] for key in ("exp_avg", "exp_avg_sq", "s")]
         rows = [row for _, _, row in items]
         if packed:
-            return _DADAPT_ADAM.packed(columns, rows)
+            return _DADAPT_ADAM.packed(columns, rows, compile_runs)
         return _DADAPT_ADAM(columns, rows, [id(p) in compiled for p, _, _ in items])
 
 
@@ -389,7 +392,7 @@ class Prodigy(_GlobalStep):
             for p in group["params"]:
                 if p.grad is not None:
                     self._init_state(group, p, beta1)
-        packed = self._packed_ids(compiled) if top["compiled"] is None else set()
+        packed, compile_runs = self._packed_ids(compiled) if top["compiled"] is None else (set(), False)
         terms, like, fused = [], None, []
         sums_rows: dict[int, list[float]] = {}  # per group: the statistics pass's values
         one_pass: list[tuple[list[torch.Tensor], list[float]]] = []  # (tensors, row) of the one-pass statistics
@@ -430,7 +433,7 @@ class Prodigy(_GlobalStep):
         if fused:
             terms.append(_fused_launch("Prodigy", "prodigy_sums", fused))
             fused = []
-        terms.extend(_run_kernel(_PRODIGY_SUMS, one_pass, packed))
+        terms.extend(_run_kernel(_PRODIGY_SUMS, one_pass, packed, compile_runs))
         delta, den = self._reduce(terms, like)
         if den == 0:  # every rank saw the same zero (the reduction ran), so every rank skips alike
             return
@@ -469,7 +472,7 @@ class Prodigy(_GlobalStep):
                     local.addcdiv_(num, torch.sqrt(v, out=scratch_like(v, 0)).add_(d * eps), value=scale)
         if fused:
             _fused_launch("Prodigy", "prodigy_update", fused)
-        _run_kernel(_PRODIGY_UPDATE_KERNELS[beta1 > 0], updates, packed)
+        _run_kernel(_PRODIGY_UPDATE_KERNELS[beta1 > 0], updates, packed, compile_runs)
 
     def _init_state(self, group: dict[str, Any], p: torch.Tensor, beta1: float) -> None:
         state = self.state[p]
@@ -484,16 +487,17 @@ class Prodigy(_GlobalStep):
             state["exp_avg"] = torch.zeros_like(p.detach())
         state["exp_avg_sq"] = torch.zeros_like(p.detach())
 
-    def _packed_ids(self, compiled: set[int]) -> set[int]:
+    def _packed_ids(self, compiled: set[int]) -> tuple[set[int], bool]:
         """ids of the parameters, of those not in ``compiled``, that the default steps packed (both
-        passes; :func:`.compiled.packed_by_default`): ``slice_p = 1`` and a full-size ``p0``."""
+        passes; :func:`.compiled.packed_by_default`): ``slice_p = 1`` and a full-size ``p0``; and
+        whether their runs are compiled."""
         params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
         tensors = [(p, p.grad, *(self.state[p][key] for key in ("p0", "exp_avg_sq", "s", "exp_avg")
                                  if key in self.state[p]))
                    for group in self.param_groups if group["lr"] != 0.0 and group["slice_p"] == 1
                    for p in group["params"] if p.grad is not None and id(p) not in compiled]
-        chosen = packed_by_default(tensors, sum(p.numel() for p in params))
-        return {id(ts[0]) for ts, yes in zip(tensors, chosen) if yes}
+        ids = {id(ts[0]) for ts, yes in zip(tensors, packed_by_default(tensors)) if yes}
+        return ids, bool(ids) and packed_runs_compiled(sum(p.numel() for p in params))
 
     def _update_row(self, group: dict[str, Any], beta1: float, d_old: float, d: float, dlr: float) -> list[float]:
         """A group's per-step values for the update pass (momentum uses the old ``d``): a row of
@@ -507,15 +511,16 @@ class Prodigy(_GlobalStep):
 
 
 def _run_kernel(kernel: ListKernel, items: list[tuple[list[torch.Tensor], list[float]]],
-                packed: set[int]) -> list[torch.Tensor]:
-    """``kernel`` over ``(tensors, row)`` items, compiled, or in packed runs for the items whose
-    parameter (first tensor) has its id in ``packed``; returns what it returned."""
+                packed: set[int], compile_runs: bool) -> list[torch.Tensor]:
+    """``kernel`` over ``(tensors, row)`` items, compiled, or in packed runs (compiled or not by
+    ``compile_runs``) for the items whose parameter (first tensor) has its id in ``packed``;
+    returns what it returned."""
     results = []
     for pack in (False, True):
         chosen = [(tensors, row) for tensors, row in items if (id(tensors[0]) in packed) == pack]
         if chosen:
             columns, rows = [list(column) for column in zip(*(t for t, _ in chosen))], [row for _, row in chosen]
-            result = kernel.packed(columns, rows) if pack else kernel(columns, rows)
+            result = kernel.packed(columns, rows, compile_runs) if pack else kernel(columns, rows)
             if result is not None:
                 results.append(result)
     return results
