@@ -51,7 +51,7 @@ PACKED_RUN = CPU_CHUNK
 #: of 2^16 measured 10-17 us per small tensor, 2^13 up to 2x that; benchmarks/RESULTS.md)
 PACKED_EAGER_RUN = 1 << 16
 
-#: fewest small tensors the CPU default packs (fewer cost too little per step to pay for a compile)
+#: fewest small tensors the CPU default packs (fewer cost little per step on any path)
 PACKED_MIN_TENSORS = 64
 
 #: fewest tensors sharing a row that are packed; fewer run eagerly, tensor by tensor (a packed run

@@ -80,8 +80,9 @@ class _GlobalStep(ScaledGroups, torch.optim.Optimizer):
     def _compiled_ids(self) -> set[int]:
         """ids of the parameters whose passes run compiled this step: every one with
         ``compiled=True``; with ``compiled=None`` (default) those :func:`.compiled.compiled_by_default`
-        picks, the others then run the same one-pass functions eagerly, which needs plain
-        contiguous tensors (no DTensor shards) and ``slice_p = 1``; else none (the eager path)."""
+        picks (DAdaptAdam then runs the others through the same one-pass function, packed or
+        eagerly, which needs plain contiguous tensors, no DTensor shards, and ``slice_p = 1``);
+        else none (the eager path)."""
         top = self.param_groups[0]
         if top["compiled"] is False or top["fused"]:
             return set()
@@ -171,7 +172,8 @@ class DAdaptAdam(_GlobalStep):
     start once ``d`` adapts (the first steps, while every gradient is zero, run eagerly).
     Default (neither given): on CUDA the kernels for fp32 parameters
     (:func:`.kernels.fused_by_default`); on the CPU, a large model takes the compiled pass
-    (:meth:`_compiled_ids`). ``compiled=False``/``fused=False``: the eager path.
+    (:meth:`_compiled_ids`), and many small tensors left out of it step in packed runs
+    (:meth:`_packed_ids`). ``compiled=False``/``fused=False``: the eager path.
     """
 
     family = FAMILIES["adamw"]
@@ -353,7 +355,8 @@ class Prodigy(_GlobalStep):
     the same two passes as Triton launches over all tensors (CUDA, fp32, ``slice_p=1``).
     Default (neither given): on CUDA the kernels for fp32 parameters when every group has
     ``slice_p=1`` (:func:`.kernels.fused_by_default`); on the CPU, a large model takes the
-    compiled passes (:meth:`_compiled_ids`). ``compiled=False``/``fused=False``: the eager path.
+    compiled passes (:meth:`_compiled_ids`), and many small tensors left out of them step in
+    packed runs (:meth:`_packed_ids`). ``compiled=False``/``fused=False``: the eager path.
     """
 
     family = FAMILIES["adamw"]
@@ -475,6 +478,8 @@ class Prodigy(_GlobalStep):
         _run_kernel(_PRODIGY_UPDATE_KERNELS[beta1 > 0], updates, packed, compile_runs)
 
     def _init_state(self, group: dict[str, Any], p: torch.Tensor, beta1: float) -> None:
+        """``p``'s state on its first step, as prodigyopt lays it out (``s`` and ``p0`` flat and
+        sliced by ``slice_p``; ``p0`` 0-dim for a parameter that starts all zeros)."""
         state = self.state[p]
         if state:
             return
