@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -67,3 +68,40 @@ def test_scratch_reuses_a_slot_and_never_aliases_two_slots():
     assert flat.dtype == torch.float64 and flat.numel() == 17
     views[1].fill_(3.0)
     assert torch.equal(flat[12:], torch.full((5,), 3.0, dtype=torch.float64))
+
+
+def test_scratch_views_are_kept_per_shapes_and_remade_for_a_grown_buffer():
+    """flat_scratch keeps a reused buffer's views per set of shapes (the same view objects come
+    back), makes new ones for other shapes and after the buffer grows (the old ones would alias
+    a dropped buffer), and keeps none of a fresh buffer (over CPU_PIECE elements)."""
+    from mupkit.optim import tensors
+    like = [torch.zeros(2, 3), torch.zeros(4)]
+    _, first = flat_scratch(like, 5)
+    _, again = flat_scratch(like, 5)
+    assert all(a is b for a, b in zip(first, again))
+    _, other = flat_scratch([torch.zeros(3, 2), torch.zeros(4)], 5)
+    assert other[0].shape == (3, 2) and other[0] is not first[0]
+    flat, grown = flat_scratch([torch.zeros(1000)], 5)  # more than the buffer held: a new buffer
+    _, after = flat_scratch(like, 5)
+    assert after[0] is not first[0] and after[0].data_ptr() == flat.data_ptr()
+    big = [torch.zeros(tensors.CPU_PIECE + 1)]
+    assert flat_scratch(big, 5)[1][0] is not flat_scratch(big, 5)[1][0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_foreach_scalars_as_tensors_give_the_same_bits(dtype):
+    """A multi-tensor op with foreach_scalar / foreach_scalars operands (0-dim tensors for fp32
+    and fp64 CPU lists, the numbers themselves otherwise) gives bitwise the result of the same op
+    with Python numbers, for one value, equal values, and distinct ones."""
+    from mupkit.optim.tensors import foreach_scalar, foreach_scalars
+    gen = torch.Generator().manual_seed(0)
+    ts = [torch.randn(n, generator=gen).to(dtype) for n in (7, 1, 300)]
+    for ours, numbers in ((foreach_scalar(0.123456789123, ts), 0.123456789123),
+                          (foreach_scalars([0.3, 0.3, 0.3], ts), 0.3),
+                          (foreach_scalars([0.3, -1.7, 1e-7], ts), [0.3, -1.7, 1e-7])):
+        as_tensors = isinstance(ours[0] if isinstance(ours, list) else ours, torch.Tensor)
+        assert as_tensors == (dtype != torch.bfloat16)
+        a, b = [t.clone() for t in ts], [t.clone() for t in ts]
+        torch._foreach_mul_(a, ours)
+        torch._foreach_mul_(b, numbers)
+        assert all(torch.equal(x, y) for x, y in zip(a, b))

@@ -55,7 +55,8 @@ from .master import MasterWeights
 from .scaled import ScaledGroups
 from .sharding import ShardInfo, global_rms, local_tensor, mean_over, rms_values, shard_info, state_like
 from .tensors import (CPU_PIECE, KeepsStateDtypes, advance_steps, as_dtype, cache_sized, compile_safe, default_foreach,
-                      scratch, scratch_like, state_dtype, subset, working_copies, working_copy, write_back)
+                      foreach_scalar, foreach_scalars, scratch, scratch_like, state_dtype, subset, working_copies,
+                      working_copy, write_back)
 
 MODES = ("torch", "hf")
 
@@ -345,7 +346,7 @@ def _step(params: list[torch.Tensor], works: list[torch.Tensor], grads: list[tor
             factors = list(decay)
         else:
             factors = list((1.0 - cfg["weight_decay"] * alpha0).unbind())
-        torch._foreach_mul_(works, factors)
+        torch._foreach_mul_(works, foreach_scalars(factors, works) if on_host else factors)
     directions = [_update_direction(g, s, i, cfg, omb[k]) for k, (g, s, i) in enumerate(zip(grads, states, infos))]
     outs = [None] * len(grads) if compiling else scratch(grads, slot=0)
     updates = [direction(out) for direction, out in zip(directions, outs)]
@@ -363,9 +364,9 @@ def _step(params: list[torch.Tensor], works: list[torch.Tensor], grads: list[tor
         else:
             torch._foreach_addcmul_(works, updates, scales, value=-1.0)
     else:
-        torch._foreach_mul_(updates, scales)
+        torch._foreach_mul_(updates, foreach_scalars(scales, updates) if on_host else scales)
         momenta = [s["exp_avg"] for s in states]
-        torch._foreach_mul_(momenta, cfg["beta1"])
+        torch._foreach_mul_(momenta, foreach_scalar(cfg["beta1"], momenta))
         torch._foreach_add_(momenta, updates, alpha=1.0 - cfg["beta1"])
         torch._foreach_sub_(works, momenta)
     for p, w in zip(params, works):

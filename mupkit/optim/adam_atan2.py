@@ -39,8 +39,8 @@ from .master import MasterWeights
 from .scaled import ScaledGroups
 from .sharding import local_tensors
 from .tensors import (CPU_SMALL_TENSOR, KeepsStateDtypes, advance_steps, as_dtype, by_device_and_dtype, cache_sized,
-                      default_foreach, device_steps, flat_pieces, flat_scratch, state_dtype, subset,
-                      working_copies, write_back)
+                      default_foreach, device_steps, flat_pieces, flat_scratch, foreach_scalar, foreach_scalars,
+                      state_dtype, subset, working_copies, write_back)
 
 FORMULATIONS = ("lucidrains", "fused")
 
@@ -230,7 +230,7 @@ def _multi_tensor_run(ms, vs, ps, gs, cs, *, lr, beta1, beta2, weight_decay):
     ``_foreach_atan2``, and its ``atan`` is twice the cost of ``atan2`` on the CPU)."""
     works, gs = working_copies(ps, slot=2), as_dtype(gs, ms[0].dtype, slot=3)
     torch._foreach_lerp_(ms, gs, 1.0 - beta1)
-    torch._foreach_mul_(vs, beta2)
+    torch._foreach_mul_(vs, foreach_scalar(beta2, vs))
     torch._foreach_addcmul_(vs, gs, gs, 1.0 - beta2)
     (flat_den, den), (flat_num, num) = flat_scratch(vs, 0), flat_scratch(ms, 1)
     torch._foreach_copy_(den, vs)
@@ -238,17 +238,17 @@ def _multi_tensor_run(ms, vs, ps, gs, cs, *, lr, beta1, beta2, weight_decay):
     if len(set(den_scales)) == 1:  # one step and betas for the run: one op over the flat scratch
         flat_den.mul_(den_scales[0])
     else:
-        torch._foreach_mul_(den, den_scales)
+        torch._foreach_mul_(den, foreach_scalars(den_scales, den))
     torch._foreach_copy_(num, ms)
     flat_den.sqrt_()
     torch.atan2(flat_num, flat_den, out=flat_num)
     if weight_decay > 0:
-        torch._foreach_mul_(works, 1.0 - lr * weight_decay)
+        torch._foreach_mul_(works, foreach_scalar(1.0 - lr * weight_decay, works))
     step_sizes = {c[2] for c in cs}
     if len(step_sizes) == 1:
         torch._foreach_add_(works, num, alpha=-step_sizes.pop())
     else:
-        torch._foreach_mul_(num, [-c[2] for c in cs])
+        torch._foreach_mul_(num, foreach_scalars([-c[2] for c in cs], num))
         torch._foreach_add_(works, num)
     for p, work in zip(ps, works):
         write_back(p, work)

@@ -25,7 +25,7 @@ from typing import Callable, Sequence
 import torch
 
 from .sharding import DTensor
-from .tensors import CPU_CHUNK, CPU_SMALL_TENSOR, LOW_PRECISION, by_device_and_dtype, packed_scratch, plain_dense
+from .tensors import CPU_CHUNK, CPU_SMALL_TENSOR, LOW_PRECISION, by_device_and_dtype, flat_scratch, plain_dense
 
 #: elements a model's large tensors must hold in all before the CPU default compiles them
 #: (~16 MB of fp32: a step of that size takes milliseconds, so a compile of seconds pays back)
@@ -133,7 +133,7 @@ class ListKernel:
                 table = torch.tensor(list(by_row), dtype=_table_dtype(bucket[0][0]))
                 for values, members in zip(table, by_row.values()):
                     for run in _runs([[column[i] for i in members] for column in bucket], run_size):
-                        packed = [packed_scratch(column, PACKED_SLOT + k) for k, column in enumerate(run)]
+                        packed = [flat_scratch(column, PACKED_SLOT + k) for k, column in enumerate(run)]
                         for column, (_, views) in zip(run, packed):
                             torch._foreach_copy_(views, column)
                         result = run_fn(self.fn, [flat for flat, _ in packed], values)

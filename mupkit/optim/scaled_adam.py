@@ -59,7 +59,7 @@ from . import kernels
 from .master import MasterWeights
 from .scaled import ScaledGroups
 from .sharding import all_sum, global_rms, local_tensor, shard_info, state_like
-from .tensors import KeepsStateDtypes, default_foreach, state_dtype, working_copy, write_back
+from .tensors import KeepsStateDtypes, default_foreach, foreach_scalar, state_dtype, working_copy, write_back
 
 CLIPPING_SCOPES = ("group", "all")
 
@@ -291,11 +291,11 @@ def _step(items: list[dict[str, Any]], group: dict[str, Any], factor: float) -> 
         _record_sizes(states, steps, dict(zip(sized, dots.unbind())), fresh, period)
 
     vs = [it["exp_avg_sq"] for it in items]
-    torch._foreach_mul_(vs, beta2)
+    torch._foreach_mul_(vs, foreach_scalar(beta2, vs))
     torch._foreach_addcmul_(vs, grads, grads, value=1.0 - beta2)
     denoms = torch._foreach_div(vs, [_second_moment_correction(beta2, t) for t in steps])
     torch._foreach_sqrt_(denoms)
-    torch._foreach_add_(denoms, eps)
+    torch._foreach_add_(denoms, foreach_scalar(eps, denoms))
     updates = torch._foreach_div(grads, denoms)
     torch._foreach_mul_(updates, [_direction_step_size(group, it["scalar"]) for it in items])
     if sized:
@@ -305,7 +305,7 @@ def _step(items: list[dict[str, Any]], group: dict[str, Any], factor: float) -> 
             if factors[k][1] is not None:
                 updates[k].add_(works[k] * factors[k][1])
     deltas = [it["delta"] for it in items]
-    torch._foreach_mul_(deltas, beta1)
+    torch._foreach_mul_(deltas, foreach_scalar(beta1, deltas))
     torch._foreach_add_(deltas, updates, alpha=1.0 - beta1)
     torch._foreach_add_(works, deltas)
     for k, it in enumerate(items):

@@ -117,6 +117,29 @@ def default_foreach(params: Sequence[torch.Tensor], cpu: str = "small") -> bool:
     return cpu == "always" or sum(p.numel() for p in params) < CPU_SMALL_TENSOR * len(params)
 
 
+def foreach_scalar(value: float, like: Sequence[torch.Tensor]) -> float | torch.Tensor:
+    """``value`` as the scalar operand of a multi-tensor op over ``like``: a 0-dim tensor of
+    their dtype for fp32/fp64 CPU tensors, else the number itself. torch's CPU foreach ops wrap
+    a Python number into a tensor once per tensor: 1.6 us against 0.4 us per 1024-element tensor
+    (benchmarks/RESULTS.md); the results are bitwise the same."""
+    first = like[0]
+    if first.is_cpu and first.dtype in (torch.float32, torch.float64):
+        return torch.tensor(value, dtype=first.dtype)
+    return value
+
+
+def foreach_scalars(values: Sequence[float], like: Sequence[torch.Tensor]) -> list | float | torch.Tensor:
+    """Per-tensor ``values`` as the scalar operands of a multi-tensor op over ``like``: one
+    :func:`foreach_scalar` when they are all equal; for fp32/fp64 CPU tensors 0-dim tensors
+    (a list of numbers takes the slow path too: 2.7 against 1.7 us per tensor); else the list."""
+    if all(v == values[0] for v in values):
+        return foreach_scalar(values[0], like)
+    first = like[0]
+    if first.is_cpu and first.dtype in (torch.float32, torch.float64):
+        return list(torch.tensor(values, dtype=first.dtype).unbind())
+    return list(values)
+
+
 def subset(column: list, keep: list[bool]) -> list:
     """The items of ``column`` whose flag in ``keep`` is set."""
     return [item for item, k in zip(column, keep) if k]
@@ -206,12 +229,16 @@ _SCRATCH = threading.local()
 def scratch(like: Sequence[torch.Tensor], slot: int, dtype: torch.dtype | None = None) -> list[torch.Tensor]:
     """Uninitialized tensors shaped like ``like``'s (of ``dtype``, default theirs), for use as
     temporaries of an eager step: the views of :func:`flat_scratch`."""
-    return _views(_buffer(like, slot, dtype), like)
+    return flat_scratch(like, slot, dtype)[1]
 
 
 def scratch_like(t: torch.Tensor, slot: int) -> torch.Tensor:
     """One :func:`scratch` tensor shaped like ``t``."""
     return _views(_buffer([t], slot, None), [t])[0]
+
+
+#: most sets of shapes whose views :func:`flat_scratch` keeps per reused buffer
+VIEWS_KEPT = 1024
 
 
 def flat_scratch(like: Sequence[torch.Tensor], slot: int,
@@ -221,31 +248,25 @@ def flat_scratch(like: Sequence[torch.Tensor], slot: int,
     tensor to run one op over all of them. On the CPU they live in this thread's reused buffer
     number ``slot`` per dtype, so views from one slot alias the previous call's: temporaries alive
     at the same time take different slots. CUDA tensors (whose caching allocator already reuses
-    memory) and requests over :data:`CPU_PIECE` elements get a fresh flat tensor."""
+    memory) and requests over :data:`CPU_PIECE` elements get a fresh flat tensor.
+
+    The views of a reused buffer are kept per set of shapes (at most :data:`VIEWS_KEPT`): a step
+    asks for the same ones every time, and a view costs ~1 us, as much as copying a
+    4096-element tensor in cache."""
     buffer = _buffer(like, slot, dtype)
-    return buffer[:sum(t.numel() for t in like)], _views(buffer, like)
-
-
-#: most sets of shapes whose views :func:`packed_scratch` keeps per buffer
-PACKED_VIEWS_KEPT = 1024
-
-
-def packed_scratch(like: Sequence[torch.Tensor], slot: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """:func:`flat_scratch` for a run of small tensors that is packed again at every step: the
-    views are made once per buffer and set of shapes, then reused (a view costs ~1 us, as much as
-    copying a 4096-element tensor in cache, so making them anew would double a packed step's
-    per-tensor cost). At most :data:`CPU_PIECE` elements (the buffer is then a reused one)."""
-    buffer = _buffer(like, slot, None)
-    shapes = tuple(t.shape for t in like)
-    kept = _SCRATCH.__dict__.setdefault("packed_views", {})
+    flat = buffer[:sum(t.numel() for t in like)]
+    if like[0].is_cuda or flat.numel() > CPU_PIECE:  # a fresh buffer: nothing to keep
+        return flat, _views(buffer, like)
+    kept = _SCRATCH.__dict__.setdefault("views", {})
     key = (slot, buffer.dtype, buffer.device)
     owner, by_shapes = kept.get(key, (None, None))
-    if owner is not buffer or len(by_shapes) >= PACKED_VIEWS_KEPT:  # a new (grown) buffer: views of the old are stale
+    if owner is not buffer or len(by_shapes) >= VIEWS_KEPT:  # a grown buffer: the old views are stale
         owner, by_shapes = kept[key] = (buffer, {})
+    shapes = tuple(t.shape for t in like)
     views = by_shapes.get(shapes)
     if views is None:
         views = by_shapes[shapes] = _views(buffer, like)
-    return buffer[:sum(t.numel() for t in like)], views
+    return flat, views
 
 
 def _buffer(like: Sequence[torch.Tensor], slot: int, dtype: torch.dtype | None) -> torch.Tensor:
