@@ -169,6 +169,35 @@ def test_adafactor_single_and_foreach_agree_in_float32(mode):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("mode", ["torch", "hf"])
+def test_adafactor_unfactored_tensors_with_zero_gradients_match_the_references(mode):
+    """The multi-tensor step treats its unfactored tensors together (flat ops over their scratch).
+    Entries whose gradient is always zero keep V at 0, where only the floor (torch mode: V >= eps1^2)
+    or eps1 (hf mode: g^2 + eps1) keeps the update finite: 30 float64 steps match
+    torch.optim.Adafactor / transformers' Adafactor to 1e-12, and those entries do not move."""
+    reference = torch.optim.Adafactor if mode == "torch" else \
+        pytest.importorskip("transformers.optimization").Adafactor
+
+    def train(make):
+        gen = torch.Generator().manual_seed(2)
+        shapes = [(12,), (5,), (), (8,)]
+        params = [torch.nn.Parameter(torch.randn(s, generator=gen, dtype=torch.float64)) for s in shapes]
+        start = [p.detach().clone() for p in params]
+        opt = make(params)
+        for _ in range(30):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen, dtype=torch.float64)
+                if p.dim():
+                    p.grad[::2] = 0.0
+            opt.step()
+        return params, start
+    ours, start = train(lambda ps: Adafactor(ps, mode=mode, foreach=True))
+    ref, _ = train(lambda ps: reference(ps))
+    assert max_diff(ours, ref) <= 1e-12
+    assert all(torch.isfinite(p).all() for p in ours)
+    assert all(torch.equal(p[::2], p0[::2]) for p, p0 in zip(ours, start) if p.dim())
+
+
 def test_adafactor_foreach_over_more_than_one_cache_sized_run_matches_single_tensor():
     """The CPU multi-tensor path steps runs of about CPU_CHUNK elements one after another (every
     statistic is per tensor): 12 factored 128 x 128 tensors and 1-D ones span two runs."""
