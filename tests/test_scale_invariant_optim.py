@@ -198,6 +198,36 @@ def test_adafactor_unfactored_tensors_with_zero_gradients_match_the_references(m
     assert all(torch.equal(p[::2], p0[::2]) for p, p0 in zip(ours, start) if p.dim())
 
 
+@pytest.mark.parametrize("mode", ["torch", "hf"])
+@pytest.mark.parametrize("zero_column", [False, True], ids=["factor roots", "clamped product"])
+def test_adafactor_matrices_of_one_shape_step_together_like_the_references(mode, zero_column):
+    """The multi-tensor step stacks the unsharded matrices of each shape and updates their
+    statistics and directions with batched ops. With three 6 x 5 and two 5 x 6 matrices beside a
+    3-D tensor and vectors, 30 float64 steps match torch.optim.Adafactor / transformers' Adafactor
+    to 1e-12; a gradient column that is always zero makes torch mode take the clamped product for
+    the block. bf16 parameters (fp32 state) end where the one-tensor-at-a-time path ends, to 1e-2."""
+    reference = torch.optim.Adafactor if mode == "torch" else \
+        pytest.importorskip("transformers.optimization").Adafactor
+    shapes = [(6, 5), (6, 5), (6, 5), (5, 6), (5, 6), (4, 3, 2), (7,), (7,)]
+
+    def train(make, dtype=torch.float64):
+        gen = torch.Generator().manual_seed(5)
+        params = [torch.nn.Parameter(torch.randn(s, generator=gen, dtype=torch.float64).to(dtype)) for s in shapes]
+        opt = make(params)
+        for _ in range(30):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen, dtype=torch.float64).to(dtype)
+            if zero_column:
+                params[1].grad[:, 2] = 0.0
+            opt.step()
+        return params
+    assert max_diff(train(lambda ps: Adafactor(ps, mode=mode, foreach=True)), train(lambda ps: reference(ps))) <= 1e-12
+    together = train(lambda ps: Adafactor(ps, mode=mode, foreach=True), torch.bfloat16)
+    alone = train(lambda ps: Adafactor(ps, mode=mode, foreach=False), torch.bfloat16)
+    for a, b in zip(together, alone):
+        torch.testing.assert_close(a.float(), b.float(), rtol=1e-2, atol=1e-2)
+
+
 def test_adafactor_foreach_over_more_than_one_cache_sized_run_matches_single_tensor():
     """The CPU multi-tensor path steps runs of about CPU_CHUNK elements one after another (every
     statistic is per tensor): 12 factored 128 x 128 tensors and 1-D ones span two runs."""

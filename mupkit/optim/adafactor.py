@@ -301,25 +301,43 @@ def _factored_direction(g: torch.Tensor, state: dict[str, Any], info: ShardInfo,
     ).mul_(_rows(g, rows))
 
 
-def _outs(grads: list[torch.Tensor], first: list[int]) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """The eager step's update tensors, shaped like ``grads``: views of one scratch buffer, those
-    of the tensors at the indices ``first`` back to back at its start; and the flat tensor of
-    those."""
-    chosen = set(first)
-    order = list(first) + [k for k in range(len(grads)) if k not in chosen]
+def _blocks(grads: list[torch.Tensor], states: list[dict[str, Any]], infos: list[ShardInfo],
+            omb: list[float]) -> list[list[int]]:
+    """The indices of the tensors an eager CPU step updates together, in blocks of two or more
+    sharing one ``1 - beta2_t``: the unfactored tensors (0-D/1-D), and the unsharded matrices of
+    each shape."""
+    keys: dict[tuple, list[int]] = {}
+    for k, (g, state, info) in enumerate(zip(grads, states, infos)):
+        if "variance" in state:
+            keys.setdefault(("unfactored", omb[k]), []).append(k)
+        elif g.dim() == 2 and info.dim is None:
+            keys.setdefault((tuple(g.shape), omb[k]), []).append(k)
+    return [block for block in keys.values() if len(block) > 1]
+
+
+def _outs(grads: list[torch.Tensor], blocks: list[list[int]]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The eager step's update tensors, shaped like ``grads``: views of one scratch buffer, each
+    block's back to back from its start, then the rest; and the flat tensor of each block."""
+    chosen = {k for block in blocks for k in block}
+    order = [k for block in blocks for k in block] + [k for k in range(len(grads)) if k not in chosen]
     flat, views = flat_scratch([grads[k] for k in order], slot=0)
     outs: list[torch.Tensor] = [None] * len(grads)
     for k, view in zip(order, views):
         outs[k] = view
-    return outs, flat[:sum(grads[k].numel() for k in first)]
+    flats, start = [], 0
+    for block in blocks:
+        size = sum(grads[k].numel() for k in block)
+        flats.append(flat[start:start + size])
+        start += size
+    return outs, flats
 
 
-def _unfactored_updates(grads: list[torch.Tensor], variances: list[torch.Tensor], outs: list[torch.Tensor],
+def _unfactored_updates(grads: list[torch.Tensor], states: list[dict[str, Any]], outs: list[torch.Tensor],
                         flat_out: torch.Tensor, cfg: dict[str, Any], one_minus_beta2: float) -> None:
-    """:func:`_update_variance` and the direction of :func:`_unfactored_direction` for unfactored
-    tensors sharing one ``1 - beta2_t``, op for op (so the same values) but as multi-tensor ops
-    over the lists and flat ops over their scratch: ``outs`` are views of ``flat_out``, back to
-    back (:func:`_outs`)."""
+    """:func:`_update_variance` and the direction of :func:`_unfactored_direction` for a block of
+    unfactored tensors, op for op (so the same values) but as multi-tensor ops over the lists and
+    flat ops over their scratch: ``outs`` are views of ``flat_out``, back to back (:func:`_outs`)."""
+    variances = [state["variance"] for state in states]
     flat_g2, g2 = flat_scratch(grads, slot=1)
     torch._foreach_copy_(g2, grads)
     flat_g2.mul_(flat_g2)
@@ -334,6 +352,40 @@ def _unfactored_updates(grads: list[torch.Tensor], variances: list[torch.Tensor]
         torch._foreach_copy_(outs, variances)
         flat_out.clamp_(min=_floor(cfg, flat_out.dtype)).rsqrt_()
     torch._foreach_mul_(outs, grads)
+
+
+def _factored_updates(grads: list[torch.Tensor], states: list[dict[str, Any]], outs: list[torch.Tensor],
+                      flat_out: torch.Tensor, cfg: dict[str, Any], one_minus_beta2: float) -> None:
+    """:func:`_factored_direction`'s statistics and directions for a block of unsharded matrices
+    of one shape, op for op, on the block stacked in scratch (``n x rows x cols``): the means,
+    factor vectors and products are batched ops, the state updates multi-tensor ops. In torch
+    mode the factor vectors' roots are used (two passes) when every matrix of the block allows
+    it, else the clamped product for all (they differ by rounding only)."""
+    n, (rows, cols) = len(grads), grads[0].shape
+    flat_g, g_views = flat_scratch(grads, slot=1)
+    torch._foreach_copy_(g_views, grads)
+    g = flat_g.view(n, rows, cols)
+    g2 = torch.mul(g, g, out=flat_scratch(grads, slot=4)[0].view(n, rows, cols))  # 2, 3: _run's working copies
+    row_mean, col_mean = g2.mean(-1, keepdim=True), g2.mean(-2, keepdim=True)
+    row_vars, col_vars = [state["row_var"] for state in states], [state["col_var"] for state in states]
+    hf, eps1, floor = cfg["mode"] == "hf", _eps1(cfg, g.dtype), _floor(cfg, g.dtype)
+    if hf:  # mean(g^2 + eps1) = mean(g^2) + eps1
+        for variances, mean in ((row_vars, row_mean.add_(eps1)), (col_vars, col_mean.add_(eps1))):
+            torch._foreach_mul_(variances, foreach_scalar(1.0 - one_minus_beta2, variances))
+            torch._foreach_add_(variances, list((mean * one_minus_beta2).unbind(0)))
+    else:
+        torch._foreach_lerp_(row_vars, list(row_mean.unbind(0)), one_minus_beta2)
+        torch._foreach_lerp_(col_vars, list(col_mean.unbind(0)), one_minus_beta2)
+    row_var, col_var, out = torch.stack(row_vars), torch.stack(col_vars), flat_out.view(n, rows, cols)
+    if hf:
+        row_factor = (row_var / row_var.mean(-2, keepdim=True)).rsqrt_()
+        torch.mul(row_factor, col_var.rsqrt(), out=out).mul_(g)
+        return
+    scaled_rows = row_var / row_var.mean(-2, keepdim=True).clamp_(min=eps1)  # R / mean(R)
+    if float((scaled_rows.amin(dim=(1, 2)) * col_var.amin(dim=(1, 2))).min()) >= floor:
+        torch.mul(g, scaled_rows.rsqrt(), out=out).mul_(col_var.rsqrt())
+    else:
+        torch.mul(scaled_rows, col_var, out=out).clamp_(min=floor).rsqrt_().mul_(g)
 
 
 def _eps1(cfg: dict[str, Any], dtype: torch.dtype) -> float:
@@ -382,13 +434,14 @@ def _step(params: list[torch.Tensor], works: list[torch.Tensor], grads: list[tor
         else:
             factors = list((1.0 - cfg["weight_decay"] * alpha0).unbind())
         torch._foreach_mul_(works, foreach_scalars(factors, works) if on_host else factors)
-    unfactored = [k for k, state in enumerate(states) if "variance" in state]
-    together = on_host and len(unfactored) > 1 and len({omb[k] for k in unfactored}) == 1
-    outs, flat_first = ([None] * len(grads), None) if compiling else _outs(grads, unfactored if together else [])
-    if together:  # a few multi-tensor and flat ops for all of them, instead of ~5 ops per tensor
-        _unfactored_updates([grads[k] for k in unfactored], [states[k]["variance"] for k in unfactored],
-                            [outs[k] for k in unfactored], flat_first, cfg, omb[unfactored[0]])
-    directions = [None if together and "variance" in s else _update_direction(g, s, i, cfg, omb[k])
+    blocks = _blocks(grads, states, infos, omb) if on_host else []
+    outs, flats = ([None] * len(grads), []) if compiling else _outs(grads, blocks)
+    for block, flat_out in zip(blocks, flats):  # a few multi-tensor and batched ops per block, not ~5 per tensor
+        updates_of = _unfactored_updates if "variance" in states[block[0]] else _factored_updates
+        updates_of([grads[k] for k in block], [states[k] for k in block], [outs[k] for k in block], flat_out, cfg,
+                   omb[block[0]])
+    together = {k for block in blocks for k in block}
+    directions = [None if k in together else _update_direction(g, s, i, cfg, omb[k])
                   for k, (g, s, i) in enumerate(zip(grads, states, infos))]
     updates = [out if direction is None else direction(out) for direction, out in zip(directions, outs)]
     if on_host:
