@@ -84,7 +84,8 @@ def test_eager_steps_in_flat_pieces_match_the_reference(name, kwargs, monkeypatc
 def packing(request, monkeypatch):
     """The CPU default packs the small tensors of any model of 2+ of them (the real threshold:
     64), its runs compiled (a model of AUTO_COMPILE_MIN_NUMEL elements, here 1) or eager (here no
-    model is that large); returns the lengths of the columns each packed call got."""
+    model is that large); returns whether they are compiled, and the (column length, compiled)
+    of each packed call."""
     import mupkit.optim.compiled as compiled_module
     monkeypatch.setattr(compiled_module, "AUTO_COMPILE_MIN_NUMEL", 1 if request.param else 10 ** 12)
     monkeypatch.setattr(compiled_module, "PACKED_MIN_TENSORS", 2)

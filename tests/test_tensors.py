@@ -81,7 +81,7 @@ def test_scratch_views_are_kept_per_shapes_and_remade_for_a_grown_buffer():
     assert all(a is b for a, b in zip(first, again))
     _, other = flat_scratch([torch.zeros(3, 2), torch.zeros(4)], 5)
     assert other[0].shape == (3, 2) and other[0] is not first[0]
-    flat, grown = flat_scratch([torch.zeros(1000)], 5)  # more than the buffer held: a new buffer
+    flat, _ = flat_scratch([torch.zeros(1000)], 5)  # more than the buffer held: a new buffer
     _, after = flat_scratch(like, 5)
     assert after[0] is not first[0] and after[0].data_ptr() == flat.data_ptr()
     big = [torch.zeros(tensors.CPU_PIECE + 1)]

@@ -370,7 +370,9 @@ def _factored_updates(grads: list[torch.Tensor], states: list[dict[str, Any]], o
     row_vars, col_vars = [state["row_var"] for state in states], [state["col_var"] for state in states]
     hf, eps1, floor = cfg["mode"] == "hf", _eps1(cfg, g.dtype), _floor(cfg, g.dtype)
     if hf:  # mean(g^2 + eps1) = mean(g^2) + eps1
-        for variances, mean in ((row_vars, row_mean.add_(eps1)), (col_vars, col_mean.add_(eps1))):
+        row_mean.add_(eps1)
+        col_mean.add_(eps1)
+        for variances, mean in ((row_vars, row_mean), (col_vars, col_mean)):
             torch._foreach_mul_(variances, foreach_scalar(1.0 - one_minus_beta2, variances))
             torch._foreach_add_(variances, list((mean * one_minus_beta2).unbind(0)))
     else:

@@ -7,7 +7,8 @@ corrections) come from a table, so neither new values nor the number of param gr
 into one loop over it, so a step reads and writes each array once instead of once per eager op,
 and the whole list costs one Python call instead of one per tensor. Thousands of small tensors
 (too many for one graph of them all) are packed into flat runs instead, each run stepped by one
-graph whose length is dynamic (:meth:`ListKernel.packed`, :func:`packed_by_default`).
+graph whose length is dynamic, or eagerly in a model too small to compile
+(:meth:`ListKernel.packed`, :func:`packed_by_default`).
 
 :func:`compiled_by_default` is the ``compiled=None`` default of mupkit's own optimizers: on the
 CPU, a large model goes through the compiled path (2-4x faster than the eager ops there,
@@ -38,8 +39,6 @@ AUTO_COMPILE_MAX_TENSORS = 512
 #: it is called with; torch's default of 8 is too few for a process that steps several models)
 RECOMPILE_LIMIT = 64
 
-
-_PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 #: scratch slots of the packed runs (one per column, above those the eager steps use)
 PACKED_SLOT = 16
@@ -133,14 +132,19 @@ class ListKernel:
                 table = torch.tensor(list(by_row), dtype=_table_dtype(bucket[0][0]))
                 for values, members in zip(table, by_row.values()):
                     for run in _runs([[column[i] for i in members] for column in bucket], run_size):
-                        packed = [flat_scratch(column, PACKED_SLOT + k) for k, column in enumerate(run)]
-                        for column, (_, views) in zip(run, packed):
-                            torch._foreach_copy_(views, column)
-                        result = run_fn(self.fn, [flat for flat, _ in packed], values)
-                        for k in self.writes:
-                            torch._foreach_copy_(run[k], packed[k][1])
-                        total = _plus(total, result)
+                        total = _plus(total, self._step_run(run_fn, run, values))
         return total
+
+    def _step_run(self, run_fn: Callable, run: list[list[torch.Tensor]], values: torch.Tensor) -> torch.Tensor | None:
+        """One packed run: its columns copied into flat scratch, ``fn`` on the flat tensors, the
+        ``writes`` columns copied back."""
+        packed = [flat_scratch(column, PACKED_SLOT + k) for k, column in enumerate(run)]
+        for column, (_, views) in zip(run, packed):
+            torch._foreach_copy_(views, column)
+        result = run_fn(self.fn, [flat for flat, _ in packed], values)
+        for k in self.writes:
+            torch._foreach_copy_(run[k], packed[k][1])
+        return result
 
 
 def _renamed(function: Callable, fn: Callable) -> Callable:
@@ -168,8 +172,7 @@ def packable(tensors: Sequence[torch.Tensor]) -> bool:
     one size. Each column keeps its own dtype."""
     first = tensors[0]
     n = first.numel()
-    return n < CPU_SMALL_TENSOR and first.is_cpu and all(
-        type(t) in _PLAIN and t.layout == torch.strided and t.is_contiguous() and t.numel() == n for t in tensors)
+    return n < CPU_SMALL_TENSOR and first.is_cpu and all(flattenable(t) and t.numel() == n for t in tensors)
 
 
 def packed_by_default(tensors: Sequence[Sequence[torch.Tensor]]) -> list[bool]:

@@ -134,6 +134,21 @@ class _GlobalStep(ScaledGroups, torch.optim.Optimizer):
                 dist.all_reduce(total, group=group)
         return total.tolist()
 
+    def _with_grads(self) -> list[torch.Tensor]:
+        """The parameters that have a gradient this step, in group order."""
+        return [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+
+    def _packed_ids(self, compiled: set[int], keys: tuple[str, ...]) -> tuple[set[int], bool]:
+        """ids of the parameters, of those not in ``compiled``, that the default steps packed
+        (:func:`.compiled.packed_by_default`, with their initialized state tensors under ``keys``:
+        Prodigy's 0-dim ``p0`` of a zero parameter keeps it out), in groups that step (``lr`` not
+        0) whole (``slice_p = 1``); and whether their runs are compiled."""
+        tensors = [(p, p.grad, *(self.state[p][key] for key in keys if key in self.state[p]))
+                   for group in self.param_groups if group["lr"] != 0.0 and group.get("slice_p", 1) == 1
+                   for p in group["params"] if p.grad is not None and id(p) not in compiled]
+        ids = {id(ts[0]) for ts, yes in zip(tensors, packed_by_default(tensors)) if yes}
+        return ids, bool(ids) and packed_runs_compiled(sum(p.numel() for p in self._with_grads()))
+
     def _decay(self, group: dict[str, Any], p: torch.Tensor, dlr: float) -> None:
         wd = group["weight_decay"] * group["lr_scale"] * group["wd_scale"]
         if wd and group["decouple"]:
@@ -202,16 +217,18 @@ class DAdaptAdam(_GlobalStep):
             self._advance(top, *self._one_pass_terms(top, dlr, None).tolist())
             return
         compiled = self._compiled_ids() if top["k"] > 0 else set()
-        default = top["k"] > 0 and top["compiled"] is None
-        packed, compile_runs = self._packed_ids(compiled) if default else (set(), False)
+        packed, compile_runs = set(), False
+        if top["k"] > 0 and top["compiled"] is None:
+            for p in self._with_grads():
+                self._init_state(p)
+            packed, compile_runs = self._packed_ids(compiled, STATE_KEYS)
         terms = []
         if packed:  # many small CPU tensors: the one-pass function on packed runs
             terms.append(self._one_pass_terms(top, dlr, packed, packed=True, compile_runs=compile_runs))
+        like = next(iter(self._with_grads()), None)
         if compiled:  # every other tensor in one pass too: compiled, or the same function eagerly
-            others = {id(p) for group in self.param_groups for p in group["params"] if p.grad is not None} - packed
+            others = {id(p) for p in self._with_grads()} - packed
             terms.append(self._one_pass_terms(top, dlr, others, compiled=compiled))
-        like = next((p for group in self.param_groups for p in group["params"] if p.grad is not None), None)
-        if compiled:
             self._advance(top, *self._reduce([t for t in terms if t is not None], like))
             return
         beta1, beta2 = top["betas"]
@@ -265,15 +282,6 @@ class DAdaptAdam(_GlobalStep):
         d = max(top["d"], min(numerator / ((1 - root) * den), top["d"] * top["growth_rate"]))
         self._store(numerator=numerator, d=d, k=top["k"] + 1)
         return True
-
-    def _packed_ids(self, compiled: set[int]) -> tuple[set[int], bool]:
-        """ids of the parameters, of those not in ``compiled``, that the default steps packed
-        (:func:`.compiled.packed_by_default`), and whether their runs are compiled."""
-        params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
-        tensors = [(p, p.grad, *(self._init_state(p)[key] for key in STATE_KEYS)) for group in self.param_groups
-                   if group["lr"] != 0.0 for p in group["params"] if p.grad is not None and id(p) not in compiled]
-        ids = {id(ts[0]) for ts, yes in zip(tensors, packed_by_default(tensors)) if yes}
-        return ids, bool(ids) and packed_runs_compiled(sum(p.numel() for p in params))
 
     def _one_pass_terms(self, top: dict[str, Any], dlr: float, ids: set[int] | None, *,
                         compiled: set[int] = frozenset(), packed: bool = False,
@@ -395,7 +403,8 @@ class Prodigy(_GlobalStep):
             for p in group["params"]:
                 if p.grad is not None:
                     self._init_state(group, p, beta1)
-        packed, compile_runs = self._packed_ids(compiled) if top["compiled"] is None else (set(), False)
+        keys = ("p0", "exp_avg_sq", "s", "exp_avg")
+        packed, compile_runs = self._packed_ids(compiled, keys) if top["compiled"] is None else (set(), False)
         terms, like, fused = [], None, []
         sums_rows: dict[int, list[float]] = {}  # per group: the statistics pass's values
         one_pass: list[tuple[list[torch.Tensor], list[float]]] = []  # (tensors, row) of the one-pass statistics
@@ -491,18 +500,6 @@ class Prodigy(_GlobalStep):
         if beta1 > 0:
             state["exp_avg"] = torch.zeros_like(p.detach())
         state["exp_avg_sq"] = torch.zeros_like(p.detach())
-
-    def _packed_ids(self, compiled: set[int]) -> tuple[set[int], bool]:
-        """ids of the parameters, of those not in ``compiled``, that the default steps packed (both
-        passes; :func:`.compiled.packed_by_default`): ``slice_p = 1`` and a full-size ``p0``; and
-        whether their runs are compiled."""
-        params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
-        tensors = [(p, p.grad, *(self.state[p][key] for key in ("p0", "exp_avg_sq", "s", "exp_avg")
-                                 if key in self.state[p]))
-                   for group in self.param_groups if group["lr"] != 0.0 and group["slice_p"] == 1
-                   for p in group["params"] if p.grad is not None and id(p) not in compiled]
-        ids = {id(ts[0]) for ts, yes in zip(tensors, packed_by_default(tensors)) if yes}
-        return ids, bool(ids) and packed_runs_compiled(sum(p.numel() for p in params))
 
     def _update_row(self, group: dict[str, Any], beta1: float, d_old: float, d: float, dlr: float) -> list[float]:
         """A group's per-step values for the update pass (momentum uses the old ``d``): a row of
