@@ -39,7 +39,7 @@ UMUP_OPTIMIZERS = ["adam", "sgd"]
 
 def umup_section(rows: list[tuple[str, ...]]) -> list[str]:
     lines = ["## u-muP", "",
-             "`mupkit.nn.TransformerDecoder` under u-muP (no base model; unit-scaled ops), widths 64..1024, 3 seeds, "
+             "`mupkit.unit.TransformerDecoder` under u-muP (no base model; unit-scaled ops), widths 64..1024, 3 seeds, "
              "4 steps; the comparison row (`sp`) gives every parameter the same LR. Figure: SP on top, u-muP below.",
              "", "| model | optimizer | one LR for all (SP) | u-muP |", "|---|---|---|---|"]
     lines += [f"| {n} | {o} | {sp} | {umup} |" for n, o, sp, umup, _ in rows]

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import argparse
 
-from mupkit.tasks import TASKS
 from mupkit.transfer import sweep
+from mupkit.zoo import BUILTIN
 
 
 def main() -> None:
@@ -25,9 +25,10 @@ def main() -> None:
     parser.add_argument("--results", default="examples/transfer_digits.jsonl")
     args = parser.parse_args()
     for name in ("mlp", "cnn"):
-        task = TASKS[name]
+        definition = BUILTIN[name]
+        task = definition.transfer
         base = task.widths[0]
-        result = sweep(task.constructor, list(task.widths), base={"width": base},
+        result = sweep(definition.constructor, list(task.widths), base={"width": base},
                        grid={"lr": [2.0 ** k for k in task.log2_lrs]}, train=task.trainer(args.steps),
                        parametrizations=["sp", "mup"], seeds=args.seeds, results=args.results,
                        kwargs=lambda p: task.kwargs(p, base), tag=f"steps={args.steps}")

@@ -2,7 +2,7 @@
 
 Data: next-byte prediction on the Python standard library's sources (mupkit.tasks.text_lm;
 nothing downloaded). SP and muP train mupkit's GPT (pre-LN, 2 layers, GPT-2 init; muP with
-1/d attention, base width 64); u-muP trains mupkit.nn.TransformerDecoder. AdamW over
+1/d attention, base width 64); u-muP trains mupkit.unit.TransformerDecoder. AdamW over
 ``mupkit.param_groups``, 20 warmup steps, octave-spaced LR grids, 2 seeds; the loss is the mean
 training loss over the last 10% of steps. Trials go to examples/transfer_gpt.jsonl, so a rerun
 only draws (delete the file to retrain); an interrupted run resumes.
@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import argparse
 
-import mupkit
-from mupkit import models, tasks
 from mupkit.transfer import Sweep, sweep
+from mupkit.zoo import BUILTIN
 
 WIDTHS = [64, 128, 256, 512]
+MODELS = {"sp": "transformer", "mup": "transformer", "umup": "umup-transformer"}  # in mupkit.zoo
 GRIDS = {"sp": range(-12, -5), "mup": range(-12, -5), "umup": range(-5, 2)}  # log2 LR, 7 points each
 
 
@@ -30,17 +30,14 @@ def main() -> None:
     parser.add_argument("--out", default="examples/transfer_gpt.png")
     parser.add_argument("--params", nargs="+", default=list(GRIDS), choices=list(GRIDS))
     args = parser.parse_args()
-    train = tasks.text_lm(steps=args.steps)
     records = []
     for param in args.params:
-        grid = GRIDS[param]
-        if param == "umup":
-            constructor, kwargs = mupkit.nn.TransformerDecoder, {"depth": 2}
-        else:
-            constructor, kwargs = models.gpt, {"depth": 2, "max_len": 64, "base_width": None if param == "sp" else 64}
-        result = sweep(constructor, WIDTHS, base=dict(width=64), grid={"lr": [2.0 ** k for k in grid]}, train=train,
-                       parametrizations=[param], seeds=args.seeds, results=args.results, kwargs=kwargs,
-                       tag=f"steps={args.steps}")
+        grid, definition = GRIDS[param], BUILTIN[MODELS[param]]
+        task = definition.transfer  # its trainer (mupkit.tasks.text_lm) and fixed kwargs
+        train, kwargs = task.trainer(args.steps), task.kwargs(param, WIDTHS[0])
+        result = sweep(definition.constructor, WIDTHS, base=dict(width=WIDTHS[0]),
+                       grid={"lr": [2.0 ** k for k in grid]}, train=train, parametrizations=[param],
+                       seeds=args.seeds, results=args.results, kwargs=kwargs, tag=f"steps={args.steps}")
         records += result.records
     combined = Sweep(records)
     print(combined.summary(target=4096))

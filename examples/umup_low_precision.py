@@ -1,13 +1,13 @@
 """u-muP in low precision: the same u-muP transformer trained in float32, bfloat16 and simulated FP8.
 
 Data: next-byte prediction on the Python standard library's sources (mupkit.data.stdlib_corpus,
-nothing downloaded). The model is mupkit.nn.TransformerDecoder built with
+nothing downloaded). The model is mupkit.unit.TransformerDecoder built with
 parametrization="umup"; AdamW at u-muP's default LR 2^-1 (its LR needs no width tuning) with
 independent weight decay. Runs, same seed and batches:
 
 * float32;
 * bfloat16: ``torch.autocast`` (every matmul and its inputs in bf16, fp32 master weights);
-* FP8: bfloat16 plus every matmul input rounded to ``float8_e4m3fn`` (mupkit.nn.fp8.simulate_fp8),
+* FP8: bfloat16 plus every matmul input rounded to ``float8_e4m3fn`` (mupkit.unit.fp8.simulate_fp8),
   with no per-tensor scale factors: unit scaling keeps the tensors inside e4m3's range.
 
 It prints the training-loss gap to float32 (mean over the last 50 steps) and the validation
@@ -25,7 +25,7 @@ import torch
 
 import mupkit
 from mupkit.data import stdlib_corpus, token_windows
-from mupkit.nn.fp8 import simulate_fp8
+from mupkit.unit.fp8 import simulate_fp8
 from mupkit.plotting import plot_loss_curves
 from mupkit.progress import progress
 
@@ -46,7 +46,7 @@ def _fp8():
 def train(precision: str, width: int, steps: int, lr: float, train_data: torch.Tensor,
           val: torch.Tensor) -> tuple[list[float], float]:
     torch.manual_seed(0)
-    model = mupkit.build(mupkit.nn.TransformerDecoder, target=dict(width=width, depth=4, heads=4),
+    model = mupkit.build(mupkit.unit.TransformerDecoder, target=dict(width=width, depth=4, heads=4),
                          parametrization="umup")
     opt = mupkit.optim.AdamW(mupkit.param_groups(model), lr=lr, weight_decay=1e-4,
                              weight_decay_policy="independent")

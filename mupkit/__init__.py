@@ -6,9 +6,11 @@ the target model per muP (Tensor Programs V) and attaches a :class:`Plan`;
 ``mupkit.optim.Adam``/``AdamW``/``SGD`` apply each step.
 """
 
-from . import models, nn, optim
+from . import models, nn, optim, unit
 from .bsh import load_bsh, save_bsh
-from .build import NoDepthRuleWarning, build, infer_plan, parametrize, plan_from_base_shapes
+from .build import build, parametrize, plan_from_base_shapes
+from .forward_checks import ForwardScalingWarning
+from .infer import NoDepthRuleWarning, TraceWarning, infer_plan
 from .coord_check import CoordCheck, coord_check
 from .explain import explain
 from .groups import param_groups
@@ -18,6 +20,6 @@ from .rules import FAMILIES, PARAMETRIZATIONS
 
 __version__ = "0.1.0"
 
-__all__ = ["CoordCheck", "FAMILIES", "NoDepthRuleWarning", "PARAMETRIZATIONS", "ParamSpec", "Plan", "Role", "build",
+__all__ = ["CoordCheck", "FAMILIES", "ForwardScalingWarning", "NoDepthRuleWarning", "TraceWarning", "PARAMETRIZATIONS", "ParamSpec", "Plan", "Role", "build",
            "coord_check", "explain", "infer_plan", "load_bsh", "models", "nn", "optim", "param_groups", "parametrize",
-           "plan_from_base_shapes", "plan_of", "save_bsh"]
+           "plan_from_base_shapes", "plan_of", "save_bsh", "unit"]

@@ -13,9 +13,8 @@ import sys
 from .coord_check import METRICS, coord_check
 from .optim import BY_NAME
 from .rules import DEPTH_RULES, PARAMETRIZATIONS, get_parametrization
-from .tasks import TASKS, load_task
 from .transfer import sweep
-from .zoo import BUILTIN, load_definition
+from .zoo import BUILTIN, load_definition, load_task, transfer_models
 
 
 def _kwarg(text: str) -> tuple[str, object]:
@@ -26,6 +25,18 @@ def _kwarg(text: str) -> tuple[str, object]:
         return key, ast.literal_eval(value)
     except (ValueError, SyntaxError):
         return key, value
+
+
+def _layout(text: str) -> tuple[str, object]:
+    glob, sep, value = text.rpartition("=")
+    if not sep or not glob:
+        raise argparse.ArgumentTypeError(f"--layouts expects GLOB=out_in, GLOB=in_out or GLOB=OUT,IN; got {text!r}")
+    if "," in value:
+        try:
+            return glob, tuple(int(a) for a in value.split(","))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"--layouts {text!r}: axes must be integers, e.g. {glob}=1,2") from None
+    return glob, value
 
 
 def parser() -> argparse.ArgumentParser:
@@ -55,6 +66,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--tolerance", type=float, default=0.1)
     p.add_argument("--width-arg", default="width", help="the constructor kwarg that sets the width")
     p.add_argument("--kwargs", type=_kwarg, nargs="*", default=[], help="fixed constructor kwargs: key=value")
+    p.add_argument("--readout", nargs="+", help="globs naming the readout module(s), when the trace cannot tell")
+    p.add_argument("--layouts", type=_layout, nargs="+", default=[],
+                   help="GLOB=out_in | GLOB=in_out | GLOB=FAN_OUT_AXIS,FAN_IN_AXIS: a parameter's fan axes")
+    p.add_argument("--branch-outputs", nargs="*", help="globs of the layers ending each residual branch (none: the "
+                                                        "model scales its branches itself)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default="coord_check.png", help="figure path ('' for none)")
     p.add_argument("--csv", help="write the records table here")
@@ -65,7 +81,7 @@ def parser() -> argparse.ArgumentParser:
                                    "on real data (digits for mlp/cnn, stdlib text for transformers), print the "
                                    "optimum per width, its drift, and the LR to use at --target-width. Trials are "
                                    "appended to --results and skipped on a rerun, so an interrupted sweep resumes.")
-    t.add_argument("--model", default="mlp", help=f"{' | '.join(sorted(TASKS))} | PATH.py:FUNC (the file defines "
+    t.add_argument("--model", default="mlp", help=f"{' | '.join(transfer_models())} | PATH.py:FUNC (the file defines "
                                                   f"train(model, hparams, seed) -> losses)")
     t.add_argument("--widths", type=int, nargs="+", help="widths (default: the model's range)")
     t.add_argument("--base", type=int, help="base width (default: the smallest width)")
@@ -82,14 +98,16 @@ def parser() -> argparse.ArgumentParser:
 
 
 def run_transfer(args: argparse.Namespace) -> int:
-    task = load_task(args.model)
+    definition = load_task(args.model)
+    task = definition.transfer
     widths = sorted(args.widths or task.widths)
     base = args.base or widths[0]
     for name in args.param:
         get_parametrization(name)
     lrs = [2.0 ** e for e in (args.log2_lrs or task.log2_lrs)]
-    result = sweep(task.constructor, widths, base={"width": base}, grid={"lr": lrs}, train=task.trainer(args.steps),
-                   parametrizations=args.param, seeds=args.seeds, results=args.results or None,
+    result = sweep(definition.constructor, widths, base={"width": base}, grid={"lr": lrs},
+                   train=task.trainer(args.steps), parametrizations=args.param, seeds=args.seeds,
+                   results=args.results or None,
                    kwargs=lambda p: {**task.kwargs(p, base), **dict(args.kwargs)}, tag=f"steps={args.steps}",
                    show_progress=not args.quiet)
     print(result.summary(target=args.target_width))
@@ -115,7 +133,8 @@ def run_coord_check(args: argparse.Namespace) -> int:
                                   optimizer=args.optim, lr=lr, steps=args.steps, seeds=args.seeds, batch=batch,
                                   loss=definition.loss, width_arg=args.width_arg, kwargs=kwargs, device=args.device,
                                   depths=args.depths, base_depth=args.base_depth, depth_arg=args.depth_arg,
-                                  updates=bool(args.depths), show_progress=not args.quiet))
+                                  updates=bool(args.depths), show_progress=not args.quiet, readout=args.readout,
+                                  layouts=dict(args.layouts) or None, branch_outputs=args.branch_outputs))
     main = checks[-1]
     for check in checks:  # along depth also the per-block relative updates, averaged over blocks
         for verdict in check.verdicts(metric=args.metric, tolerance=args.tolerance):

@@ -46,7 +46,9 @@ import torch
 from torch import nn
 
 from . import optim as mupkit_optim
-from .build import NoDepthRuleWarning, build, infer_plan
+from .build import build
+from .forward_checks import ForwardScalingWarning
+from .infer import NoDepthRuleWarning, infer_plan
 from .data import Batch, synthetic_batch
 from .groups import param_groups
 from .plan import Plan
@@ -68,6 +70,7 @@ class CoordCheck:
     optimizer: str
     lr: float
     expected_at_init: list[str] = field(default_factory=list)  # readout / attention-logit modules
+    tied_readouts: list[str] = field(default_factory=list)  # modules returning a tied readout's logits
     depths: list[int] = field(default_factory=list)
     axis: str = "width"  # the size the verdict fits against: "width" or "depth"
     update_slope: float = 0.0  # expected slope of per-block relative updates against depth: alpha - 1
@@ -133,13 +136,13 @@ def _stats(x: torch.Tensor) -> dict[str, float]:
 class _Recorder:
     """Forward hooks on every named module (root excluded) recording output statistics."""
 
-    def __init__(self, model: nn.Module, inputs: bool, include: Sequence[str] | None):
+    def __init__(self, model: nn.Module, inputs: bool, judged: Callable[[str], bool]):
         self.rows: list[dict[str, Any]] = []
         self.step = 0
         self.inputs = inputs
         self.initial: dict[str, torch.Tensor] = {}
         self.calls: dict[str, int] = {}
-        modules = [(n, m) for n, m in model.named_modules() if n and (include is None or matches(n, include))]
+        modules = [(n, m) for n, m in model.named_modules() if n and judged(n)]
         self.types = {n: type(m).__name__ for n, m in modules}
         self.handles = [m.register_forward_hook(self._hook(n)) for n, m in modules]
 
@@ -186,14 +189,29 @@ def _optimizer(model: nn.Module, optimizer: Any, lr: float, kwargs: Mapping[str,
         if "compiled" in inspect.signature(cls).parameters:  # a few steps never earn back a compile
             kwargs = {"compiled": False, **kwargs}
         return cls(param_groups(model), lr=lr, **kwargs)
-    return cls(param_groups(model, optimizer=cls, lr=lr), **kwargs)
+    scaled = {k: kwargs[k] for k in ("eps", "weight_decay") if k in kwargs}  # per group, scaled by the plan
+    rest = {k: v for k, v in kwargs.items() if k not in scaled}
+    return cls(param_groups(model, optimizer=cls, lr=lr, **scaled), **rest)
 
 
 def _expected_at_init(plan: Plan, patterns: Sequence[str]) -> list[str]:
-    """Modules whose outputs may shrink like width^-1/2 at init: readouts, plus user globs."""
-    owners = {name.rsplit(".", 1)[0] for name, s in plan.items() if s.role is Role.OUTPUT and "." in name}
+    """Modules whose outputs may shrink like width^-1/2 at init: the readout layers, tied
+    readouts, every module the trace saw returning the model's output (wrappers), plus globs."""
+    owners = {name.rsplit(".", 1)[0] for name in plan.readouts if plan[name].role is Role.OUTPUT and "." in name}
     owners |= {m for s in plan.values() for m in s.tied_readouts}
+    owners |= {m for m in plan.output_modules if m}
     return sorted(owners) + list(patterns)
+
+
+def _tied_readout_modules(plan: Plan) -> list[str]:
+    """The modules returning a readout tied to an embedding (it keeps its init: see the verdict)."""
+    if not any(plan[n].tied_readouts for n in plan.readouts):
+        return []
+    return sorted({m for n in plan.readouts for m in plan[n].tied_readouts} | {m for m in plan.output_modules if m})
+
+
+def _template(name: str) -> str:
+    return re.sub(r"(?<=\.)\d+(?=\.|$)|^\d+(?=\.|$)", "*", name)
 
 
 def coord_check(constructor: Constructor, widths: Sequence[int] | int, *, base: int | None = None,
@@ -205,7 +223,9 @@ def coord_check(constructor: Constructor, widths: Sequence[int] | int, *, base: 
                 device: str | torch.device = "cpu", inputs: bool = False, params: bool = False,
                 updates: bool = False, include: Sequence[str] | None = None,
                 expected_at_init: Sequence[str] = ("*attn_score*", "*attn_logits*"),
-                zero_init: Sequence[str] | str = "auto", show_progress: bool = True) -> CoordCheck:
+                zero_init: Sequence[str] | str = "auto", show_progress: bool = True,
+                readout: Sequence[str] | None = None, layouts: Mapping[str, Any] | None = None,
+                branch_outputs: Sequence[str] | None = None, example_inputs: Any = None) -> CoordCheck:
     """Run a width (or depth, or joint) coordinate check of ``constructor``.
 
     ``widths``: target widths (the constructor kwarg ``width_arg``), or one width for a depth
@@ -224,6 +244,12 @@ def coord_check(constructor: Constructor, widths: Sequence[int] | int, *, base: 
     embedding keeps its init. An optimizer whose steps are relative to the parameter's RMS then
     gets its ``zero_init_kwargs`` (ScaledAdam: ``param_min_rms=1e-3``, a floor that mupkit
     scales with each tensor's muP init scale), unless ``optimizer_kwargs`` set them.
+    ``readout``, ``layouts``, ``branch_outputs``, ``example_inputs``: passed to
+    :func:`mupkit.build` (``example_inputs`` defaults to the batch's inputs).
+
+    Modules whose outputs depend on no parameter (rotary tables, masks: the plan's
+    ``constant_modules``) are not recorded; modules returning the model's output (a readout
+    layer and its wrappers, ``plan.output_modules``) are judged as the readout.
     """
     widths = sorted([widths] if isinstance(widths, int) else widths)
     depths = sorted(depths or [])
@@ -236,15 +262,22 @@ def coord_check(constructor: Constructor, widths: Sequence[int] | int, *, base: 
     if depths:
         fixed[depth_arg] = depths[0] if base_depth is None else base_depth
     sizes = {"base": {width_arg: base, **fixed}, "delta": {width_arg: 2 * base, **fixed}}
+    if batch is not None:
+        first_x = _first_batch(batch, "cpu")[0]
+        example_inputs = first_x if example_inputs is None else example_inputs
+    options = dict(readout=readout, layouts=layouts, branch_outputs=branch_outputs, example_inputs=example_inputs)
 
     def target(width: int, depth: int | None) -> dict[str, Any]:
         return {width_arg: width, **fixed, **({depth_arg: depth} if depth is not None else {})}
 
     with _depth_control():
         probe = infer_plan(constructor, target=target(widths[-1], depths[-1] if depths else None),
-                           parametrization=parametrization, **sizes)
+                           parametrization=parametrization, **sizes, **options)
     expected = _expected_at_init(probe, expected_at_init)
-    containers = list(probe.depth.get("blocks", {}))
+    skipped = sorted({_template(m) for m in probe.constant_modules})
+    judged = (lambda name: not matches(_template(name), skipped)) if include is None else \
+        (lambda name: matches(name, include) and not matches(_template(name), skipped))
+    containers = list(probe.depth.blocks) if probe.depth is not None else []
     if zero_init == "auto":
         zero_init = ("readout",) if any(s.role is Role.OUTPUT for s in probe.values()) else ()
         optimizer_kwargs = {**_zero_init_kwargs(optimizer), **(optimizer_kwargs or {})} if zero_init \
@@ -255,9 +288,10 @@ def coord_check(constructor: Constructor, widths: Sequence[int] | int, *, base: 
                                        label=lambda r: f"width {r[0]}" + (f" depth {r[1]}" if r[1] else "")
                                        + f" seed {r[2]}"):
         torch.manual_seed(seed)
-        with _depth_control():
+        with _depth_control(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", ForwardScalingWarning)  # the probe above already said it
             model = build(constructor, target=target(width, depth), parametrization=parametrization,
-                          device=device, zero_init=zero_init, **sizes)
+                          device=device, zero_init=zero_init, **sizes, **options)
         model.train()
         if batch is None:
             x, y = synthetic_batch(model, seed=1234, device=device)
@@ -265,15 +299,15 @@ def coord_check(constructor: Constructor, widths: Sequence[int] | int, *, base: 
             x, y = _first_batch(batch, device)
         loss_fn = loss or default_loss
         opt = _optimizer(model, optimizer, lr, optimizer_kwargs or {})
-        rows = _run(model, opt, x, y, loss_fn, steps, inputs or bool(depths), params, updates, include)
+        rows = _run(model, opt, x, y, loss_fn, steps, inputs or bool(depths), params, updates, judged)
         if depths:
             rows = _comparable_across_depth(rows, {c: len(model.get_submodule(c)) for c in containers})
         records.extend({"width": width, **({"depth": depth} if depth else {}), "seed": seed, **row} for row in rows)
     name = optimizer if isinstance(optimizer, str) else optimizer.__name__
     axis = "depth" if len(depths) > 1 and len(widths) == 1 else "width"
-    alpha = probe.depth.get("alpha")
-    return CoordCheck(records, widths, parametrization, name, lr, expected, depths, axis,
-                      0.0 if alpha is None else DepthRule(alpha).block_update_exponent)
+    alpha = probe.depth.alpha if probe.depth is not None else None
+    return CoordCheck(records, widths, parametrization, name, lr, expected, _tied_readout_modules(probe), depths,
+                      axis, 0.0 if alpha is None else DepthRule(alpha).block_update_exponent)
 
 
 @contextlib.contextmanager
@@ -328,8 +362,8 @@ def _comparable_across_depth(rows: list[dict[str, Any]], blocks: Mapping[str, in
     return out
 
 
-def _run(model, opt, x, y, loss_fn, steps, inputs, params, updates, include) -> list[dict[str, Any]]:
-    recorder = _Recorder(model, inputs, include)
+def _run(model, opt, x, y, loss_fn, steps, inputs, params, updates, judged) -> list[dict[str, Any]]:
+    recorder = _Recorder(model, inputs, judged)
     rows: list[dict[str, Any]] = []
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     init_norms = [p.detach().norm().item() for _, p in named] if updates else []  # 0: no scale to relate to

@@ -28,7 +28,8 @@ def synthetic_input(model: nn.Module, *, batch_size: int = 32, seq_len: int = 16
     if isinstance(first, nn.modules.conv._ConvNd):
         return torch.randn(batch_size, first.in_channels, *SPATIAL[len(first.kernel_size)], generator=generator)
     raise ValueError(f"cannot infer an input for {type(model).__name__}: its first layer is not an Embedding, "
-                     f"Linear or Conv. Pass batch=(inputs, targets) (CLI: define batch() in the model file).")
+                     f"Linear or Conv. Pass example inputs (build / infer_plan: example_inputs=...; coord_check: "
+                     f"batch=(inputs, targets); CLI: define batch() in the model file).")
 
 
 def synthetic_batch(model: nn.Module, *, batch_size: int = 32, seq_len: int = 16, seed: int = 0,
@@ -47,6 +48,10 @@ def synthetic_batch(model: nn.Module, *, batch_size: int = 32, seq_len: int = 16
     try:
         with torch.no_grad():
             out = model(x)
+    except Exception as err:  # noqa: BLE001 - the guess did not fit: say how to give a real batch
+        raise ValueError(f"a synthetic batch of shape {tuple(x.shape)} (from the first layer) does not fit "
+                         f"{type(model).__name__}: {type(err).__name__}: {err}. Pass batch=(inputs, targets) "
+                         f"(CLI: define batch() in the model file).") from err
     finally:
         model.train(was_training)
     if isinstance(out, (tuple, list)):

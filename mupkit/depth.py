@@ -1,35 +1,31 @@
 """Depth inference: which parameters sit in repeated residual blocks, and which layers end a branch.
 
-mupkit builds the model at the base depth and at the target depth (on the meta device). A
-constructor kwarg is a *depth* kwarg when changing it alone changes the set of parameter
-names. Parameters that exist only in the deeper copy belong to repeated blocks: their name has
-an integer component (the block index, e.g. ``blocks.7.mlp.0.weight``) whose template
-(``blocks.*.mlp.0.weight``) also occurs in the base model. This lifts microsoft/mup's "same
-depth, same names" restriction (mup issues #43, #54): block ``i`` of ``L`` is compared with
-the base block at the same relative position, ``i * L_base // L``.
+A constructor kwarg is a *depth* kwarg when changing it alone changes the set of parameter
+names (:mod:`mupkit.copies`). Parameters that exist only in the deeper copy belong to repeated
+blocks: their name has an integer component (the block index, e.g. ``blocks.7.mlp.0.weight``)
+whose template (``blocks.*.mlp.0.weight``) also occurs in the base model. This lifts
+microsoft/mup's "same depth, same names" restriction (mup issues #43, #54): block ``i`` of ``L``
+is compared with a base block of the same structure at the same relative position
+(:func:`counterparts`), so stages whose first block downsamples and interleaved
+attention / feed-forward lists match too.
 
-A residual branch ``x + f(x)`` whose ``f`` ends in a Linear/Conv layer (pre-LN transformers,
-residual MLPs) can take the depth multiplier ``m_L^-alpha`` inside that layer exactly (see
-:func:`mupkit.rules.absorb`). :func:`branch_outputs` finds those layers by running block 0
-once on the meta device and recording which layer feeds each ``stream + branch`` add;
-``branch_outputs=`` globs name them when that is not possible.
+A residual branch ``x + f(x)`` whose ``f`` ends in a weight contraction (pre-LN transformers,
+residual MLPs) can take the depth multiplier ``m_L^-alpha`` inside that weight exactly (see
+:func:`mupkit.rules.absorb`). :func:`branch_outputs` finds those layers in the base model's
+usage trace (:mod:`mupkit.trace`, one CPU forward) by following which contraction feeds each
+``stream + branch`` add; ``branch_outputs=`` globs name them when that is not possible.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Mapping, Sequence
 
-import torch
 from torch import nn
-from torch.overrides import TorchFunctionMode
 
-from .shapes import build_on_meta, matches
-
-#: modules a residual branch may end with after its last weight layer (no parameters, no change of scale)
-PASS_THROUGH = (nn.Dropout, nn.Identity)
-#: layers whose output a branch multiplier can be folded into (weight and bias)
-ABSORBING = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+from .shapes import matches
+from .trace import Trace
 
 
 @dataclass(frozen=True)
@@ -39,20 +35,6 @@ class BlockSite:
     container: str
     index: int
     template: str
-
-
-def depth_kwargs(constructor: Callable[..., nn.Module], base: Mapping[str, Any],
-                 target: Mapping[str, Any]) -> list[str]:
-    """The kwargs that differ between base and target and, alone, change the parameter names."""
-    names = {n for n, _ in build_on_meta(constructor, base).named_parameters()}
-    out = []
-    for key in target:
-        if target[key] == base.get(key):
-            continue
-        changed = {n for n, _ in build_on_meta(constructor, {**base, key: target[key]}).named_parameters()}
-        if changed != names:
-            out.append(key)
-    return out
 
 
 def _parts(name: str) -> list[str]:
@@ -111,118 +93,157 @@ def block_counts(sites: Mapping[str, BlockSite]) -> dict[str, int]:
     return counts
 
 
-def base_counterpart(name: str, site: BlockSite, base_depth: int, depth: int) -> str:
-    """The base-depth parameter compared with ``name``: the block at the same relative position."""
-    return site.template.replace("*", str(site.index * base_depth // depth), 1)
+
+def _signature(sites: Mapping[str, BlockSite], shapes: Mapping[str, tuple[int, ...]], container: str,
+               index: int) -> frozenset:
+    """A block's structure: its parameters' names within the block and their shapes."""
+    return frozenset((s.template, shapes[n]) for n, s in sites.items() if s.container == container and s.index == index)
 
 
-def branch_outputs(model: nn.Module, containers: Sequence[str], patterns: Sequence[str] | None = None) -> set[str]:
-    """Module FQN templates (``blocks.*.attn.proj``) of the layers that end a residual branch.
+def _groups(sites: Mapping[str, BlockSite], shapes: Mapping[str, tuple[int, ...]], container: str,
+            depth: int) -> dict[frozenset, list[int]]:
+    """Block indices of ``container`` grouped by structure."""
+    groups: dict[frozenset, list[int]] = {}
+    for i in range(depth):
+        groups.setdefault(_signature(sites, shapes, container, i), []).append(i)
+    return groups
 
-    With ``patterns`` (globs over module templates or names), those are used as given; an empty
-    list means the model applies its branch multipliers itself (:func:`mupkit.nn.residual`), so
-    none is folded into a weight. Otherwise
-    block 0 of each container runs once: for every ``a + b`` where ``a`` is the block input or
-    an earlier residual sum, the layer producing ``b`` (through dropout or identity) ends a
-    branch; it must be one of :data:`ABSORBING`.
+
+def counterparts(sites: Mapping[str, BlockSite], shapes: Mapping[str, tuple[int, ...]],
+                 counts: Mapping[str, tuple[int, int]]) -> dict[str, str]:
+    """Target parameter name -> the base-depth parameter it is compared with.
+
+    Blocks are grouped by structure (:func:`_signature`, at the target width): a ResNet stage's
+    downsampling first block and its plain blocks, or the attention and feed-forward entries of
+    an interleaved list, form different groups. Within a group, the target's ``p``-th block
+    takes the base's block at the same relative position, ``p * n_base // n``.
     """
-    out = set()
-    for container in containers:
-        block = model.get_submodule(f"{container}.0")
-        names = [n for n, m in block.named_modules() if isinstance(m, ABSORBING)]
-        if patterns is not None:
-            chosen = [n for n in names if matches(f"{container}.*.{n}", patterns) or matches(f"{container}.0.{n}", patterns)]
-        else:
-            chosen = _traced_branch_outputs(model, block, container)
-        out.update(f"{container}.*.{n}" for n in chosen)
-    if patterns is not None and list(patterns) and not out:
-        raise ValueError(f"branch_outputs={list(patterns)} match no Linear/Conv layer in the repeated blocks "
-                         f"{list(containers)}; use templates like '{containers[0]}.*.mlp.fc2'.")
+    out = {}
+    for container, (base_depth, depth) in counts.items():
+        for signature, indices in _groups(sites, shapes, container, depth).items():
+            base_indices = [i for i in indices if i < base_depth]
+            if not base_indices:
+                first = indices[0]
+                near = _signature(sites, shapes, container, min(first, base_depth - 1))
+                extra = sorted(f"{t} {shape}" for t, shape in signature - near)[:4]
+                raise ValueError(f"block {container}.{first} of the deeper model matches no block of the base depth "
+                                 f"({container}.0..{base_depth - 1}): it has {extra} that block "
+                                 f"{container}.{min(first, base_depth - 1)} lacks (or with other shapes). Each kind "
+                                 f"of block in {container} must occur at the base depth too; raise the base depth.")
+            for p, i in enumerate(indices):
+                j = base_indices[p * len(base_indices) // len(indices)]
+                for name, s in sites.items():
+                    if s.container == container and s.index == i:
+                        out[name] = s.template.replace("*", str(j), 1)
     return out
 
 
-class _ResidualAdds(TorchFunctionMode):
-    """While block 0 runs (and until block 1 starts), records for every ``stream + branch`` add
-    the layer that produced ``branch``; the stream starts at block 0's input."""
-
-    ADDS = {torch.add, torch.Tensor.add, torch.Tensor.add_, torch.Tensor.__add__, torch.Tensor.__iadd__,
-            torch.Tensor.__radd__}
-
-    def __init__(self, producers: dict[int, str]):
-        super().__init__()
-        self.producers, self.stream, self.keep = producers, set(), []
-        self.active = False
-        self.next_input = None  # what block 1 receives: must be a residual sum of block 0
-        self.branches: list[str | None] = []
-
-    def enter_block(self, x: torch.Tensor) -> None:
-        self.active = True
-        self.stream.add(id(x))
-        self.keep.append(x)
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if self.active and func in self.ADDS and len(args) >= 2 and all(isinstance(a, torch.Tensor) for a in args[:2]):
-            a, b = args[:2]
-            if id(b) in self.stream and id(a) not in self.stream:
-                a, b = b, a
-            if id(a) in self.stream:
-                self.branches.append(self.producers.get(id(b)))
-                self.stream.add(id(out))
-                self.keep.append(out)
-        return out
+def repeated_blocks(sites: Mapping[str, BlockSite], shapes: Mapping[str, tuple[int, ...]],
+                    counts: Mapping[str, tuple[int, int]]) -> dict[str, list[int]]:
+    """Container -> the base-depth indices of one block of each kind that repeats more at the
+    target depth (a stage's plain blocks, not its downsampling first block; the attention and
+    the feed-forward entry of an interleaved list)."""
+    out = {}
+    for container, (base_depth, depth) in counts.items():
+        out[container] = sorted(indices[0] for indices in _groups(sites, shapes, container, depth).values()
+                                if sum(i < base_depth for i in indices) < len(indices))
+    return out
 
 
-def _traced_branch_outputs(model: nn.Module, block: nn.Module, container: str) -> list[str]:
-    """Run the (meta) model once on a synthetic batch and see which layer of block 0 feeds each
-    residual add, whether the add is inside the block or in the container's own forward."""
-    from .data import synthetic_input
-    layers = [n for n, m in block.named_modules() if n and isinstance(m, ABSORBING)]
-    hint = (f"Name the layer that ends each branch, e.g. branch_outputs=['{container}.*.{layers[-1] if layers else 'fc2'}'] "
-            f"(Linear/Conv layers of {container}.0: {', '.join(layers) or 'none'}), or pass branch_outputs=[] and "
-            f"scale the branches in forward with mupkit.nn.residual.")
-    producers: dict[int, str] = {}
-    keep = []
-    mode = _ResidualAdds(producers)
+def branch_outputs(trace: Trace | None, model: nn.Module, blocks: Mapping[str, Sequence[int]],
+                   patterns: Sequence[str] | None = None) -> tuple[set[str], int]:
+    """Parameter templates (``blocks.*.attn.proj.weight``) that carry each residual branch's
+    multiplier, and the most weight layers any branch has.
 
-    def record(name: str, passes: bool):
-        def hook(module, args, out):
-            if isinstance(out, torch.Tensor):
-                keep.append(out)
-                source = producers.get(id(args[0])) if passes and args else name
-                if source is not None:
-                    producers[id(out)] = source
-        return hook
+    With ``patterns`` (globs over module or parameter templates or names), the parameters of
+    matching modules are used as given; an empty list means the model applies its branch
+    multipliers itself (:func:`mupkit.nn.residual`), so none is folded into a weight. Otherwise
+    the base model's trace (:mod:`mupkit.trace`) is read over one repeated block of each kind
+    (``blocks``): for every ``a + b`` where ``a`` is the block's input or an earlier residual
+    sum (through parameter-free elementwise ops such as a ReLU), ``b`` is a branch, and the
+    parameters it is linear in (its last contraction's weight and bias, or the gain and bias of
+    a norm that ends it) take the multiplier ``m_L^-alpha``.
+    """
+    out, layers = set(), 1
+    for container, indices in blocks.items():
+        for index in indices:
+            block = model.get_submodule(f"{container}.{index}")
+            prefix = f"{container}.{index}."
+            params = [n for n, _ in block.named_parameters()]
+            if patterns is not None:
+                chosen = {n for n in params if any(matches(x, patterns) for x in _names_of(container, index, n))}
+            else:
+                branches = _traced_branches(trace, container, index, params)
+                chosen = {p[len(prefix):] for b in branches for p in b}
+                contractions = sum(1 for name, uses in trace.uses.items()
+                                   if name.startswith(prefix) and any(u.kind == "contraction" for u in uses))
+                layers = max(layers, -(-contractions // len(branches)))
+            out.update(f"{container}.*.{n}" for n in chosen)
+    if patterns is not None and list(patterns) and not out:
+        raise ValueError(f"branch_outputs={list(patterns)} match no layer with parameters in the repeated blocks "
+                         f"{list(blocks)}; use templates like '{next(iter(blocks))}.*.mlp.fc2'.")
+    return out, layers
 
-    def stop(module, args):
-        mode.active = False
-        mode.next_input = args[0]
 
-    handles = [m.register_forward_hook(record(n, isinstance(m, PASS_THROUGH)))
-               for n, m in block.named_modules() if n and isinstance(m, ABSORBING + PASS_THROUGH)]
-    handles.append(block.register_forward_pre_hook(lambda module, args: mode.enter_block(args[0])))
-    following = dict(model.named_modules()).get(f"{container}.1")
-    if following is not None:
-        handles.append(following.register_forward_pre_hook(stop))
-    try:
-        x = synthetic_input(model, batch_size=2, seq_len=8, generator=torch.Generator().manual_seed(0))  # not the
-        x = x.to(next(model.parameters()).device)  # global RNG: build() must draw exactly like the constructor
-        with torch.no_grad(), mode:
-            model(x)
-    except Exception as err:
-        raise ValueError(f"cannot run {type(model).__name__} on a synthetic batch to find the residual branches of "
-                         f"{container}.0 ({err.__class__.__name__}: {err}). {hint}") from err
-    finally:
-        for h in handles:
-            h.remove()
-    if not mode.branches:
-        raise ValueError(f"{container}.0 ({type(block).__name__}) feeds no residual add 'x + f(x)'. {hint}")
-    if mode.next_input is not None and id(mode.next_input) not in mode.stream:
-        raise ValueError(f"the residual stream of {container}.0 ({type(block).__name__}) passes through another op "
-                         f"between branches (post-LN: norm(x + f(x))), so mupkit cannot tell every branch from the "
-                         f"adds it sees (found {mode.branches}). {hint}")
-    if None in mode.branches:
-        raise ValueError(f"a residual branch of {container}.0 ({type(block).__name__}) does not end with a Linear/Conv "
-                         f"layer (or passes its output through another op before the add), so its depth multiplier "
-                         f"cannot be folded into a weight. {hint}")
-    return mode.branches
+def _names_of(container: str, index: int, param: str) -> list[str]:
+    """The names a ``branch_outputs`` glob may use for a block parameter: its module's template
+    and name, and its own template and name."""
+    module = param.rpartition(".")[0]
+    names = [f"{container}.*.{param}", f"{container}.{index}.{param}"]
+    names += [f"{container}.*.{module}", f"{container}.{index}.{module}"] if module else \
+        [f"{container}.*", f"{container}.{index}"]
+    return names
+
+
+def _traced_branches(trace: Trace | None, container: str, index: int, params: Sequence[str]) -> list[frozenset]:
+    """The parameter sets the residual branches of block ``index`` are linear in."""
+    modules = list(dict.fromkeys(p.rpartition(".")[0] for p in params))
+    example = next((m for m in reversed(modules) if m), "fc2")
+    hint = (f"Name the layer that ends each branch, e.g. branch_outputs=['{container}.*.{example}'] (modules with "
+            f"parameters in {container}.{index}: {', '.join(m or '(the block itself)' for m in modules) or 'none'}), "
+            f"or pass branch_outputs=[] and scale the branches in forward with mupkit.nn.residual.")
+    if trace is None:
+        raise ValueError(f"mupkit could not run the base model to find the residual branches of {container}.{index} "
+                         f"(see the warning above: pass example_inputs=...). {hint}")
+    begin = _entry(trace, f"{container}.{index}")
+    if begin is None:
+        raise ValueError(f"{container}.{index} was not called in the traced forward, so its residual branches are "
+                         f"unknown. {hint}")
+    following = _entry(trace, f"{container}.{index + 1}")
+    end = following[1] if following else math.inf
+    stream, branches = {begin[0]}, []
+    prefix = f"{container}.{index}."
+
+    def in_stream(x: int) -> bool:
+        while x not in stream and x in trace.unary:
+            x = trace.unary[x]
+        return x in stream
+
+    for a, b, out, at in trace.adds:
+        if not begin[1] < at <= end:
+            continue
+        if in_stream(b) and not in_stream(a):
+            a, b = b, a
+        if not in_stream(a):
+            continue
+        params_of_branch = trace.branch_params.get(b, frozenset())
+        inside = frozenset(p for p in params_of_branch if p.startswith(prefix))
+        branches.append(inside if inside and inside == params_of_branch else None)
+        stream.add(out)
+    if not branches:
+        raise ValueError(f"{container}.{index} feeds no residual add 'x + f(x)'. {hint}")
+    if following and not in_stream(following[0]):
+        raise ValueError(f"the residual stream of {container}.{index} passes through another op between branches "
+                         f"(post-LN: norm(x + f(x))), so mupkit cannot tell every branch from the adds it sees. {hint}")
+    if None in branches:
+        raise ValueError(f"a residual branch of {container}.{index} is not linear in weights of the block (its last "
+                         f"op is not a Linear, conv, matmul or norm of the block, or it passes through another op "
+                         f"before the add), so its depth multiplier cannot be folded into weights. {hint}")
+    return list(dict.fromkeys(branches))
+
+
+def _entry(trace: Trace, block: str) -> tuple[int, int] | None:
+    """(input id, op index) of the first call of ``block`` or, when the block itself is never
+    called (a ModuleList entry whose children the container calls), of its first called child."""
+    calls = [c for name, cs in trace.entered.items() if name == block or name.startswith(block + ".") for c in cs]
+    return min(calls, key=lambda c: c[1]) if calls else None

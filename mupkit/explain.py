@@ -7,7 +7,7 @@ from torch import nn
 from .plan import Plan, plan_of
 
 COLUMNS = ("name", "role", "shape", "m_in", "m_out", "m_L", "init std", "fwd mult", "Adam LR x", "SGD LR x",
-           "Adafactor LR x", "AdamW WD x", "Adam eps x")
+           "Adafactor LR x", "AdamW WD x", "Adam eps x", "role from")
 
 
 def _fmt(x: float | None) -> str:
@@ -20,6 +20,8 @@ def explain_rows(plan: Plan) -> list[tuple[str, ...]]:
     for name, s in plan.items():
         fwd = "1" + "".join(f" (x{plan.input_multipliers[m]:.4g} at {m})" for m in s.tied_readouts
                             if m in plan.input_multipliers)
+        fwd += "".join(f" (x{f:.4g} on the output of {m or 'the model'})" for m, f in plan.output_multipliers.items()
+                       if s.tied_readouts and name in plan.readouts)
         if s.op_forward != 1.0:
             fwd = f"{s.op_forward:.4g} (in op)"
         elif s.absorbed != 1.0 and not s.branch_output:
@@ -27,10 +29,12 @@ def explain_rows(plan: Plan) -> list[tuple[str, ...]]:
         if s.branch_output:
             fwd += f" (branch x{s.absorbed:.4g}, absorbed)"
         role = s.role.value + (" (tied readout)" if s.tied_readouts else "")
+        if s.role.value == "output" and plan.readouts and name not in plan.readouts:
+            role += " (not the model output)"
         rows.append((name, role, "x".join(map(str, s.target)) or "()", _fmt(s.m_in), _fmt(s.m_out),
                      _fmt(s.m_depth) if s.block else "-", _fmt(s.init_std), fwd, _fmt(s.scales["adam"].lr),
                      _fmt(s.scales["sgd"].lr), _fmt(s.scales["adafactor"].lr), _fmt(s.scales["adamw"].wd),
-                     _fmt(s.scales["adam"].eps)))
+                     _fmt(s.scales["adam"].eps), s.role_source or "-"))
     return rows
 
 
@@ -57,19 +61,20 @@ def explain(model_or_plan: nn.Module | Plan) -> str:
     if sizes:
         head += f"  base={sizes.get('base')}  target={sizes.get('target')}"
     depth = plan.depth
-    if depth:
-        blocks = ", ".join(f"{c}: {lb} -> {l} blocks" for c, (lb, l) in depth["blocks"].items())
-        if depth.get("unit_scaled"):
+    if depth is not None:
+        blocks = ", ".join(f"{c}: {lb} -> {l} blocks" for c, (lb, l) in depth.blocks.items())
+        if depth.unit_scaled:
             head += (f"\ndepth: {blocks}; u-muP: residual taus ~ L^-1/2 in the modules, LR x L^-1/2 inside blocks "
                      f"(L in layers)")
-        elif depth.get("alpha") is None:
+        elif depth.alpha is None:
             head += f"\ndepth: {blocks}; no depth rule (plain {plan.parametrization}): branches are not scaled"
         else:
-            head += (f"\ndepth: {blocks}; alpha = {depth['alpha']:g} (branch x m_L^-alpha, LR x m_L^(alpha-1) "
-                     f"inside blocks); branch outputs {', '.join(depth['branch_outputs'])}")
+            head += (f"\ndepth: {blocks}; alpha = {depth.alpha:g} (branch x m_L^-alpha, LR x m_L^(alpha-1) "
+                     f"inside blocks); branch outputs {', '.join(depth.branch_outputs)}")
             if plan.parametrization.endswith("+depth"):  # the rule was chosen from the block structure
-                chosen = "CompleteP" if depth["alpha"] == 1.0 else "Depth-muP"
+                chosen = "CompleteP" if depth.alpha == 1.0 else "Depth-muP"
                 head += (f"\n{chosen} chosen by '+depth': CompleteP (Dey et al. 2025) for blocks with multi-layer "
                          f"branches (transformer layers), where Depth-muP's theory breaks down (Yang et al. 2023), "
                          f"Depth-muP for one-layer branches.")
-    return "\n".join([head, *lines])
+    notes = [f"warning: {note}" for note in plan.notes]
+    return "\n".join([head, *lines, *notes])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+import numbers
 from typing import Any
 
 import torch
@@ -41,16 +43,18 @@ def _default_weight_decay_policy(parametrization: str) -> str:
 
 
 def resolve_family(optimizer: Any) -> Family:
-    """A family from its name, a mupkit optimizer class (``family`` attribute) or a torch class."""
+    """A family from its name, a mupkit optimizer class (``family`` attribute) or a torch class
+    (or an instance of one)."""
+    cls = optimizer if isinstance(optimizer, (str, type)) else type(optimizer)
     if isinstance(optimizer, str):
         key = optimizer.lower()
     elif isinstance(getattr(optimizer, "family", None), Family):
         return optimizer.family
-    elif isinstance(optimizer, type) and issubclass(optimizer, torch.optim.Optimizer):
-        key = TORCH_FAMILIES.get(optimizer.__name__, "")
+    elif isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer):
+        key = TORCH_FAMILIES.get(cls.__name__, "")
     else:
         key = ""
-    if key not in FAMILIES and getattr(optimizer, "__name__", "") == "Adafactor":
+    if key not in FAMILIES and getattr(cls, "__name__", "") == "Adafactor":
         raise ValueError(f"{optimizer!r} takes its group lr only as the cap of its relative step, so a muP LR "
                          f"multiplier would vanish after 1/lr^2 steps; use mupkit.optim.Adafactor (mode='torch' or "
                          f"mode='hf'), which applies it to every step.")
@@ -71,8 +75,14 @@ def param_groups(model: nn.Module, *, optimizer: Any = None, lr: float | None = 
       ``lr * lr_scale`` each step, so LR schedulers work unchanged.
     * ``optimizer=`` a family name or optimizer class (for torch and third-party optimizers):
       ``lr`` is required; each group gets concrete ``lr = lr * lr_scale``, ``weight_decay`` per
-      the policy and, for Adam-like families, ``eps = eps * eps_scale`` when ``eps`` is given.
-      ``lr_scale``/``wd_scale``/``eps_scale`` are kept for reference.
+      the policy and, for Adam-like families, ``eps = eps * eps_scale``.
+      ``lr_scale``/``wd_scale``/``eps_scale`` are kept for reference. With a class (or an
+      instance), a ``weight_decay``/``eps`` not given is the class's own default (its
+      ``__init__`` signature: torch Adam ``eps = 1e-8``, AdamW ``weight_decay = 0.01``), scaled
+      the same way, so the groups step as ``mupkit.optim`` would; group values win over the
+      constructor's, so pass them here, not to the optimizer. With a family name there is no
+      class to read: an omitted ``weight_decay``/``eps`` stays unset (the optimizer's own,
+      unscaled value).
 
     Weight-decay policies: ``coupled`` (mup semantics; ``wd * wd_scale`` keeps the per-step
     decay ``lr * wd`` width-invariant) and ``independent`` (decoupled-decay families only: the
@@ -90,6 +100,10 @@ def param_groups(model: nn.Module, *, optimizer: Any = None, lr: float | None = 
     plan = plan_of(model)
     owner = plan_owner(model)
     family = None if optimizer is None else resolve_family(optimizer)
+    if family is not None and not isinstance(optimizer, str):  # a class or an instance: fill its defaults
+        cls = optimizer if isinstance(optimizer, type) else type(optimizer)
+        weight_decay = _class_default(cls, "weight_decay") if weight_decay is None else weight_decay
+        eps = _class_default(cls, "eps") if eps is None and family.has_eps else eps
     plan_policy = _default_weight_decay_policy(plan.parametrization)
     if weight_decay_policy is None and family is not None:
         weight_decay_policy = plan_policy if family.decoupled_wd else "coupled"
@@ -129,6 +143,33 @@ def param_groups(model: nn.Module, *, optimizer: Any = None, lr: float | None = 
         group["params"].append(p)
         group["param_names"].append(name)
     return list(groups.values())
+
+
+def _class_default(cls: type, name: str) -> float | None:
+    """The value of ``name`` that ``cls(...)`` uses when not given: the default in the first
+    ``__init__`` along the MRO that declares it (a ``**kwargs`` one passes it on); ``None`` when
+    ``cls`` takes no such argument or requires it. A default that is not a number (``None`` for
+    "computed later", a tensor, a tuple) cannot be multiplied by a muP scale, and leaving it
+    unscaled would silently differ from ``mupkit.optim``: ``ValueError``."""
+    for klass in cls.__mro__:
+        if "__init__" not in vars(klass):
+            continue
+        try:
+            params = inspect.signature(vars(klass)["__init__"]).parameters
+        except (TypeError, ValueError):  # a builtin without a signature
+            return None
+        arg = params.get(name)
+        if arg is not None and arg.kind in (arg.POSITIONAL_OR_KEYWORD, arg.KEYWORD_ONLY):
+            if arg.default is arg.empty:
+                return None
+            if isinstance(arg.default, numbers.Real) and not isinstance(arg.default, bool):
+                return float(arg.default)
+            raise ValueError(f"{cls.__name__}'s default {name}={arg.default!r} is not a number, so mupkit cannot "
+                             f"scale it per group (by the muP multiplier); pass {name}=... to param_groups "
+                             f"explicitly.")
+        if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+            return None
+    return None
 
 
 def _new_group(spec, family: Family | None, lr, weight_decay, eps, policy: str) -> dict[str, Any]:

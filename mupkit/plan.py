@@ -15,8 +15,8 @@ from typing import Any, Iterator, Mapping
 from torch import nn
 
 from .roles import Role
-from .rules import Scales
-from .shapes import width_multipliers
+from .rules import FAMILIES, DepthRule, RoleRule, Scales, scales_for
+from .shapes import ParamShapes, width_multipliers
 
 PLAN_ATTR = "_mupkit_plan"
 
@@ -36,6 +36,8 @@ class ParamSpec:
     ``m_depth = L / L_base`` of its container, ``branch_output``: it ends a residual branch and
     carries the branch multiplier in its init and LR. ``op_forward``: the forward multiplier
     the parameter's own unit-scaled op applies (u-muP's ``A_W``; never absorbed).
+    ``role_source``: where the role's axes came from (``trace``, ``module type``, ``shape``,
+    ``layouts=``, ``unit module``).
     """
 
     name: str
@@ -57,6 +59,7 @@ class ParamSpec:
     branch_output: bool = False
     absorbed: float = 1.0
     op_forward: float = 1.0
+    role_source: str = ""
 
     @property
     def init_std(self) -> float | None:
@@ -83,21 +86,68 @@ class ParamSpec:
         return cls(**d)
 
 
+def make_spec(name: str, shapes: ParamShapes, role: Role, rule: RoleRule, *, m_in: float, m_out: float,
+              init_scale: float, absorbed: float, lr_absorbed: float | None = None, depth: DepthRule | None = None,
+              m_depth: float = 1.0, **fields: Any) -> ParamSpec:
+    """The one way a :class:`ParamSpec` is made: ``rule`` at ``(m_in, m_out)`` gives the LR /
+    WD / eps multipliers of every optimizer family, with the forward multiplier ``absorbed``
+    folded in (:func:`mupkit.rules.absorb`; ``lr_absorbed`` when the optimizer sees another
+    factor, e.g. a u-muP bias under its weight's ``A_W``) and the depth rule inside blocks."""
+    scales = {f: scales_for(rule, fam, m_in, m_out, absorbed=absorbed if lr_absorbed is None else lr_absorbed,
+                            depth=depth, m_depth=m_depth) for f, fam in FAMILIES.items()}
+    return ParamSpec(name=name, role=role, base=shapes.base, target=shapes.target, infinite=shapes.infinite,
+                     m_in=m_in, m_out=m_out, init_scale=init_scale, scales=scales, absorbed=absorbed,
+                     m_depth=m_depth, **fields)
+
+
+@dataclass(frozen=True)
+class DepthInfo:
+    """How base and target differ in depth: block containers ``{FQN: (L_base, L)}``, the depth
+    rule's ``alpha`` (None: no rule), the module templates whose weights carry the branch
+    multiplier, the constructor kwargs that set the depth, and whether u-muP's modules scale
+    the branches themselves."""
+
+    blocks: Mapping[str, tuple[int, int]]
+    alpha: float | None = None
+    branch_outputs: tuple[str, ...] = ()
+    kwargs: tuple[str, ...] = ()
+    unit_scaled: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"blocks": {c: list(v) for c, v in self.blocks.items()}, "alpha": self.alpha,
+                "branch_outputs": list(self.branch_outputs), "kwargs": list(self.kwargs),
+                "unit_scaled": self.unit_scaled}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "DepthInfo":
+        return cls({c: tuple(v) for c, v in d["blocks"].items()}, d.get("alpha"), tuple(d.get("branch_outputs", ())),
+                   tuple(d.get("kwargs", ())), bool(d.get("unit_scaled", False)))
+
+
 @dataclass(frozen=True)
 class Plan(Mapping[str, ParamSpec]):
-    """Immutable mapping FQN -> :class:`ParamSpec`, plus module-level forward multipliers.
+    """Immutable mapping FQN -> :class:`ParamSpec`, plus what the forward needs beyond it.
 
-    ``input_multipliers``: module FQN -> factor applied to the module's first input (used for a
-    readout tied to an embedding, where the readout multiplier cannot be absorbed).
-    ``depth``: when base and target differ in depth, ``{"alpha": ..., "blocks": {container:
-    [L_base, L]}, "branch_outputs": [module templates]}``; empty otherwise.
+    ``input_multipliers`` / ``output_multipliers``: module FQN -> factor applied to the module's
+    first input / output (a readout tied to an embedding, whose ``1/m_in`` cannot be absorbed
+    into the shared weight). ``depth``: a :class:`DepthInfo` when base and target differ in
+    depth. What the usage trace (:mod:`mupkit.trace`) saw: ``readouts``, the parameters whose
+    contraction produces the model's output; ``output_modules``, the module calls returning it
+    (a readout layer and the wrappers around it); ``constant_modules``, modules whose outputs
+    depend on no parameter (rotary tables); ``notes``, warnings about the forward (attention
+    at ``1/sqrt(d)``, width-dependent constants).
     """
 
     parametrization: str
     specs: Mapping[str, ParamSpec]
     input_multipliers: Mapping[str, float] = field(default_factory=dict)
     sizes: Mapping[str, Any] = field(default_factory=dict)
-    depth: Mapping[str, Any] = field(default_factory=dict)
+    depth: DepthInfo | None = None
+    output_multipliers: Mapping[str, float] = field(default_factory=dict)
+    readouts: tuple[str, ...] = ()
+    output_modules: tuple[str, ...] = ()
+    constant_modules: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()
 
     def __getitem__(self, name: str) -> ParamSpec:
         return self.specs[name]
@@ -118,7 +168,10 @@ class Plan(Mapping[str, ParamSpec]):
         """Serialize (``sizes`` values that JSON cannot hold are stored as their ``repr``)."""
         text = json.dumps({"format": "mupkit-plan/1", "parametrization": self.parametrization,
                            "sizes": self.sizes, "input_multipliers": dict(self.input_multipliers),
-                           "depth": dict(self.depth),
+                           "output_multipliers": dict(self.output_multipliers),
+                           "depth": None if self.depth is None else self.depth.to_dict(),
+                           "readouts": list(self.readouts), "output_modules": list(self.output_modules),
+                           "constant_modules": list(self.constant_modules), "notes": list(self.notes),
                            "specs": [s.to_dict() for s in self.specs.values()]}, indent=1, default=repr)
         if path is not None:
             with open(path, "w") as f:
@@ -135,7 +188,11 @@ class Plan(Mapping[str, ParamSpec]):
         if d.get("format") != "mupkit-plan/1":
             raise ValueError(f"not a mupkit plan file (format {d.get('format')!r}, expected 'mupkit-plan/1')")
         specs = {s["name"]: ParamSpec.from_dict(s) for s in d["specs"]}
-        return cls(d["parametrization"], specs, d["input_multipliers"], d["sizes"], d.get("depth", {}))
+        depth = d.get("depth") or None  # files written before DepthInfo hold {} for "no depth"
+        return cls(d["parametrization"], specs, d["input_multipliers"], d["sizes"],
+                   None if depth is None else DepthInfo.from_dict(depth), d.get("output_multipliers", {}),
+                   tuple(d.get("readouts", ())), tuple(d.get("output_modules", ())),
+                   tuple(d.get("constant_modules", ())), tuple(d.get("notes", ())))
 
 
 _WRAPPER_ATTRS = ("module", "_orig_mod")  # DDP / DataParallel, torch.compile

@@ -126,7 +126,7 @@ class DepthRule:
 
     alpha: float
     #: unit-scaled residuals (u-muP): the branch weight ``tau`` is applied in the forward only
-    #: (:func:`mupkit.nn.functional.residual_add`), so SGD's gradient does not carry it and takes
+    #: (:func:`mupkit.unit.functional.residual_add`), so SGD's gradient does not carry it and takes
     #: Adam's ``m_L^(alpha - 1)``; gradients are unit-scaled, so eps keeps no width or depth factor
     unit_scaled: bool = False
 
@@ -284,7 +284,7 @@ def get_parametrization(name: str | Parametrization) -> Parametrization:
         raise ValueError(f"{name!r}: depth rules build on muP's width rules; use 'mup+{depth}'.")
     if base.absolute:
         raise ValueError(f"{name!r}: u-muP has its own depth rule (residual taus ~ L^-1/2 and LR x L^-1/2, "
-                         f"Depth-muP, in mupkit.nn.DepthModuleList blocks); use 'umup', or 'mup+{depth}'.")
+                         f"Depth-muP, in mupkit.unit.DepthModuleList blocks); use 'umup', or 'mup+{depth}'.")
     rule = "auto" if depth == "depth" else DEPTH_RULES[depth]
     return Parametrization(f"{width}+{depth}", base.rules, base.rescales, rule)
 

@@ -2,32 +2,29 @@
 
 * :func:`text_lm`: next-byte prediction on the Python standard library's sources
   (:func:`mupkit.data.stdlib_corpus`), for token models (``model(ids) -> logits``, or a
-  ``model.loss(ids)`` such as :class:`mupkit.nn.TransformerDecoder`).
+  ``model.loss(ids)`` such as :class:`mupkit.unit.TransformerDecoder`).
 * :func:`digits`: the scikit-learn 8x8 digits (1797 images, shipped with scikit-learn; install
   the ``examples`` extra), flattened to 64 features for an MLP or as ``1x8x8`` images for a CNN.
 
 Each returns ``train(model, hparams, seed) -> training losses`` for :func:`mupkit.transfer.sweep`:
 a mupkit optimizer over ``mupkit.param_groups(model)`` with ``hparams["lr"]`` (and optional
-``"weight_decay"``), a linear warmup, and a fixed batch order per seed.
+``"weight_decay"``), a linear warmup, and a fixed batch order per seed. Which built-in model
+trains on which (widths, LR grid, fixed kwargs) is in the registry, :data:`mupkit.zoo.BUILTIN`.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import models
 from .data import stdlib_corpus, token_windows
 from .groups import param_groups
-from .nn.unit import TransformerDecoder
 from .optim import get_optimizer
-from .zoo import load_module
 
 TrainFn = Callable[[nn.Module, Mapping[str, float], int], list[float]]
 
@@ -94,53 +91,3 @@ def digits(*, steps: int = 300, batch: int = 64, warmup: int = 20, optimizer: st
             return F.cross_entropy(model(x[idx]), y[idx])
         return _train_loop(model, hparams, seed, steps, warmup, optimizer, next_loss)
     return train
-
-
-@dataclass(frozen=True)
-class TransferTask:
-    """What ``mupkit transfer`` needs for a model: constructor, default widths and LR grid
-    (``log2`` exponents), fixed kwargs per parametrization and base width, and the trainer."""
-
-    constructor: Callable[..., nn.Module]
-    widths: tuple[int, ...]
-    log2_lrs: tuple[int, ...]
-    trainer: Callable[[int], TrainFn]  # steps -> train function
-    kwargs: Callable[[str, int], dict[str, Any]] = lambda parametrization, base: {}
-
-
-def _gpt_kwargs(parametrization: str, base: int) -> dict[str, Any]:
-    """muP's 1/d attention pinned to SP at the base width; SP keeps 1/sqrt(d)."""
-    return {"base_width": None if parametrization == "sp" else base, "max_len": 64, "depth": 2}
-
-
-TASKS: dict[str, TransferTask] = {
-    "mlp": TransferTask(models.mlp, (64, 128, 256, 512, 1024), tuple(range(-14, -3)),
-                        lambda steps: digits(steps=steps)),
-    "cnn": TransferTask(models.cnn, (16, 32, 64, 128), tuple(range(-13, -3)),
-                        lambda steps: digits(steps=steps, images=True),
-                        kwargs=lambda parametrization, base: {"in_channels": 1}),
-    "transformer": TransferTask(models.gpt, (64, 128, 256, 512), tuple(range(-13, -4)),
-                                lambda steps: text_lm(steps=steps), kwargs=_gpt_kwargs),
-    "umup-transformer": TransferTask(TransformerDecoder, (64, 128, 256, 512), tuple(range(-5, 3)),
-                                     lambda steps: text_lm(steps=steps),
-                                     kwargs=lambda parametrization, base: {"depth": 2}),
-}
-TASKS["gpt"] = TASKS["transformer"]
-
-
-def load_task(spec: str) -> TransferTask:
-    """A built-in name, or ``path.py:func``: ``func(width=...)`` builds the model and the file
-    defines ``train(model, hparams, seed) -> losses``."""
-    if spec in TASKS:
-        return TASKS[spec]
-    path, sep, func = spec.rpartition(":")
-    if not sep or not path.endswith(".py"):
-        raise ValueError(f"--model {spec!r}: use one of {sorted(TASKS)} or PATH.py:FUNC")
-    module = load_module(path)
-    if not callable(getattr(module, func, None)):
-        raise ValueError(f"--model {spec!r}: {path} has no function {func!r}")
-    train = getattr(module, "train", None)
-    if not callable(train):
-        raise ValueError(f"--model {spec!r}: {path} must define train(model, hparams, seed) -> losses, the training "
-                         f"run each sweep point makes")
-    return TransferTask(getattr(module, func), (64, 128, 256, 512), tuple(range(-12, -3)), lambda steps: train)

@@ -1,9 +1,9 @@
-"""u-muP plans: roles declared by :mod:`mupkit.nn.unit` modules, rules at the model's own fans.
+"""u-muP plans: roles declared by :mod:`mupkit.unit` modules, rules at the model's own fans.
 
 u-muP (Blake et al. 2024) has no base shapes: its multipliers are functions of each weight's
 own fans (:data:`mupkit.rules.UMUP`). So the plan records them against a base width of 1:
 ``m_in``/``m_out`` are the fans themselves and ``m_L`` is the number of layers in a
-:class:`~mupkit.nn.unit.DepthModuleList`. Roles come from the modules (``UNIT_ROLES``), not
+:class:`~mupkit.unit.DepthModuleList`. Roles come from the modules (``UNIT_ROLES``), not
 from shape inference, and each weight's forward multiplier ``A_W`` is applied by its
 unit-scaled op (``ParamSpec.op_forward``, shown by :func:`mupkit.explain`), never absorbed.
 
@@ -12,7 +12,7 @@ can be inferred (pass ``base=``, as for muP): their ``A_W`` is absorbed exactly 
 init std ``A_W``, LR and eps mapped by :func:`mupkit.rules.absorb`). What a plain layer cannot
 carry is the backward scale of a unit-scaled op; Adam-like updates are invariant to a
 constant gradient scale per tensor (up to eps), SGD's are not. The model's other ops (its
-nonlinearities, attention, residual adds) stay its own: use :mod:`mupkit.nn.functional` in its
+nonlinearities, attention, residual adds) stay its own: use :mod:`mupkit.unit.functional` in its
 forward to unit-scale them.
 """
 
@@ -23,10 +23,11 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from .nn.unit import DepthModuleList
-from .plan import ParamSpec, Plan
+from .unit.modules import DepthModuleList
+from .plan import DepthInfo, ParamSpec, Plan, make_spec
 from .roles import Role, RoleInfo
-from .rules import FAMILIES, Parametrization, scales_for
+from .rules import Parametrization
+from .shapes import ParamShapes
 
 
 #: roles whose parameters u-muP initializes N(0, 1); biases start at 0 and gains at 1
@@ -97,23 +98,24 @@ def unit_plan(model: nn.Module, param: Parametrization, sizes: Mapping[str, Any]
         absorbed = 1.0 if local in declared else a_w
         under_weight = 1.0 if local in declared else _weight_multiplier(specs, module_name, local)
         container, depth, template = blocks.get(name, (None, 1, None))
-        specs[name] = ParamSpec(
-            name=name, role=role, base=base, target=shape, infinite=infinite, m_in=m_in, m_out=m_out,
-            init_scale=rule.init(m_in, m_out) * absorbed, base_init_std=1.0 if role in WEIGHTS else None,
-            scales={f: scales_for(rule, fam, m_in, m_out, absorbed=absorbed * under_weight,
-                                  depth=param.depth if container is not None else None, m_depth=depth)
-                    for f, fam in FAMILIES.items()},
+        specs[name] = make_spec(
+            name, ParamShapes(base, shape, infinite), role, rule, m_in=m_in, m_out=m_out,
+            init_scale=rule.init(m_in, m_out) * absorbed, absorbed=absorbed, lr_absorbed=absorbed * under_weight,
+            depth=param.depth if container is not None else None, m_depth=float(depth),
+            base_init_std=1.0 if role in WEIGHTS else None,
             fan_out_axis=out_axis if fan_out_axis is None else fan_out_axis, fan_in_axis=in_axis,
-            aliases=tuple(a for a in aliases[id(p)] if a != name), block=template, m_depth=float(depth),
-            absorbed=absorbed, op_forward=a_w if local in declared else 1.0)
+            aliases=tuple(a for a in aliases[id(p)] if a != name), block=template,
+            op_forward=a_w if local in declared else 1.0,
+            role_source="unit module" if local in declared else roles[name].source)
     if plain:
         raise ValueError(f"{param.name!r}: mupkit cannot tell the role of {len(plain)} parameters: {plain[:4]}. "
-                         f"Build the model from unit-scaled mupkit.nn parts (Linear, LinearReadout, Embedding, "
+                         f"Build the model from unit-scaled mupkit.unit parts (Linear, LinearReadout, Embedding, "
                          f"RMSNorm, ...), or pass base=dict(...) so plain layers' roles are inferred from shapes (a "
                          f"readout tied to an embedding cannot absorb u-muP's 1/fan_in: untie it).")
-    counts = {c: [1, n] for c, n, _ in blocks.values()}
-    depth = {"blocks": counts, "alpha": param.depth.alpha, "unit_scaled": True} if counts else {}
-    return Plan(param.name, specs, {}, dict(sizes or {}), depth)
+    counts = {c: (1, n) for c, n, _ in blocks.values()}
+    depth = DepthInfo(counts, param.depth.alpha, unit_scaled=True) if counts else None
+    readouts = tuple(n for n, s in specs.items() if s.role is Role.OUTPUT)
+    return Plan(param.name, specs, {}, dict(sizes or {}), depth, readouts=readouts)
 
 
 def _weight_multiplier(specs: Mapping[str, ParamSpec], module_name: str, local: str) -> float:

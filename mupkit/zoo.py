@@ -1,11 +1,15 @@
-"""Ready-made coordinate-check definitions for the built-in models (used by the CLI and coord_checks/).
+"""The one registry of built-in models, used by ``mupkit coord-check``, ``mupkit transfer`` and coord_checks/.
 
-Each definition fixes what a check of that model needs besides the widths: the constructor,
-its fixed kwargs (which may depend on the parametrization and base width, e.g. the GPT's
-attention scale), a default width range spanning 16x, default LRs per optimizer family
-("large", so SP visibly fails), and optionally a batch per optimizer family. The
-``umup-transformer`` is :class:`mupkit.nn.TransformerDecoder` (check it with ``--param umup``),
-trained on its unit-scaled cross-entropy.
+Each :class:`ModelDefinition` in :data:`BUILTIN` says a model's constructor and, for a
+coordinate check, its fixed kwargs (which may depend on the parametrization and base width,
+e.g. the GPT's attention scale), a default width range spanning 16x, default LRs per optimizer
+family ("large", so SP visibly fails) and optionally a batch per optimizer family; and, for an
+HP-transfer sweep, its :class:`TransferTask` (widths, LR grid, trainer from :mod:`mupkit.tasks`,
+fixed kwargs), or None. The ``umup-transformer`` is :class:`mupkit.unit.TransformerDecoder`
+(check it with ``--param umup``), trained on its unit-scaled cross-entropy.
+
+:func:`load_definition` (coordinate check) and :func:`load_task` (transfer) give a built-in
+model by name, or a user's model from ``PATH.py:FUNC``.
 """
 
 from __future__ import annotations
@@ -21,22 +25,46 @@ from . import models
 from .integrations import hf
 from .data import Batch
 from .groups import resolve_family
-from .nn.functional import cross_entropy as unit_cross_entropy
-from .nn.unit import TransformerDecoder
 from .optim import get_optimizer
 from .rules import FAMILIES
+from .tasks import TrainFn, digits, text_lm
+from .unit.functional import cross_entropy as unit_cross_entropy
+from .unit.modules import TransformerDecoder
+
+#: ``(parametrization, base width) -> fixed constructor kwargs``
+KwargsFn = Callable[[str, int], dict[str, Any]]
+
+
+def _no_kwargs(parametrization: str, base: int) -> dict[str, Any]:
+    return {}
 
 
 @dataclass(frozen=True)
-class CheckDefinition:
-    constructor: Callable[..., torch.nn.Module]
+class TransferTask:
+    """What ``mupkit transfer`` needs for a model besides its constructor: default widths and LR
+    grid (``log2`` exponents), the trainer (``steps -> train(model, hparams, seed) -> losses``)
+    and fixed kwargs per parametrization and base width."""
+
     widths: tuple[int, ...]
+    log2_lrs: tuple[int, ...]
+    trainer: Callable[[int], TrainFn]
+    kwargs: KwargsFn = _no_kwargs
+
+
+@dataclass(frozen=True)
+class ModelDefinition:
+    """One model of the registry: its constructor, its coordinate-check defaults (widths, LRs,
+    fixed kwargs, batch, loss) and its transfer task (None: ``mupkit transfer`` does not offer it)."""
+
+    constructor: Callable[..., torch.nn.Module]
+    widths: tuple[int, ...]  # the coordinate check's default widths (16x)
     lr: Mapping[str, float] = field(default_factory=lambda: {"adam": 1e-2, "adamw": 1e-2, "sgd": 0.3,
                                                               "adafactor": 0.1})
-    kwargs: Callable[[str, int], dict[str, Any]] = lambda parametrization, base: {}
+    kwargs: KwargsFn = _no_kwargs  # the coordinate check's fixed kwargs
     batch: Callable[[str], Batch] | None = None  # optimizer family name -> (inputs, targets)
     loss: Callable | None = None
     depth_batch: Callable[[], Batch] | None = None  # for depth checks (None: the synthetic batch)
+    transfer: TransferTask | None = None
 
     def batch_for(self, optimizer: Any, depth: bool = False) -> Batch | None:
         """The definition's batch for ``optimizer`` (a name or class), or None for a synthetic one;
@@ -86,43 +114,74 @@ def _token_batch_for_depth() -> Batch:
     return idx[:, :-1], idx[:, 1:]
 
 
-def _gpt_kwargs(parametrization: str, base: int) -> dict[str, Any]:
-    """1/d attention pinned to SP at the base width under muP; plain 1/sqrt(d) under SP.
+def _mup_attention(parametrization: str, base: int) -> dict[str, Any]:
+    """muP's 1/d attention pinned to SP's 1/sqrt(d) at the base width; SP keeps 1/sqrt(d)."""
+    return {"base_width": None if parametrization == "sp" else base}
+
+
+def _gpt_check_kwargs(parametrization: str, base: int) -> dict[str, Any]:
+    """The GPT in a coordinate check: muP's attention, 16 positions (the check's batches are at
+    most 16 tokens long), an input multiplier of 10 and an untied readout.
 
     The readout is untied so that it can be zero-initialized, as in microsoft/mup's own coordinate
     checks (TP5 App. D.2): a readout tied to the embedding keeps its init, whose output term
     ``W_0 h / m`` (and ``W_0 dh / m``) falls like ``width^-1/2`` and masks the first steps at
     CPU-sized widths. The rules checked are the same for both.
     """
-    return {"base_width": None if parametrization == "sp" else base, "max_len": 16, "emb_mult": 10.0,
-            "tie": False}
+    return {**_mup_attention(parametrization, base), "max_len": 16, "emb_mult": 10.0, "tie": False}
+
+
+def _gpt_transfer_kwargs(parametrization: str, base: int) -> dict[str, Any]:
+    """The GPT in a transfer sweep: muP's attention, 64 positions (:func:`~mupkit.tasks.text_lm`'s
+    context), 2 layers, tied readout and no input multiplier (GPT-2 style, as measured in
+    examples/transfer_gpt.jsonl; these kwargs are part of each stored trial's identity)."""
+    return {**_mup_attention(parametrization, base), "max_len": 64, "depth": 2}
 
 
 def _hf_kwargs(parametrization: str, base: int) -> dict[str, Any]:
     """HF models from a config: muP's 1/d attention pinned at the base (None under SP), 16
     positions, the readout untied so it can be zero-initialized (as for the built-in GPT)."""
-    return {"base_width": None if parametrization == "sp" else base, "max_len": 16, "tie": False}
+    return {**_mup_attention(parametrization, base), "max_len": 16, "tie": False}
 
 
-BUILTIN: dict[str, CheckDefinition] = {
-    "mlp": CheckDefinition(models.mlp, (64, 128, 256, 512, 1024),
-                           lr={"adam": 1e-2, "adamw": 1e-2, "sgd": 1.0, "adafactor": 0.1}),
-    "cnn": CheckDefinition(models.cnn, (32, 64, 128, 256, 512),
-                           lr={"adam": 3e-3, "adamw": 3e-3, "sgd": 0.3, "adafactor": 0.03}),
-    "resmlp": CheckDefinition(models.resmlp, (64, 128, 256, 512, 1024)),
-    "transformer": CheckDefinition(models.gpt, (64, 128, 256, 512, 1024),
-                                   lr={"adam": 3e-3, "adamw": 3e-3, "sgd": 0.3, "adafactor": 0.03}, kwargs=_gpt_kwargs,
-                                   batch=_token_batch, depth_batch=_token_batch_for_depth),
+def _umup_kwargs(parametrization: str, base: int) -> dict[str, Any]:
+    return {"depth": 2}  # 4 heads: the constructor's default
+
+
+BUILTIN: dict[str, ModelDefinition] = {
+    "mlp": ModelDefinition(models.mlp, (64, 128, 256, 512, 1024),
+                           lr={"adam": 1e-2, "adamw": 1e-2, "sgd": 1.0, "adafactor": 0.1},
+                           transfer=TransferTask((64, 128, 256, 512, 1024), tuple(range(-14, -3)),
+                                                 lambda steps: digits(steps=steps))),
+    "cnn": ModelDefinition(models.cnn, (32, 64, 128, 256, 512),
+                           lr={"adam": 3e-3, "adamw": 3e-3, "sgd": 0.3, "adafactor": 0.03},
+                           transfer=TransferTask((16, 32, 64, 128), tuple(range(-13, -3)),
+                                                 lambda steps: digits(steps=steps, images=True),
+                                                 kwargs=lambda parametrization, base: {"in_channels": 1})),
+    "resmlp": ModelDefinition(models.resmlp, (64, 128, 256, 512, 1024)),
+    "transformer": ModelDefinition(models.gpt, (64, 128, 256, 512, 1024),
+                                   lr={"adam": 3e-3, "adamw": 3e-3, "sgd": 0.3, "adafactor": 0.03},
+                                   kwargs=_gpt_check_kwargs, batch=_token_batch, depth_batch=_token_batch_for_depth,
+                                   transfer=TransferTask((64, 128, 256, 512), tuple(range(-13, -4)),
+                                                         lambda steps: text_lm(steps=steps),
+                                                         kwargs=_gpt_transfer_kwargs)),
+    "umup-transformer": ModelDefinition(
+        TransformerDecoder, (64, 128, 256, 512, 1024), lr={"adam": 0.1, "adamw": 0.1, "sgd": 0.1, "adafactor": 0.03},
+        kwargs=_umup_kwargs, batch=_token_batch,
+        loss=lambda logits, targets: unit_cross_entropy(logits.flatten(0, -2), targets.flatten()),
+        transfer=TransferTask((64, 128, 256, 512), tuple(range(-5, 3)), lambda steps: text_lm(steps=steps),
+                              kwargs=_umup_kwargs)),
 }
-BUILTIN["umup-transformer"] = CheckDefinition(
-    TransformerDecoder, (64, 128, 256, 512, 1024), lr={"adam": 0.1, "adamw": 0.1, "sgd": 0.1, "adafactor": 0.03},
-    kwargs=lambda parametrization, base: {"depth": 2, "heads": 4}, batch=_token_batch,
-    loss=lambda logits, targets: unit_cross_entropy(logits.flatten(0, -2), targets.flatten()))
 for _name, _constructor in (("hf-gpt2", hf.gpt2), ("hf-llama", hf.llama)):
-    BUILTIN[_name] = CheckDefinition(_constructor, (64, 128, 256, 512, 1024), lr={"adam": 1e-3, "adamw": 1e-3,
+    BUILTIN[_name] = ModelDefinition(_constructor, (64, 128, 256, 512, 1024), lr={"adam": 1e-3, "adamw": 1e-3,
                                      "sgd": 0.3, "adafactor": 0.03}, kwargs=_hf_kwargs, batch=_token_batch)
 BUILTIN["resnet"] = BUILTIN["resmlp"]
 BUILTIN["gpt"] = BUILTIN["transformer"]
+
+
+def transfer_models() -> list[str]:
+    """The built-in names ``mupkit transfer`` offers (those with a transfer task)."""
+    return sorted(name for name, definition in BUILTIN.items() if definition.transfer)
 
 
 def load_module(path: str) -> Any:
@@ -136,7 +195,18 @@ def load_module(path: str) -> Any:
     return module
 
 
-def load_definition(spec: str) -> CheckDefinition:
+def _load_user(spec: str, names: list[str]) -> tuple[Any, Callable[..., torch.nn.Module]]:
+    """``PATH.py:FUNC``: the imported file and its ``FUNC``; ``names``: the built-ins, for the error."""
+    path, sep, func = spec.rpartition(":")
+    if not sep or not path.endswith(".py"):
+        raise ValueError(f"--model {spec!r}: use one of {names} or PATH.py:FUNC")
+    module = load_module(path)
+    if not callable(getattr(module, func, None)):
+        raise ValueError(f"--model {spec!r}: {path} has no function {func!r}")
+    return module, getattr(module, func)
+
+
+def load_definition(spec: str) -> ModelDefinition:
     """A built-in name, or ``path.py:func``: ``func(width=..., **kwargs)`` builds the model.
 
     The file may also define ``batch() -> (inputs, targets)`` and ``loss(output, targets)``;
@@ -144,13 +214,23 @@ def load_definition(spec: str) -> CheckDefinition:
     """
     if spec in BUILTIN:
         return BUILTIN[spec]
-    path, sep, func = spec.rpartition(":")
-    if not sep or not path.endswith(".py"):
-        raise ValueError(f"--model {spec!r}: use one of {sorted(BUILTIN)} or PATH.py:FUNC")
-    module = load_module(path)
-    if not callable(getattr(module, func, None)):
-        raise ValueError(f"--model {spec!r}: {path} has no function {func!r}")
+    module, constructor = _load_user(spec, sorted(BUILTIN))
     user_batch = getattr(module, "batch", None)
-    return CheckDefinition(getattr(module, func), (64, 128, 256, 512, 1024),
+    return ModelDefinition(constructor, (64, 128, 256, 512, 1024),
                            batch=(lambda family: user_batch()) if user_batch else None,
                            loss=getattr(module, "loss", None))
+
+
+def load_task(spec: str) -> ModelDefinition:
+    """A built-in name with a transfer task, or ``path.py:func``: ``func(width=...)`` builds the
+    model and the file defines ``train(model, hparams, seed) -> losses``. The definition's
+    :attr:`~ModelDefinition.transfer` is set."""
+    if spec in BUILTIN and BUILTIN[spec].transfer is not None:
+        return BUILTIN[spec]
+    module, constructor = _load_user(spec, transfer_models())
+    train = getattr(module, "train", None)
+    if not callable(train):
+        raise ValueError(f"--model {spec!r}: {spec.rpartition(':')[0]} must define train(model, hparams, seed) -> "
+                         f"losses, the training run each sweep point makes")
+    return ModelDefinition(constructor, (64, 128, 256, 512, 1024),
+                           transfer=TransferTask((64, 128, 256, 512), tuple(range(-12, -3)), lambda steps: train))

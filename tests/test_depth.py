@@ -31,8 +31,8 @@ def gpt_plan(parametrization, depth=8, width=128):
 def test_rules_follow_the_completep_table(name, alpha):
     plan = gpt_plan(name)
     m_n, m_l = 2.0, 4.0
-    assert plan.depth["blocks"] == {"blocks": [2, 8]} and plan.depth["alpha"] == alpha
-    assert set(plan.depth["branch_outputs"]) == {"blocks.*.attn.proj", "blocks.*.mlp.2"}
+    assert plan.depth.blocks == {"blocks": (2, 8)} and plan.depth.alpha == alpha
+    assert set(plan.depth.branch_outputs) == {f"blocks.*.{m}.{w}" for m in ("attn.proj", "mlp.2") for w in ("weight", "bias")}
     qkv, ln, bias = plan["blocks.5.attn.qkv.weight"], plan["blocks.5.ln1.weight"], plan["blocks.5.mlp.0.bias"]
     assert qkv.m_depth == m_l and not qkv.branch_output
     assert qkv.scales["adamw"].lr == pytest.approx(m_n ** -1 * m_l ** (alpha - 1))  # hidden LR
@@ -59,7 +59,7 @@ def test_eps_rule_does_not_jump_when_depth_equals_the_base(name):
     """At equal depths (m_L = 1) a depth parametrization is muP with the CompleteP table's eps
     m_N^-1: the same eps as a deeper target's block would get at m_L = 1, not muP's fixed eps."""
     same, mup = gpt_plan(name, depth=2), gpt_plan("mup", depth=2)
-    assert same.depth == {}
+    assert same.depth is None
     for n, spec in same.items():
         m_n = max(spec.m_in, spec.m_out)
         assert spec.scales["adam"].eps == pytest.approx(m_n ** -1), n
@@ -69,14 +69,14 @@ def test_eps_rule_does_not_jump_when_depth_equals_the_base(name):
 
 def test_mup_plus_depth_picks_completep_for_multi_layer_branches_and_explain_says_so():
     plan = gpt_plan("mup+depth")
-    assert plan.depth["alpha"] == 1.0
+    assert plan.depth.alpha == 1.0
     text = mupkit.explain(plan)
     assert "CompleteP" in text and "Depth-muP's theory breaks down" in text and "branch x0.25" in text
 
 
 def test_plain_mup_maps_blocks_but_does_not_scale_depth():
     plan = gpt_plan("mup")
-    assert plan.depth["alpha"] is None and not any(s.branch_output for s in plan.values())
+    assert plan.depth.alpha is None and not any(s.branch_output for s in plan.values())
     assert plan["blocks.7.attn.proj.weight"].scales["adamw"].lr == pytest.approx(0.5)
 
 
@@ -165,7 +165,7 @@ def test_errors_name_what_to_do():
     plan = mupkit.infer_plan(NoResidual, base=dict(depth=2), target=dict(depth=4), parametrization="completep",
                              branch_outputs=["blocks.*.0"])
     assert plan["blocks.3.0.weight"].branch_output
-    with pytest.raises(ValueError, match="match no Linear/Conv layer"):
+    with pytest.raises(ValueError, match="match no layer with parameters"):
         mupkit.infer_plan(NoResidual, base=dict(depth=2), target=dict(depth=4), parametrization="completep",
                           branch_outputs=["blocks.*.nothing"])
     with pytest.raises(ValueError, match="unknown parametrization 'mup\\+deep'"):
@@ -238,7 +238,7 @@ def test_depth_build_draws_from_the_global_rng_like_the_constructor():
 
 class TorchEncoder(nn.Module):
     """torch's own pre-LN nn.TransformerEncoder: attention's output projection is applied inside
-    F.multi_head_attention_forward, so the branch end must be named."""
+    F.multi_head_attention_forward, which the usage trace sees through."""
 
     def __init__(self, width=64, depth=2):
         super().__init__()
@@ -251,16 +251,19 @@ class TorchEncoder(nn.Module):
         return self.head(self.enc(self.emb(x)))
 
 
-def test_torch_transformer_encoder_needs_and_accepts_named_branch_outputs():
+def test_torch_transformer_encoder_branches_are_traced_or_named():
     sizes = dict(base=dict(width=64, depth=2), target=dict(width=128, depth=8), parametrization="completep")
-    with pytest.raises(ValueError, match=r"self_attn\.out_proj, linear1, linear2"):
-        mupkit.infer_plan(TorchEncoder, **sizes)
-    model = mupkit.build(TorchEncoder, branch_outputs=["enc.layers.*.self_attn.out_proj", "enc.layers.*.linear2"],
-                         **sizes)
+    expected = {f"enc.layers.{i}.{m}.{w}" for i in range(8) for m in ("self_attn.out_proj", "linear2")
+                for w in ("weight", "bias")}
+    with pytest.warns(mupkit.ForwardScalingWarning, match=r"attention in module 'enc\.layers\.\*\.self_attn'.*1/sqrt"):
+        traced = mupkit.infer_plan(TorchEncoder, **sizes)
+    assert {n for n, s in traced.items() if s.branch_output} == expected
+    with pytest.warns(mupkit.ForwardScalingWarning):
+        model = mupkit.build(TorchEncoder, branch_outputs=["enc.layers.*.self_attn.out_proj", "enc.layers.*.linear2"],
+                             **sizes)
     plan = mupkit.plan_of(model)
     ends = {n for n, s in plan.items() if s.branch_output}
-    assert ends == {f"enc.layers.{i}.{m}.{w}" for i in range(8) for m in ("self_attn.out_proj", "linear2")
-                    for w in ("weight", "bias")}
+    assert ends == expected
     assert plan["enc.layers.3.linear2.weight"].absorbed == pytest.approx(0.25)
     assert model(torch.randint(0, 100, (2, 8))).shape == (2, 8, 100)
 
@@ -306,7 +309,7 @@ class Stages(nn.Module):
 
 def test_nested_containers_get_their_own_depths():
     plan = mupkit.infer_plan(Stages, base=dict(depth=1), target=dict(depth=4), parametrization="completep")
-    assert plan.depth["blocks"] == {"stages.0": [2, 8], "stages.1": [1, 4]}
+    assert plan.depth.blocks == {"stages.0": (2, 8), "stages.1": (1, 4)}
     assert plan["stages.0.5.fc2.weight"].m_depth == 4 and plan["stages.1.3.fc2.weight"].branch_output
 
 

@@ -14,6 +14,7 @@ import mupkit
 from mupkit import models, tasks
 from mupkit.cli import main as cli
 from mupkit.transfer import Sweep, load_records, sweep
+from mupkit.zoo import BUILTIN, load_definition, load_task, transfer_models
 
 LRS = [2.0 ** k for k in range(-9, -4)]
 
@@ -164,10 +165,23 @@ def test_cli_transfer_on_a_user_model_and_resume(tmp_path, capsys):
     assert "must define train(model, hparams, seed)" in capsys.readouterr().err
 
 
+def test_both_clis_take_built_in_models_from_one_registry(capsys):
+    """coord-check and transfer read the same mupkit.zoo entry; a model without a transfer task
+    (resmlp, the HF models) is offered only for coordinate checks."""
+    assert transfer_models() == ["cnn", "gpt", "mlp", "transformer", "umup-transformer"]
+    for name in transfer_models():
+        assert load_task(name) is load_definition(name) is BUILTIN[name]
+    gpt = BUILTIN["transformer"]  # the measured kwargs: coord_checks/ figures and examples/transfer_gpt.jsonl
+    assert gpt.kwargs("mup", 64) == {"base_width": 64, "max_len": 16, "emb_mult": 10.0, "tie": False}
+    assert gpt.transfer.kwargs("sp", 64) == {"base_width": None, "max_len": 64, "depth": 2}
+    assert cli(["transfer", "--model", "resmlp", "--quiet"]) == 2
+    assert "use one of ['cnn', 'gpt', 'mlp', 'transformer', 'umup-transformer']" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("constructor,kwargs", [(models.gpt, dict(max_len=64, depth=1)),
-                                                (mupkit.nn.TransformerDecoder, dict(depth=1))])
+                                                (mupkit.unit.TransformerDecoder, dict(depth=1))])
 def test_text_task_trains_token_models(constructor, kwargs):
-    param = "umup" if constructor is mupkit.nn.TransformerDecoder else "mup"
+    param = "umup" if constructor is mupkit.unit.TransformerDecoder else "mup"
     model = mupkit.build(constructor, base=dict(width=32, **kwargs), target=dict(width=64, **kwargs),
                          parametrization=param)
     losses = tasks.text_lm(steps=30, batch=8, limit=200_000)(model, {"lr": 3e-3 if param == "mup" else 0.3}, 0)

@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import mupkit
-import mupkit.nn.functional as M
+import mupkit.unit.functional as M
 from mupkit import models
 from mupkit.cli import main as cli
 from mupkit.zoo import BUILTIN
@@ -184,7 +184,7 @@ def twin_decoders(width=32, vocab=50, depth=3, heads=4, alpha_res=1.0, alpha_res
     torch.manual_seed(0)
     rule = uu.core.functional.transformer_residual_scaling_rule(alpha_res, alpha_res_attn_ratio)
     theirs = uu.TransformerDecoder(width, vocab, depth, heads, residual_scaling=rule)
-    ours = mupkit.build(mupkit.nn.TransformerDecoder, target=dict(width=width, vocab=vocab, depth=depth, heads=heads,
+    ours = mupkit.build(mupkit.unit.TransformerDecoder, target=dict(width=width, vocab=vocab, depth=depth, heads=heads,
                                                                   alpha_res=alpha_res,
                                                                   alpha_res_attn_ratio=alpha_res_attn_ratio),
                         parametrization="umup")
@@ -226,7 +226,7 @@ def test_umup_hyperparameters_reach_the_ops_as_in_unit_scaling():
         assert close(grads[names[k]].grad, p.grad), k
     torch.manual_seed(1)
     x = torch.randn(2, 8, 32)
-    mine = mupkit.nn.MHSA(32, 4, is_causal=True, alpha_attn_softmax=0.25)
+    mine = mupkit.unit.MHSA(32, 4, is_causal=True, alpha_attn_softmax=0.25)
     ref = uu.MHSA(32, 4, is_causal=True, mult=0.25)
     ref.load_state_dict({"linear_qkv.weight": mine.qkv.weight, "linear_o.weight": mine.proj.weight})
     assert close(mine(x), ref(x))
@@ -256,7 +256,7 @@ def test_lr_multipliers_equal_scaled_parameters():
 def test_umup_weight_decay_is_independent_of_the_peak_lr_by_default():
     """u-muP plans default to the independent policy for decoupled decay (AdamW); an L2 optimizer
     (Adam) keeps coupled decay; an explicit policy wins."""
-    model = mupkit.build(mupkit.nn.TransformerDecoder, target=dict(width=64, depth=2), parametrization="umup")
+    model = mupkit.build(mupkit.unit.TransformerDecoder, target=dict(width=64, depth=2), parametrization="umup")
     policies = lambda opt: {g["weight_decay_policy"] for g in opt.param_groups}  # noqa: E731
     assert policies(mupkit.optim.AdamW(mupkit.param_groups(model), lr=1e-2, weight_decay=0.1)) == {"independent"}
     assert policies(mupkit.optim.Adam(mupkit.param_groups(model), lr=1e-2, weight_decay=0.1)) == {"coupled"}
@@ -273,7 +273,7 @@ def test_umup_weight_decay_is_independent_of_the_peak_lr_by_default():
 
 
 def test_explain_shows_every_scale_and_plan_survives_copies():
-    model = mupkit.build(mupkit.nn.TransformerDecoder, target=dict(width=64, depth=2), parametrization="umup")
+    model = mupkit.build(mupkit.unit.TransformerDecoder, target=dict(width=64, depth=2), parametrization="umup")
     text = mupkit.explain(model)
     assert "umup" in text and "0.125 (in op)" in text and "0.01562 (in op)" in text and "LR x L^-1/2" in text
     plan = mupkit.plan_of(model)
@@ -307,8 +307,8 @@ def test_plain_layers_absorb_the_unit_forward_multipliers():
     class UnitNet(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.emb, self.up = mupkit.nn.Embedding(50, 64), mupkit.nn.Linear(64, 256, bias=True)
-            self.down, self.out = mupkit.nn.Linear(256, 64, bias=True), mupkit.nn.LinearReadout(64, 50, bias=True)
+            self.emb, self.up = mupkit.unit.Embedding(50, 64), mupkit.unit.Linear(64, 256, bias=True)
+            self.down, self.out = mupkit.unit.Linear(256, 64, bias=True), mupkit.unit.LinearReadout(64, 50, bias=True)
 
         def forward(self, ids):
             return self.out(self.down(torch.nn.functional.gelu(self.up(self.emb(ids)))))
@@ -329,7 +329,9 @@ def test_plain_layers_absorb_the_unit_forward_multipliers():
 
 
 def test_umup_says_what_it_needs():
-    with pytest.raises(ValueError, match=r"0\.weight \(8, 4\) in Linear.*mupkit\.nn parts.*base=dict"):
+    with pytest.raises(AttributeError, match=r"mupkit\.nn\.Linear moved to mupkit\.unit\.Linear \(u-muP .*no bias"):
+        mupkit.nn.Linear  # noqa: B018
+    with pytest.raises(ValueError, match=r"0\.weight \(8, 4\) in Linear.*mupkit\.(nn|unit) parts.*base=dict"):
         mupkit.build(lambda width: torch.nn.Sequential(torch.nn.Linear(4, width)), target=dict(width=8),
                      parametrization="umup")
     with pytest.raises(ValueError, match="own depth rule"):
@@ -349,7 +351,7 @@ def test_every_tensor_is_unit_scaled_at_init_across_widths(dtype):
     widths, by_width, worst = [64, 128, 256, 512, 1024], {}, (None, 1.0)
     for width in widths:
         torch.manual_seed(0)
-        model = mupkit.build(mupkit.nn.TransformerDecoder, target=dict(width=width, depth=2, heads=4),
+        model = mupkit.build(mupkit.unit.TransformerDecoder, target=dict(width=width, depth=2, heads=4),
                              parametrization="umup").to(dtype)
         v_grads = {}
 

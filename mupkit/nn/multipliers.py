@@ -58,13 +58,13 @@ def branch_multiplier(plan_or_model, container: str | None = None) -> float:
     from ..plan import Plan, plan_of
     plan = plan_or_model if isinstance(plan_or_model, Plan) else plan_of(plan_or_model)
     depth = plan.depth
-    if not depth.get("blocks") or depth.get("alpha") is None:
+    if depth is None or depth.alpha is None:
         raise ValueError(f"the plan ({plan.parametrization!r}) has no depth rule for repeated blocks; build the "
                          f"model with base and target depths and a depth parametrization (e.g. 'mup+completep').")
-    if depth.get("branch_outputs"):
-        raise ValueError(f"the plan already folds the branch multiplier into {depth['branch_outputs']}; adding it in "
+    if depth.branch_outputs:
+        raise ValueError(f"the plan already folds the branch multiplier into {list(depth.branch_outputs)}; adding it in "
                          f"the forward too would apply it twice. Build with branch_outputs=[] to scale explicitly.")
-    containers = depth["blocks"]
+    containers = depth.blocks
     if container is None:
         if len(containers) != 1:
             raise ValueError(f"the plan has several block containers {sorted(containers)}; pass container=...")
@@ -72,7 +72,7 @@ def branch_multiplier(plan_or_model, container: str | None = None) -> float:
     if container not in containers:
         raise ValueError(f"container={container!r} is not a block container of the plan: {sorted(containers)}")
     base_depth, depth_now = containers[container]
-    return residual_scale(depth_now, base_depth, depth["alpha"])
+    return residual_scale(depth_now, base_depth, depth.alpha)
 
 
 def residual(x, branch, scale, container: str | None = None):
@@ -84,3 +84,28 @@ def residual(x, branch, scale, container: str | None = None):
     if not isinstance(scale, (int, float)):
         scale = branch_multiplier(scale, container)
     return x + scale * branch
+
+
+class OutputScale:
+    """Forward hook multiplying a module's output (a tensor, or the first item of a tuple, list or
+    dict) by ``scale``: muP's readout multiplier for a readout computed by an op on an embedding's
+    weight (``einsum(h, emb.weight)``) inside the module's forward. Picklable, like :class:`InputScale`."""
+
+    def __init__(self, scale: float):
+        self.scale = float(scale)
+
+    def __call__(self, module: nn.Module, args: tuple, out):
+        if isinstance(out, (tuple, list)):
+            return type(out)((out[0] * self.scale, *out[1:]))
+        if isinstance(out, dict):
+            key = next(iter(out))
+            out[key] = out[key] * self.scale
+            return out
+        return out * self.scale
+
+    def __repr__(self) -> str:
+        return f"OutputScale({self.scale:g})"
+
+
+def install_output_scale(module: nn.Module, scale: float) -> None:
+    module.register_forward_hook(OutputScale(scale))

@@ -2,7 +2,7 @@
 
 Unit Scaling (Blake et al. 2023) and u-muP (Blake et al. 2024, "u-muP: The Unit-Scaled Maximal
 Update Parametrization", Sec. 4 and App. E) give every op a forward scale and separate
-backward scales (:func:`mupkit.nn.scale.scale`), chosen so that, for inputs of unit variance,
+backward scales (:func:`mupkit.unit.scale.scale`), chosen so that, for inputs of unit variance,
 the output and every gradient have unit variance too. Numerically these ops equal
 ``unit_scaling.functional`` 0.3.5 for the same arguments (a test checks outputs and gradients
 to 1e-6 relative). ``B`` below is the batch size of an op: its input's elements per feature.
@@ -22,7 +22,7 @@ cross_entropy              ``CE(mult x)``                         x: ``V / (V - 
 dropout                    ``dropout(x) (1 - p)^1/2``             ``(1 - p)^1/2``
 =========================  =====================================  ==============================
 
-``constraint`` (see :data:`mupkit.nn.scale.CONSTRAINTS`): ``"to_output_scale"`` uses the
+``constraint`` (see :data:`mupkit.unit.scale.CONSTRAINTS`): ``"to_output_scale"`` uses the
 output scale for the input gradient too, as an op on the residual path must; ``None`` keeps
 them independent (safe where the mismatch cancels, e.g. a GLU's up and down projections).
 """

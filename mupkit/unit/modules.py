@@ -1,4 +1,4 @@
-"""u-muP modules: unit-variance parameters and unit-scaled ops (:mod:`mupkit.nn.functional`).
+"""u-muP modules: unit-variance parameters and unit-scaled ops (:mod:`mupkit.unit.functional`).
 
 Every weight is initialized ``N(0, 1)``, biases at 0, norm gains at 1 (u-muP's ``B_W = 1``,
 Blake et al. 2024, Table 2); the width multipliers of muP live in the ops (``A_W``): hidden
@@ -96,7 +96,7 @@ class RMSNorm(nn.Module):
 
 class MHSA(nn.Module):
     """Multi-head self-attention: unit-scaled qkv and output projections around
-    :func:`~mupkit.nn.functional.scaled_dot_product_attention` (``mult = alpha_attn_softmax``)."""
+    :func:`~mupkit.unit.functional.scaled_dot_product_attention` (``mult = alpha_attn_softmax``)."""
 
     def __init__(self, width: int, heads: int, is_causal: bool = True, dropout_p: float = 0.0,
                  alpha_attn_softmax: float = 1.0) -> None:
@@ -158,7 +158,7 @@ class DepthModuleList(nn.ModuleList):
 
 class TransformerDecoder(nn.Module):
     """A u-muP decoder-only transformer on token ids ``(batch, seq)``: embedding, ``depth``
-    :class:`TransformerLayer` s (residual taus from :func:`~mupkit.nn.functional.residual_taus`),
+    :class:`TransformerLayer` s (residual taus from :func:`~mupkit.unit.functional.residual_taus`),
     final RMSNorm, readout. Positions come from causal attention alone (no position embedding,
     as in graphcore's demo model). :meth:`loss` is next-token unit-scaled cross-entropy.
     """
