@@ -127,7 +127,7 @@ def _check_matches(model: nn.Module, plan: Plan) -> None:
 def _std_mean(p: torch.Tensor) -> tuple[float, float]:
     if p.numel() < 2:
         return 0.0, 0.0
-    std, mean = torch.std_mean(p.detach().float())
+    std, mean = torch.std_mean(p.detach().double())  # float64: the same value at any thread count
     return float(std), float(mean)
 
 
@@ -138,19 +138,18 @@ def _std(p: torch.Tensor) -> float:
 def _rescale(p: torch.Tensor, spec: ParamSpec) -> None:
     """Give ``p`` the std ``spec.init_std``: the init-std rule scales the deviation from the mean
     (a mean such as a gain's 1 is kept), an absorbed forward multiplier ``c`` scales the whole
-    tensor: ``p <- c ((p - mean) k + mean)`` with ``k = init_std / (c std)``, in place (fp32 math)."""
+    tensor: ``p <- c ((p - mean) k + mean)`` with ``k = init_std / (c std)``, computed in fp64."""
     std, mean = _std_mean(p)
     c = spec.absorbed
     k = spec.init_std / c / std if spec.init_std is not None and std > 0.0 else 1.0
     if c == 1.0 and k == 1.0:
         return
-    x = p.detach() if p.dtype == torch.float32 else p.detach().float()
+    x = p.detach().double()
     if k != 1.0:
         x.sub_(mean).mul_(k).add_(mean)
     if c != 1.0:
         x.mul_(c)
-    if p.dtype != torch.float32:
-        p.copy_(x)
+    p.copy_(x)
 
 
 def _zero(model: nn.Module, plan: Plan, params: Mapping[str, torch.Tensor], patterns: Sequence[str]) -> None:

@@ -21,12 +21,13 @@ def synthetic_input(model: nn.Module, *, batch_size: int = 32, seq_len: int = 16
     """An input batch for ``model`` from its first layer (see :func:`synthetic_batch`), on the CPU."""
     first = next((m for m in model.modules() if isinstance(m, (nn.Embedding, nn.Linear, nn.Conv1d, nn.Conv2d,
                                                                   nn.Conv3d))), None)
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     if isinstance(first, nn.Embedding):
         return torch.randint(0, first.num_embeddings, (batch_size, seq_len), generator=generator)
     if isinstance(first, nn.Linear):
-        return torch.randn(batch_size, first.in_features, generator=generator)
+        return torch.randn(batch_size, first.in_features, generator=generator).to(dtype)
     if isinstance(first, nn.modules.conv._ConvNd):
-        return torch.randn(batch_size, first.in_channels, *SPATIAL[len(first.kernel_size)], generator=generator)
+        return torch.randn(batch_size, first.in_channels, *SPATIAL[len(first.kernel_size)], generator=generator).to(dtype)
     raise ValueError(f"cannot infer an input for {type(model).__name__}: its first layer is not an Embedding, "
                      f"Linear or Conv. Pass example inputs (build / infer_plan: example_inputs=...; coord_check: "
                      f"batch=(inputs, targets); CLI: define batch() in the model file).")

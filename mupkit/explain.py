@@ -47,6 +47,10 @@ def explain(model_or_plan: nn.Module | Plan) -> str:
     an embedding, in which case the multiplier is applied to the readout's input (shown as
     ``x... at <module>``). With depth scaling, ``m_L = L / L_base`` for parameters of repeated
     blocks, and the last layer of each residual branch shows its absorbed branch multiplier.
+    An ``output`` parameter that does not produce the model's output (an MoE router) says so;
+    "role from" is where its axes came from (the usage trace, ``layouts=``, the module type, or
+    the shape alone). Warnings about the forward (attention at ``1/sqrt(d)``, width-dependent
+    constants) close the table.
     """
     plan = model_or_plan if isinstance(model_or_plan, Plan) else plan_of(model_or_plan)
     rows = [COLUMNS, *explain_rows(plan)]

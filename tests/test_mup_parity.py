@@ -43,10 +43,16 @@ def mup_model(family, norm, dtype=torch.float32):
     return model
 
 
+def example(family, dtype=torch.float32) -> torch.Tensor:
+    """An input batch for the usage trace, from its own generator (the global RNG is the models')."""
+    return torch.randn(INPUTS[family], generator=torch.Generator().manual_seed(0), dtype=dtype)
+
+
 def mupkit_model(family, norm, dtype=torch.float32):
     def make(width):
         return family(width, nn.Linear, norm).to(dtype)
-    return mupkit.build(make, base=dict(width=BASE), delta=dict(width=DELTA), target=dict(width=TARGET))
+    return mupkit.build(make, base=dict(width=BASE), delta=dict(width=DELTA), target=dict(width=TARGET),
+                        example_inputs=example(family, dtype))
 
 
 def readout_name(model) -> str:
@@ -125,7 +131,7 @@ def test_at_base_width_mupkit_equals_sp_exactly(family, norm):
     sp = family(BASE, nn.Linear, norm)
     torch.manual_seed(3)
     model = mupkit.build(lambda width: family(width, nn.Linear, norm), base=dict(width=BASE),
-                         delta=dict(width=DELTA), target=dict(width=BASE))
+                         delta=dict(width=DELTA), target=dict(width=BASE), example_inputs=example(family))
     for p, q in zip(model.parameters(), sp.parameters()):
         assert torch.equal(p, q)
     for g in mupkit.param_groups(model, optimizer="sgd", lr=0.1, weight_decay=0.01):

@@ -20,7 +20,8 @@ STEPS = 10
 def untied_gpt():
     """Untied readout: absorbed, so its Adam eps_scale is 4 (width 128 over base 32)."""
     torch.manual_seed(0)
-    return mupkit.build(models.gpt, base=dict(width=32, tie=False), target=dict(width=128, tie=False))
+    return mupkit.build(models.gpt, base=dict(width=32, tie=False, base_width=32),
+                        target=dict(width=128, tie=False, base_width=32))
 
 
 def umup_mlp():

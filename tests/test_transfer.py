@@ -178,7 +178,7 @@ def test_both_clis_take_built_in_models_from_one_registry(capsys):
     assert "use one of ['cnn', 'gpt', 'mlp', 'transformer', 'umup-transformer']" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("constructor,kwargs", [(models.gpt, dict(max_len=64, depth=1)),
+@pytest.mark.parametrize("constructor,kwargs", [(models.gpt, dict(max_len=64, depth=1, base_width=32)),
                                                 (mupkit.unit.TransformerDecoder, dict(depth=1))])
 def test_text_task_trains_token_models(constructor, kwargs):
     param = "umup" if constructor is mupkit.unit.TransformerDecoder else "mup"

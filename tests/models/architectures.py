@@ -212,7 +212,8 @@ def bert(width: int = 64, depth: int = 2, base_width: int | None = None, tie: bo
     return MaskedLM(model)
 
 
-def t5(width: int = 64, depth: int = 2, base_width: int | None = None, tie: bool = True) -> nn.Module:
+def t5(width: int = 64, depth: int = 2, base_width: int | None = None, tie: bool = True,
+       zero_query: bool = False) -> nn.Module:
     """``T5ForConditionalGeneration``: encoder-decoder, relative position buckets, RMS norms, ReLU
     MLP ``4 * width``, readout tied to the shared embedding with the decoder output scaled by
     ``d_model**-0.5`` (``tie_word_embeddings=True``); ``d_kv = width / 4`` so the head dim scales.
@@ -223,7 +224,15 @@ def t5(width: int = 64, depth: int = 2, base_width: int | None = None, tie: bool
     ``d_kv_base^-1/2``: the logits are then scaled by a constant. With ``base_width``, ``scaling``
     becomes ``d_kv_base / d_kv`` (1 at the base), so the logits' total scale is muP's
     ``sqrt(d_kv_base) / d_kv``; a tied readout's ``d_model**-0.5`` is pinned at ``base_width**-0.5``
-    (``model_dim``, read only there). Untied (``tie=False``), T5 applies no such rescale."""
+    (``model_dim``, read only there). ``tie=False`` gives the readout its own weight (init
+    ``N(0, 1/d_model)``) and no rescale: transformers 5's ``T5Config`` turns
+    ``tie_word_embeddings=False`` into ``scale_decoder_outputs=False`` and ties the weights anyway.
+
+    ``zero_query``: zero-initialize every query projection (Tensor Programs V, App. D.2; mup's
+    README), so the logits are 0 at init at every width. T5's keys have coordinates of size 1
+    (std ``d_model^-1/2``), so its base logits are O(1); muP's ``1/d`` makes them fade like
+    ``d^-1/2`` at init, and the attention's output changes with width at init (a transient that
+    muP's theory allows and zero queries remove)."""
     from transformers import T5Config, T5ForConditionalGeneration
 
     config = T5Config(d_model=width, d_ff=4 * width, d_kv=_head_dim(width), num_heads=N_HEAD, num_layers=depth,
@@ -236,6 +245,12 @@ def t5(width: int = 64, depth: int = 2, base_width: int | None = None, tie: bool
             if hasattr(module, "key_value_proj_dim") and isinstance(getattr(module, "scaling", None), float):
                 module.scaling = base_kv / module.key_value_proj_dim
         model.model_dim = base_width  # the decoder output's d_model**-0.5 (tied readout only), pinned
+    if zero_query:
+        for module in model.modules():
+            if hasattr(module, "key_value_proj_dim"):
+                nn.init.zeros_(module.q.weight)
+    if not tie:  # T5Config forces tie_word_embeddings=True (the False only drops the rescale): untie here
+        model.lm_head.weight = nn.Parameter(torch.randn(VOCAB, width) * width ** -0.5)
     return Seq2SeqLM(model)
 
 

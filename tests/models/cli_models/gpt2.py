@@ -1,0 +1,28 @@
+"""GPT-2 (``GPT2LMHeadModel``) for
+``mupkit coord-check --model tests/models/cli_models/gpt2.py:make``.
+
+``make(width, base_width=None)``: the model of ``tests/models/architectures.py`` at depth 2;
+``base_width`` applies muP's forward (attention at ``1/d`` pinned at the base). Tied readout by
+default (``tie=False`` unties it). ``batch()``: the inputs and targets the check trains on.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import sys
+
+_MODELS = str(pathlib.Path(__file__).resolve().parents[1])  # tests/models: architectures.py
+if _MODELS not in sys.path:
+    sys.path.insert(0, _MODELS)
+
+import architectures  # noqa: E402
+
+DEPTH = 2
+
+
+def make(width: int = 64, base_width: int | None = None, tie: bool = True):
+    return architectures.gpt2(width, DEPTH, base_width=base_width, tie=tie)
+
+
+def batch():
+    return architectures.token_batch()
