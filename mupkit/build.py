@@ -15,7 +15,7 @@ from torch import nn
 
 from .bsh import load_bsh
 from .copies import Constructor
-from .infer import spec_for, infer_plan, readout_params, tied_readout_multipliers
+from .infer import infer_plan, readout_params, spec_for, std_mean, tied_readout_multipliers
 from .nn.multipliers import install_input_scale, install_output_scale
 from .plan import PLAN_ATTR, ParamSpec, Plan, has_plan
 from .roles import Role, assign_roles
@@ -124,42 +124,45 @@ def _check_matches(model: nn.Module, plan: Plan) -> None:
                          f"({len(bad)} mismatches). Infer the plan with target= the sizes this model was built with.")
 
 
-def _std_mean(p: torch.Tensor) -> tuple[float, float]:
-    if p.numel() < 2:
-        return 0.0, 0.0
-    std, mean = torch.std_mean(p.detach().double())  # float64: the same value at any thread count
-    return float(std), float(mean)
-
-
 def _std(p: torch.Tensor) -> float:
-    return _std_mean(p)[0]
+    return std_mean(p)[0]
 
 
 def _rescale(p: torch.Tensor, spec: ParamSpec) -> None:
     """Give ``p`` the std ``spec.init_std``: the init-std rule scales the deviation from the mean
     (a mean such as a gain's 1 is kept), an absorbed forward multiplier ``c`` scales the whole
-    tensor: ``p <- c ((p - mean) k + mean)`` with ``k = init_std / (c std)``, computed in fp64."""
-    std, mean = _std_mean(p)
+    tensor: ``p <- c ((p - mean) k + mean) = c k p + c (1 - k) mean`` with ``k = init_std / (c std)``,
+    in place in two passes."""
+    std, mean = std_mean(p)
     c = spec.absorbed
     k = spec.init_std / c / std if spec.init_std is not None and std > 0.0 else 1.0
     if c == 1.0 and k == 1.0:
         return
-    x = p.detach().double()
-    if k != 1.0:
-        x.sub_(mean).mul_(k).add_(mean)
-    if c != 1.0:
-        x.mul_(c)
-    p.copy_(x)
+    p.detach().mul_(c * k)
+    if k != 1.0 and mean != 0.0:
+        p.detach().add_(c * (1.0 - k) * mean)
+
+
+def _biases(plan: Plan, weight: str) -> list[str]:
+    """1-D parameters beside ``weight`` in its module over its fan-out (its bias)."""
+    spec = plan[weight]
+    owner = weight.rpartition(".")[0]
+    if spec.fan_out_axis is None:
+        return []
+    size = spec.target[spec.fan_out_axis]
+    return [n for n, s in plan.items() if n != weight and n.rpartition(".")[0] == owner and s.target == (size,)]
 
 
 def _zero(model: nn.Module, plan: Plan, params: Mapping[str, torch.Tensor], patterns: Sequence[str]) -> None:
     """Zero the parameters matching ``patterns``; ``"readout"`` names the plan's readouts (the
-    parameters whose contraction produces the model's output)."""
+    parameters whose contraction produces the model's output) and their biases."""
     if isinstance(patterns, str):
         patterns = (patterns,)
     if not patterns:
         return
     names = [n for n in plan if matches(n, patterns) or ("readout" in patterns and n in plan.readouts)]
+    if "readout" in patterns:  # and each readout's bias, as mup's MuReadout does
+        names += [n for r in plan.readouts for n in _biases(plan, r) if n not in names]
     unmatched = [pat for pat in patterns if pat != "readout" and not any(matches(n, [pat]) for n in plan)]
     if unmatched:
         raise ValueError(f"zero_init patterns {unmatched} match no parameter; names look like {list(plan)[:5]}")

@@ -70,7 +70,7 @@ class CoordCheck:
     optimizer: str
     lr: float
     expected_at_init: list[str] = field(default_factory=list)  # readout / attention-logit modules
-    tied_readouts: list[str] = field(default_factory=list)  # modules returning a tied readout's logits
+    kept_init_outputs: list[str] = field(default_factory=list)  # output-like modules not zeroed (tied, routers)
     depths: list[int] = field(default_factory=list)
     axis: str = "width"  # the size the verdict fits against: "width" or "depth"
     update_slope: float = 0.0  # expected slope of per-block relative updates against depth: alpha - 1
@@ -134,7 +134,8 @@ def _stats(x: torch.Tensor) -> dict[str, float]:
 
 
 class _Recorder:
-    """Forward hooks on every named module (root excluded) recording output statistics."""
+    """Forward hooks on every named module recording output statistics; the root (as
+    :data:`MODEL_OUTPUT`) only when ``judged("")``: its output is the logits its own forward computes."""
 
     def __init__(self, model: nn.Module, inputs: bool, judged: Callable[[str], bool]):
         self.rows: list[dict[str, Any]] = []
@@ -142,7 +143,7 @@ class _Recorder:
         self.inputs = inputs
         self.initial: dict[str, torch.Tensor] = {}
         self.calls: dict[str, int] = {}
-        modules = [(n, m) for n, m in model.named_modules() if n and judged(n)]
+        modules = [(n or MODEL_OUTPUT, m) for n, m in model.named_modules() if judged(n)]
         self.types = {n: type(m).__name__ for n, m in modules}
         self.handles = [m.register_forward_hook(self._hook(n)) for n, m in modules]
 
@@ -194,20 +195,36 @@ def _optimizer(model: nn.Module, optimizer: Any, lr: float, kwargs: Mapping[str,
     return cls(param_groups(model, optimizer=cls, lr=lr, **scaled), **rest)
 
 
+#: the name the model's own output is recorded under when it is computed in the root's forward
+MODEL_OUTPUT = "(model)"
+
+
+def _owner(name: str) -> str:
+    return name.rsplit(".", 1)[0] if "." in name else ""
+
+
+def _recorded(module: str) -> str:
+    return module or MODEL_OUTPUT
+
+
 def _expected_at_init(plan: Plan, patterns: Sequence[str]) -> list[str]:
-    """Modules whose outputs may shrink like width^-1/2 at init: the readout layers, tied
-    readouts, every module the trace saw returning the model's output (wrappers), plus globs."""
-    owners = {name.rsplit(".", 1)[0] for name in plan.readouts if plan[name].role is Role.OUTPUT and "." in name}
+    """Modules whose outputs may shrink like width^-1/2 at init: every output-role layer (the
+    readout, a router), tied readouts, every module the trace saw returning the model's output
+    (wrappers), plus globs."""
+    owners = {_owner(n) for n, s in plan.items() if s.role is Role.OUTPUT}
     owners |= {m for s in plan.values() for m in s.tied_readouts}
-    owners |= {m for m in plan.output_modules if m}
-    return sorted(owners) + list(patterns)
+    owners |= set(plan.output_modules)
+    return sorted(_recorded(m) for m in owners) + list(patterns)
 
 
-def _tied_readout_modules(plan: Plan) -> list[str]:
-    """The modules returning a readout tied to an embedding (it keeps its init: see the verdict)."""
-    if not any(plan[n].tied_readouts for n in plan.readouts):
-        return []
-    return sorted({m for n in plan.readouts for m in plan[n].tied_readouts} | {m for m in plan.output_modules if m})
+def _kept_init_outputs(plan: Plan, zeroed: Sequence[str]) -> list[str]:
+    """Output-like modules that keep a nonzero init (a tied readout, a router, a readout not
+    zeroed): their change carries a fading ``W_0 dh / m`` term (see :mod:`mupkit.verdict`)."""
+    kept = {_owner(n) for n, s in plan.items() if s.role is Role.OUTPUT and n not in zeroed}
+    kept |= {m for n in plan.readouts for m in plan[n].tied_readouts}
+    if any(n not in zeroed for n in plan.readouts):
+        kept |= set(plan.output_modules)
+    return sorted(_recorded(m) for m in kept)
 
 
 def _template(name: str) -> str:
@@ -275,11 +292,16 @@ def coord_check(constructor: Constructor, widths: Sequence[int] | int, *, base: 
                            parametrization=parametrization, **sizes, **options)
     expected = _expected_at_init(probe, expected_at_init)
     skipped = sorted({_template(m) for m in probe.constant_modules})
-    judged = (lambda name: not matches(_template(name), skipped)) if include is None else \
-        (lambda name: matches(name, include) and not matches(_template(name), skipped))
+    root = probe.output_modules == ("",)  # the logits come from an op in the model's own forward
+
+    def judged(name: str) -> bool:
+        if not name:
+            return root and (include is None or matches(MODEL_OUTPUT, include))
+        return (include is None or matches(name, include)) and not matches(_template(name), skipped)
     containers = list(probe.depth.blocks) if probe.depth is not None else []
     if zero_init == "auto":
-        zero_init = ("readout",) if any(s.role is Role.OUTPUT for s in probe.values()) else ()
+        untied = [n for n in probe.readouts if probe[n].role is Role.OUTPUT]
+        zero_init = ("readout",) if untied else ()
         optimizer_kwargs = {**_zero_init_kwargs(optimizer), **(optimizer_kwargs or {})} if zero_init \
             else optimizer_kwargs
     records: list[dict[str, Any]] = []
@@ -306,7 +328,10 @@ def coord_check(constructor: Constructor, widths: Sequence[int] | int, *, base: 
     name = optimizer if isinstance(optimizer, str) else optimizer.__name__
     axis = "depth" if len(depths) > 1 and len(widths) == 1 else "width"
     alpha = probe.depth.alpha if probe.depth is not None else None
-    return CoordCheck(records, widths, parametrization, name, lr, expected, _tied_readout_modules(probe), depths,
+    zero_init = (zero_init,) if isinstance(zero_init, str) else tuple(zero_init)
+    zeroed = [n for n in probe if matches(n, [z for z in zero_init if z != "readout"])
+              or ("readout" in zero_init and n in probe.readouts)]
+    return CoordCheck(records, widths, parametrization, name, lr, expected, _kept_init_outputs(probe, zeroed), depths,
                       axis, 0.0 if alpha is None else DepthRule(alpha).block_update_exponent)
 
 

@@ -12,7 +12,6 @@ import fnmatch
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
-import torch
 from torch import nn
 
 Constructor = Callable[..., nn.Module]

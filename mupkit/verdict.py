@@ -16,12 +16,12 @@ init, ``RMS(x_t - x_0)``: under muP every activation's change is Theta(1) (TP5 S
 ``x_0`` of a readout tends to 0 with width, so ``|x_t| = |x_0 + Delta x_t|`` mixes a vanishing
 init term into the slope at finite width. Such rows carry ``metric="delta_rms"``.
 
-A readout tied to the embedding keeps its (nonzero) init, so its change ``Delta x_t = (W_0
-Delta h + Delta W h_t) / m`` has, besides muP's Theta(1) term ``Delta W h_t / m``, the term
+An output-like layer that keeps its (nonzero) init (a readout tied to the embedding, an MoE
+router, a readout not zero-initialized) has a change ``Delta x_t = (W_0 Delta h + Delta W h_t) / m`` with, besides muP's Theta(1) term ``Delta W h_t / m``, the term
 ``W_0 Delta h / m``, a sum of ``m`` terms uncorrelated with ``W_0``, which fades like
 ``width^-1/2``. At CPU-sized widths that term still shows, so such a module passes when its
 change's slope lies in ``[-1/2 - tolerance, tolerance]`` (it must not grow, as SP's does, and
-may fade at most like that term); rows carry ``metric="delta_rms (tied)"``.
+may fade at most like that term); rows carry ``metric="delta_rms (kept init)"``.
 
 Along depth, the per-block relative update ``||dW|| / ||W||`` (``kind="update"``, block
 templates ``blocks.*.<rest>``) is judged against the depth rule's own law, ``m_L^(alpha - 1)``
@@ -76,8 +76,9 @@ class Verdict:
         return bool(judged) and all(r.status != "fail" for r in judged)  # nothing judged is no pass
 
     def worst(self, n: int = 8) -> list[Slope]:
+        """The failing rows first, then the passing ones, each by the size of their deviation."""
         judged = [r for r in self.rows if r.status in ("pass", "fail")]
-        return sorted(judged, key=lambda r: -abs(r.deviation))[:n]
+        return sorted(judged, key=lambda r: (r.status != "fail", -abs(r.deviation)))[:n]
 
     def summary(self) -> str:
         worst = self.worst(1)
@@ -155,9 +156,9 @@ def verdict(check: "CoordCheck", *, tolerance: float = 0.1, metric: str = "l1", 
         if step > 0 and module in transient and (module, step) in changes:
             judged, slope = "delta_rms", changes[module, step]
         expected = check.update_slope if kind == "update" and check.axis == "depth" and ".*." in module else 0.0
-        tied = step > 0 and judged == "delta_rms" and matches(_base_name(module), check.tied_readouts)
+        tied = step > 0 and judged == "delta_rms" and matches(_base_name(module), check.kept_init_outputs)
         if tied:
-            judged = "delta_rms (tied)"
+            judged = "delta_rms (kept init)"
         if math.isnan(slope):
             status = "zero"
         elif abs(slope - expected) <= tolerance or (tied and INIT_READOUT_SLOPE - tolerance <= slope <= tolerance):

@@ -37,17 +37,30 @@ class CausalLM(nn.Module):
         return self.hf(input_ids=ids, use_cache=False).logits
 
 
+#: attribute names HF attention modules give their head dim (BERT-style ``attention_head_size``)
+HEAD_DIM_ATTRS = ("head_dim", "attention_head_size")
+
+
 def mup_attention(model: nn.Module, base_head_dim: int) -> nn.Module:
-    """Set every attention module's ``scaling`` to muP's ``1/d`` law pinned at ``base_head_dim``."""
+    """Set every attention module's ``scaling`` to muP's ``1/d`` law pinned at ``base_head_dim``.
+
+    An attention module is one with a float ``scaling`` and a head dim (``head_dim`` or
+    ``attention_head_size``); any factor HF applies beyond ``head_dim^-1/2`` is kept. T5 scales
+    no logits (``scaling = 1``, its ``1/sqrt(d)`` folded into the query init), so there muP's law
+    is ``scaling = base_head_dim / head_dim``; set it yourself.
+    """
     found = 0
     for module in model.modules():
-        if hasattr(module, "scaling") and hasattr(module, "head_dim") and isinstance(module.scaling, float):
-            extra = module.scaling * module.head_dim ** 0.5  # HF's own factor beyond head_dim^-1/2
-            module.scaling = extra * attention_scale(module.head_dim, base_head_dim)
+        head_dim = next((getattr(module, a) for a in HEAD_DIM_ATTRS if isinstance(getattr(module, a, None), int)),
+                        None)
+        if isinstance(getattr(module, "scaling", None), float) and head_dim is not None:
+            extra = module.scaling * head_dim ** 0.5  # HF's own factor beyond head_dim^-1/2
+            module.scaling = extra * attention_scale(head_dim, base_head_dim)
             found += 1
     if not found:
-        raise ValueError(f"{type(model).__name__} has no attention module with a float `scaling` and a `head_dim`; "
-                         f"set its attention scale to muP's 1/d yourself (mupkit.nn.attention_scale)")
+        raise ValueError(f"{type(model).__name__} has no attention module with a float `scaling` and a head dim "
+                         f"({' or '.join(HEAD_DIM_ATTRS)}); set its attention scale to muP's 1/d yourself "
+                         f"(mupkit.nn.attention_scale)")
     return model
 
 

@@ -31,40 +31,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-try:  # mupkit's own wrapper and torchvision guard; the fallback keeps trace_ops.py usable mid-rewrite
-    from mupkit.integrations.hf import CausalLM, hide_unloadable_torchvision, mup_attention
-    from mupkit.nn import attention_scale
-except ImportError:  # pragma: no cover - only when mupkit itself does not import
-    import math
-    import sys
-
-    def attention_scale(head_dim: int, base_head_dim: int) -> float:
-        return math.sqrt(base_head_dim) / head_dim
-
-    def mup_attention(model: nn.Module, base_head_dim: int) -> nn.Module:
-        for module in model.modules():
-            if hasattr(module, "scaling") and hasattr(module, "head_dim") and isinstance(module.scaling, float):
-                module.scaling = module.scaling * module.head_dim ** 0.5 * attention_scale(module.head_dim,
-                                                                                           base_head_dim)
-        return model
-
-    class CausalLM(nn.Module):
-        """A HuggingFace causal LM as ``ids -> logits`` (mirrors ``mupkit.integrations.hf.CausalLM``)."""
-
-        def __init__(self, hf: nn.Module) -> None:
-            super().__init__()
-            self.hf = hf
-
-        def forward(self, ids: torch.Tensor) -> torch.Tensor:
-            return self.hf(input_ids=ids, use_cache=False).logits
-
-    def hide_unloadable_torchvision() -> None:
-        try:
-            import torchvision  # noqa: F401
-        except Exception:  # noqa: BLE001
-            for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
-                del sys.modules[name]
-            sys.modules["torchvision"] = None
+from mupkit.integrations.hf import CausalLM, hide_unloadable_torchvision, mup_attention
+from mupkit.nn import attention_scale
 
 hide_unloadable_torchvision()
 
@@ -194,10 +162,7 @@ def mixtral_batched(width: int = 64, depth: int = 2, base_width: int | None = No
 
 def bert(width: int = 64, depth: int = 2, base_width: int | None = None, tie: bool = True) -> nn.Module:
     """``BertForMaskedLM``: learned positions and token types, post-LN, masked-LM head (dense +
-    LayerNorm + decoder tied to the word embedding, with its own vocab-sized bias).
-
-    ``BertSelfAttention`` has a float ``scaling`` but its head dim is ``attention_head_size``, not
-    ``head_dim``, so ``mupkit.integrations.hf.mup_attention`` does not find it; it is set here."""
+    LayerNorm + decoder tied to the word embedding, with its own vocab-sized bias)."""
     from transformers import BertConfig, BertForMaskedLM
 
     config = BertConfig(hidden_size=width, intermediate_size=4 * width, num_hidden_layers=depth,
@@ -205,11 +170,7 @@ def bert(width: int = 64, depth: int = 2, base_width: int | None = None, tie: bo
                         type_vocab_size=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
                         tie_word_embeddings=tie, pad_token_id=0)
     model = BertForMaskedLM(config)
-    if base_width is not None:
-        for module in model.modules():
-            if hasattr(module, "attention_head_size") and isinstance(getattr(module, "scaling", None), float):
-                module.scaling = attention_scale(module.attention_head_size, _head_dim(base_width))
-    return MaskedLM(model)
+    return MaskedLM(model if base_width is None else mup_attention(model, _head_dim(base_width)))
 
 
 def t5(width: int = 64, depth: int = 2, base_width: int | None = None, tie: bool = True,

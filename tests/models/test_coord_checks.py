@@ -11,12 +11,14 @@ Where the model offers an untied readout the main check unties it, so the check 
 zero-initialize it (microsoft/mup's practice); the tied readouts (GPT-2, BERT, Mamba,
 x-transformers) are checked too, and judged by the verdict's tied-readout rule.
 
-The LR is per model, the largest of ``1e-2, 3e-3, 1e-3`` at which muP passes: SP's worst slope is
-then above +0.9 everywhere. At ``1e-2`` (GPT-2, BERT, ViT, and Llama at ``3e-3``) the HF
-transformers' activations at step 3 are no longer monotone in width (width 1024 falls below 512:
-a few huge steps on one batch, not a width law). Llama, Qwen2 and Mamba use 4 seeds: their residual
-branches' outputs are small (HF's init std 0.02), and one seed's slope over 64..512 varies by
-about +-0.12 (Qwen2, 6 seeds: +0.12, +0.09, -0.11, +0.05, +0.06, -0.05; mean +0.05).
+The LR is per model, one of ``1e-3, 3e-3`` at which muP passes with a margin (worst ``|slope|``
+at most 0.075), and SP's worst slope is above +0.9 everywhere. At ``1e-2`` the HF transformers
+fail under muP too (2 seeds: GPT-2 +0.20, Qwen2 +0.23, ViT -0.20, Llama -0.15, BERT +0.13), and
+not by a width law: GPT-2's activations at step 3 are not monotone in width there (width 1024
+falls below 512), a few huge steps on one batch. Llama, Qwen2 and Mamba use 4 seeds: with 2, their
+worst slopes are -0.085, +0.107 and -0.094; their residual branches' outputs are small (HF's
+init std 0.02), and one seed's slope over 64..512 varies by about +-0.12 (Qwen2, 6 seeds: +0.12,
++0.09, -0.11, +0.05, +0.06, -0.05; mean +0.05).
 
 Two architectures do not pass at these widths for reasons that are not mupkit's plan; their tests
 assert what is measured instead (see each test):
@@ -35,7 +37,6 @@ the checks 4x slower.
 from __future__ import annotations
 
 import csv
-import dataclasses
 import fnmatch
 import math
 import pathlib
@@ -148,11 +149,11 @@ def test_cli_coord_check_passes_under_mup_and_fails_under_sp(capsys, name):
 def test_cli_coord_check_with_a_tied_readout(capsys, name):
     """The same with the readout tied to the embedding (GPT-2, BERT and x-transformers as their
     libraries build them): the readout keeps its init, and its change is judged by the tied rule
-    (``delta_rms (tied)``: it may fade like ``width^-1/2``, never grow)."""
+    (``delta_rms (kept init)``: it may fade like ``width^-1/2``, never grow)."""
     case = TIED[name]
     code, (mup,), out = _cli(capsys, name, case, "mup")
     assert code == 0 and mup.passed, out
-    assert "delta_rms (tied)" in out, out
+    assert "delta_rms (kept init)" in out, out
     code, (sp,), out = _cli(capsys, name, case, "sp")
     assert code == 1 and not sp.passed and abs(sp.slope) >= SP_FAILS, out
 
@@ -210,41 +211,28 @@ def _table(rows) -> str:
 ROUTER = "hf.model.layers.*.mlp.gate[[]0]"  # the router's logits (its first output)
 
 
-def test_mixtral_fails_only_at_its_router_a_readout_the_verdict_does_not_know():
-    """Mixtral under muP: every module passes but the router's logits.
+def test_mixtral_passes_with_its_router_judged_as_an_output_layer_that_keeps_its_init():
+    """Mixtral under muP passes; its router is judged like a readout that keeps its init.
 
     The router (``mlp.gate``: width -> 4 experts) has role ``output``, like the readout: its
     ``1/m_in`` multiplier is absorbed into its init and LR, so its logits shrink like
-    ``width^-1/2`` at init, muP's readout law (measured: -0.52 in both layers). The verdict lists
-    as ``expected`` at init only the modules of ``plan.readouts`` (the LM head), so the router
-    fails at step 0 and, judged on its full logits, at every later step.
-
-    Listed as expected (``expected_at_init``), its later steps are judged by their change since
-    init, and that fades too (-0.34 to -0.48): the router is not zero-initialized (it cannot be
-    without tying every expert at init), so its change ``W_0 dx + dW x`` carries the term
-    ``W_0 dx``, which fades like ``width^-1/2``, beside muP's ``dW x`` (measured in layer 0:
-    ``|dW x|`` 0.014, 0.010, 0.013 at widths 64, 256, 1024, flat; ``|W_0 dx|`` 0.052, 0.021, 0.009).
-    That is the term the verdict accepts for a tied readout (slope in ``[-0.6, 0.1]``); the router
-    meets that rule, and nothing else fails.
+    ``width^-1/2`` at init, muP's readout law (measured: -0.52 in both layers): ``expected``.
+    Its later steps are judged by their change since init. The router is not zero-initialized,
+    so that change ``W_0 dx + dW x`` carries the term ``W_0 dx``, which fades like
+    ``width^-1/2``, beside muP's ``dW x`` (layer 0 after 3 steps, seed 0: ``|dW x|`` 0.014,
+    0.010, 0.013 at widths 64, 256, 1024, flat; ``|W_0 dx|`` 0.052, 0.021, 0.009): the rule for
+    output layers that keep their init (slope in ``[-0.6, 0.1]``, ``delta_rms (kept init)``).
+    (Zero-initialized, the router sends every token to the same two experts at init, and its first
+    update still fades at these widths: layer 1, step 2, -0.22.)
     """
     mup = _check("mixtral", "mup", 1e-3, 2)
     verdict = mup.verdict()
-    failing = _failing(verdict)
-    assert not verdict.passed and failing
-    assert all(fnmatch.fnmatchcase(r.module, ROUTER) for r in failing), _table(failing)
-    assert {r.step for r in failing} >= {0}
-    assert all(-0.6 <= r.slope <= -0.1 for r in failing), _table(failing)  # fades, never grows
-    assert all(-0.6 <= r.slope <= -0.4 for r in failing if r.step == 0), _table(failing)  # the readout's init law
-
-    as_readout = dataclasses.replace(mup, expected_at_init=[*mup.expected_at_init, "hf.model.layers.*.mlp.gate"])
-    rows = as_readout.verdict().rows
-    router = [r for r in rows if fnmatch.fnmatchcase(r.module, ROUTER)]
-    assert all(r.status == "expected" for r in router if r.step == 0), _table(router)
+    assert verdict.passed, _table(_failing(verdict))
+    router = [r for r in verdict.rows if fnmatch.fnmatchcase(r.module, ROUTER)]
+    assert all(r.status == "expected" and -0.6 <= r.slope <= -0.4 for r in router if r.step == 0), _table(router)
     later = [r for r in router if r.step > 1]  # step 1: unchanged (the zero readout passed no gradient back)
-    assert later and all(r.metric == "delta_rms" and -0.6 <= r.slope <= 0.1 for r in later), _table(later)
-    assert all(r.status != "fail" for r in rows if not fnmatch.fnmatchcase(r.module, ROUTER)), \
-        _table(_failing(as_readout.verdict()))
-
+    assert later and all(r.metric == "delta_rms (kept init)" and -0.6 <= r.slope <= 0.1 for r in later), \
+        _table(later)
     sp = _check("mixtral", "sp", 1e-3, 2).verdict()
     assert not sp.passed and sp.worst(1)[0].slope >= SP_FAILS, str(sp)
 
