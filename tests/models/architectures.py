@@ -18,8 +18,8 @@ readout by default) unties it, so a coordinate check can zero-initialize the rea
 ``ARCHITECTURES[name]`` holds each model's constructor, a ``batch()`` giving ``(inputs, targets)``
 that fit it, and its parameter families: ``(family, regex)`` pairs, the first ``re.fullmatch``
 on a parameter's name wins (names as ``named_parameters()`` reports them; a tied weight appears
-once, under its first registration). ``python tests/models/trace_ops.py`` prints what the
-forward does with each family.
+once, under its first registration). ``mupkit.trace.run_trace(model, inputs).uses`` shows what
+the forward does with each parameter.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Coordinate checks of real architectures: muP passes, SP fails (issue "real models").
 
-Every architecture of ``architectures.py`` is checked through a model file in ``cli_models/``
-(``make(width, base_width=None, ...)`` and ``batch()``), the way a user runs
-``mupkit coord-check --model FILE.py:make``: widths 64..512 (base 64), 3 Adam steps on the
+Every architecture of ``architectures.py`` is checked through a model file written the way a
+user would (``make(width, base_width=None, **kwargs)`` at depth 2 and ``batch()``; see
+:func:`model_file`), run as ``mupkit coord-check --model FILE.py:make``: widths 64..512 (base 64), 3 Adam steps on the
 file's batch, muP with ``base_width=64`` (muP's ``1/d`` attention pinned at the base head dim,
 every other width-dependent constant of the forward pinned at the base: the muP builds are
 free of ``ForwardScalingWarning``), SP with the model as its library builds it.
@@ -20,12 +20,9 @@ worst slopes are -0.085, +0.107 and -0.094; their residual branches' outputs are
 init std 0.02), and one seed's slope over 64..512 varies by about +-0.12 (Qwen2, 6 seeds: +0.12,
 +0.09, -0.11, +0.05, +0.06, -0.05; mean +0.05).
 
-Two architectures do not pass at these widths for reasons that are not mupkit's plan; their tests
-assert what is measured instead (see each test):
+One architecture does not pass at these widths for a reason that is not mupkit's plan; its test
+asserts what is measured instead:
 
-* Mixtral: its router (``mlp.gate``, width -> 4 experts, role ``output``) is a readout the
-  verdict does not know about: its logits shrink like ``width^-1/2`` at init (muP's readout law)
-  and their change fades like the tied readout's; every other module passes.
 * T5: its base attention logits are O(1) (keys of unit coordinates), so muP's ``1/d`` makes the
   first encoder attention's output fall with width at init (an init transient that fades with
   width); zero-initialized queries remove it and leave a smaller finite-width term in the queries.
@@ -41,6 +38,7 @@ import fnmatch
 import math
 import pathlib
 import re
+import tempfile
 import warnings
 from dataclasses import dataclass, field
 
@@ -57,7 +55,29 @@ from mupkit.zoo import load_module
 pytest.importorskip("transformers")
 pytest.importorskip("x_transformers")
 
-MODELS = pathlib.Path(__file__).resolve().parent / "cli_models"
+ARCHITECTURES_DIR = pathlib.Path(__file__).resolve().parent
+_FILES = tempfile.TemporaryDirectory(prefix="mupkit-models-")
+#: a user's model file for ``mupkit coord-check --model FILE.py:make``
+MODEL_FILE = """import sys
+sys.path.insert(0, {where!r})
+import architectures
+
+
+def make(width=64, base_width=None, **kwargs):
+    return architectures.{name}(width, 2, base_width=base_width, **kwargs)
+
+
+def batch():
+    return architectures.ARCHITECTURES[{name!r}].batch()
+"""
+
+
+def model_file(name: str) -> pathlib.Path:
+    """The model file of architecture ``name`` (written once per run)."""
+    path = pathlib.Path(_FILES.name) / f"{name}.py"
+    if not path.exists():
+        path.write_text(MODEL_FILE.format(where=str(ARCHITECTURES_DIR), name=name))
+    return path
 WIDTHS = (64, 128, 256, 512)
 BASE = WIDTHS[0]
 STEPS = 3
@@ -111,12 +131,12 @@ class Summary:
 
 
 def _cli(capsys, name: str, case: Case, param: str, *extra: str) -> tuple[int, list[Summary], str]:
-    """Run ``mupkit coord-check`` in-process on ``cli_models/<name>.py:make`` (SP with 2 seeds,
+    """Run ``mupkit coord-check`` in-process on ``the model file`` (SP with 2 seeds,
     enough for its slopes); the exit code, the verdict summaries it printed (in order) and its
     whole output."""
     kwargs = {**case.kwargs, **({"base_width": BASE} if param != "sp" else {})}
     seeds = case.seeds if param != "sp" else 2
-    argv = ["coord-check", "--model", f"{MODELS / name}.py:make", "--widths", *map(str, WIDTHS),
+    argv = ["coord-check", "--model", f"{model_file(name)}:make", "--widths", *map(str, WIDTHS),
             "--steps", str(STEPS), "--seeds", str(seeds), "--lr", str(case.lr), "--param", param,
             "--out", "", "--quiet", *extra]
     if kwargs:
@@ -136,7 +156,7 @@ def _cli(capsys, name: str, case: Case, param: str, *extra: str) -> tuple[int, l
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_cli_coord_check_passes_under_mup_and_fails_under_sp(capsys, name):
-    """``mupkit coord-check --model cli_models/<name>.py:make``: exit code 0 under muP (every
+    """``mupkit coord-check --model the model file``: exit code 0 under muP (every
     module's ``|slope| <= 0.1`` at every step), 1 under SP with a worst slope above +0.5."""
     case = CASES[name]
     code, (mup,), out = _cli(capsys, name, case, "mup")
@@ -193,8 +213,8 @@ def test_cli_compare_sp_on_mamba_writes_both_tables(capsys, tmp_path):
 
 
 def _check(name: str, param: str, lr: float, seeds: int, **kwargs):
-    """``mupkit.coord_check`` of ``cli_models/<name>.py:make`` on its ``batch()``."""
-    module = load_module(str(MODELS / f"{name}.py"))
+    """``mupkit.coord_check`` of the model file's ``make`` on its ``batch()``."""
+    module = load_module(str(model_file(name)))
     fixed = {**kwargs, **({"base_width": BASE} if param != "sp" else {})}
     return mupkit.coord_check(module.make, list(WIDTHS), parametrization=param, optimizer="adam", lr=lr,
                               steps=STEPS, seeds=seeds, batch=module.batch(), kwargs=fixed, show_progress=False)
