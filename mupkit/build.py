@@ -20,7 +20,7 @@ from .nn.multipliers import install_input_scale, install_output_scale
 from .plan import PLAN_ATTR, ParamSpec, Plan, has_plan
 from .roles import Role, assign_roles
 from .rules import Parametrization, get_parametrization
-from .shapes import ParamShapes, matches, param_sites
+from .shapes import ParamShapes, check_same_names, matches, param_sites
 
 Sizes = Mapping[str, Any]
 
@@ -39,10 +39,8 @@ def plan_from_base_shapes(model: nn.Module, base_shapes: Mapping[str, Sequence[i
         base_shapes = load_bsh(base_shapes)
     param = get_parametrization(parametrization)
     targets = {n: tuple(p.shape) for n, p in model.named_parameters()}
-    if set(targets) != set(base_shapes):
-        raise ValueError(f"base shapes and model have different parameters. Only in model: "
-                         f"{sorted(set(targets) - set(base_shapes))[:8]}; only in base shapes: "
-                         f"{sorted(set(base_shapes) - set(targets))[:8]}.")
+    check_same_names(targets, base_shapes, ("the model", "the base shapes"),
+                     "Save the base shapes from a model built by the same constructor.")
     shapes = {}
     for n, t in targets.items():
         dims = list(base_shapes[n])

@@ -55,7 +55,7 @@ from .plan import Plan
 from .progress import progress
 from .roles import Role
 from .rules import DepthRule
-from .shapes import Constructor, matches
+from .shapes import Constructor, matches, name_template
 
 METRICS = ("l1", "rms", "delta_rms")
 
@@ -227,10 +227,6 @@ def _kept_init_outputs(plan: Plan, zeroed: Sequence[str]) -> list[str]:
     return sorted(_recorded(m) for m in kept)
 
 
-def _template(name: str) -> str:
-    return re.sub(r"(?<=\.)\d+(?=\.|$)|^\d+(?=\.|$)", "*", name)
-
-
 def coord_check(constructor: Constructor, widths: Sequence[int] | int, *, base: int | None = None,
                 depths: Sequence[int] | None = None, base_depth: int | None = None, depth_arg: str = "depth",
                 parametrization: str = "mup", optimizer: Any = "adam", lr: float = 1e-2, steps: int = 4,
@@ -291,13 +287,13 @@ def coord_check(constructor: Constructor, widths: Sequence[int] | int, *, base: 
         probe = infer_plan(constructor, target=target(widths[-1], depths[-1] if depths else None),
                            parametrization=parametrization, **sizes, **options)
     expected = _expected_at_init(probe, expected_at_init)
-    skipped = sorted({_template(m) for m in probe.constant_modules})
+    skipped = sorted({name_template(m) for m in probe.constant_modules})
     root = probe.output_modules == ("",)  # the logits come from an op in the model's own forward
 
     def judged(name: str) -> bool:
         if not name:
             return root and (include is None or matches(MODEL_OUTPUT, include))
-        return (include is None or matches(name, include)) and not matches(_template(name), skipped)
+        return (include is None or matches(name, include)) and not matches(name_template(name), skipped)
     containers = list(probe.depth.blocks) if probe.depth is not None else []
     if zero_init == "auto":
         untied = [n for n in probe.readouts if probe[n].role is Role.OUTPUT]

@@ -30,7 +30,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from .shapes import Constructor, resolve_delta
+from .shapes import Constructor, doubles, resolve_delta
 
 
 @contextlib.contextmanager
@@ -49,7 +49,7 @@ def silenced():
 
 @dataclass
 class Copies:
-    """The models an inference works from, and how many constructor calls they took."""
+    """The models an inference works from."""
 
     base: nn.Module  # real, CPU
     delta: nn.Module | None  # real, CPU; None when no kwarg scales width
@@ -58,7 +58,6 @@ class Copies:
     delta_kwargs: dict[str, Any]
     target_kwargs: dict[str, Any]
     depth_keys: list[str]
-    calls: int
 
 
 class _Builder:
@@ -80,9 +79,10 @@ class _Builder:
                     model = self.constructor(**kwargs)
         except Exception as err:
             where = "on the meta device (allocates nothing)" if device == "meta" else "on the CPU"
-            raise RuntimeError(f"building the model {where} with {dict(kwargs)} failed: {err!r}. mupkit calls the "
-                               f"constructor at the base, delta and target sizes; make it accept those kwargs"
-                               + (" and avoid data-dependent ops (.item()) at construction" if device == "meta"
+            raise RuntimeError(f"building the model {where} with {dict(kwargs)} failed: {err!r} (raised by the "
+                               f"constructor itself). mupkit calls it at the base size, at the delta size (width "
+                               f"kwargs doubled) and at the target size; it must build at each of them"
+                               + (" without data-dependent ops (.item()) at construction" if device == "meta"
                                   else "") + ".") from err
         if not isinstance(model, nn.Module):
             raise TypeError(f"the constructor returned {type(model).__name__}, expected an nn.Module")
@@ -98,7 +98,7 @@ def _variant(key: str, base: Mapping[str, Any], target: Mapping[str, Any], delta
     (an int), else the target's."""
     if delta is not None and delta.get(key, base[key]) != base[key]:
         return delta[key]
-    if isinstance(base[key], int) and not isinstance(base[key], bool):
+    if doubles(base[key]):
         return 2 * base[key]
     return target[key]
 
@@ -133,5 +133,4 @@ def make_copies(constructor: Constructor, base: Mapping[str, Any], target: Mappi
         if delta_kwargs != dict(base):
             delta_model = build(delta_kwargs, "cpu")
     target_model = build(target, "meta")
-    return Copies(base_model, delta_model, target_model, dict(base), dict(delta_kwargs), dict(target), depth_keys,
-                  build.calls)
+    return Copies(base_model, delta_model, target_model, dict(base), dict(delta_kwargs), dict(target), depth_keys)

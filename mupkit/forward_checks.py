@@ -20,9 +20,13 @@ width multiplier (the head-dim ratio for attention calls). A divisor is turned i
 from __future__ import annotations
 
 import math
-import re
 
+from .shapes import name_template
 from .trace import Trace
+
+#: width exponents of an attention logit scale: muP's ``1/d`` (TP5 Sec. 4; what
+#: :func:`mupkit.nn.attention_scale` gives) and SP's ``1/sqrt(d)``; and how close a measured one must be
+MUP_ATTENTION_EXPONENT, SP_ATTENTION_EXPONENT, EXPONENT_TOLERANCE = -1.0, -0.5, 0.05
 
 
 class ForwardScalingWarning(UserWarning):
@@ -35,13 +39,12 @@ def _exponent(base: float, delta: float, ratio: float) -> float | None:
     return math.log(delta / base) / math.log(ratio)
 
 
+def _near(exponent: float | None, law: float) -> bool:
+    return exponent is not None and abs(exponent - law) < EXPONENT_TOLERANCE
+
+
 def _where(module: str) -> str:
     return f"module {module!r}" if module else "the model's own forward"
-
-
-def _template(module: str) -> str:
-    """``blocks.3.attn`` -> ``blocks.*.attn``: one note for every block's copy of a module."""
-    return re.sub(r"(?<=\.)\d+(?=\.|$)|^\d+(?=\.|$)", "*", module)
 
 
 def forward_notes(base: Trace, delta: Trace, width_ratio: float) -> list[str]:
@@ -51,14 +54,14 @@ def forward_notes(base: Trace, delta: Trace, width_ratio: float) -> list[str]:
     seen_attention = set()
     for a in base.attention:
         d = delta_calls.get((a.module, a.occurrence))
-        where = _template(a.module)
+        where = name_template(a.module)
         if d is None or d.head_dim == a.head_dim or where in seen_attention:
             continue
         e = _exponent(a.scale, d.scale, d.head_dim / a.head_dim)
-        if e is not None and abs(e + 1.0) < 0.05:
+        if _near(e, MUP_ATTENTION_EXPONENT):
             continue
         seen_attention.add(where)
-        law = "a constant" if e is None else "1/sqrt(d)" if abs(e + 0.5) < 0.05 else f"d^{e:+.2f}"
+        law = "a constant" if e is None else "1/sqrt(d)" if _near(e, SP_ATTENTION_EXPONENT) else f"d^{e:+.2f}"
         notes.append(f"attention in {_where(where)} scales its logits by {law} while the head dim d scales "
                      f"({a.head_dim} -> {d.head_dim}); muP needs 1/d: pass scale=mupkit.nn.attention_scale(d, "
                      f"base_head_dim) (HF models: mupkit.integrations.hf.mup_attention(model, base_head_dim)).")
@@ -68,17 +71,17 @@ def forward_notes(base: Trace, delta: Trace, width_ratio: float) -> list[str]:
         if other is None or len(other.values) != len(c.values) or other.values == c.values:
             continue
         module, op, _ = key
-        module = _template(module)
+        module = name_template(module)
         divides = op.startswith("aten.div")
         for vb, vd in zip(c.values, other.values):
             fb, fd = (1 / vb, 1 / vd) if divides and vb and vd else (vb, vd)
             e = _exponent(fb, fd, width_ratio)
             if e is None or (module, op, round(e, 2)) in seen:
                 continue
-            if c.logits and abs(e + 1.0) < 0.05:
+            if c.logits and _near(e, MUP_ATTENTION_EXPONENT):
                 continue  # muP's 1/d attention law in an eager attention
             seen.add((module, op, round(e, 2)))
-            if c.logits and abs(e + 0.5) < 0.05:
+            if c.logits and _near(e, SP_ATTENTION_EXPONENT):
                 notes.append(f"attention logits in {_where(module)} are scaled by 1/sqrt(d) ({op}: {fb:.4g} at the "
                              f"base, {fd:.4g} at the delta width); muP needs 1/d: use mupkit.nn.attention_scale(d, "
                              f"base_head_dim) there (HF models: mupkit.integrations.hf.mup_attention).")

@@ -34,7 +34,7 @@ from .plan import DepthInfo, ParamSpec, Plan, make_spec
 from .roles import Role, RoleInfo, assign_roles
 from .rules import FAMILIES, DepthRule, Parametrization, absorbed_init_scale, auto_depth, get_parametrization, \
     scales_for
-from .shapes import ParamShapes, matches, param_sites
+from .shapes import ParamShapes, check_same_names, matches, param_sites
 from .trace import Trace, run_trace
 from .umup import unit_plan
 
@@ -180,10 +180,8 @@ def _layout(copies: Copies) -> _Layout:
     base = {n: tuple(p.shape) for n, p in copies.base.named_parameters()}
     delta = {n: tuple(p.shape) for n, p in copies.delta.named_parameters()} if copies.delta is not None else base
     target = {n: tuple(p.shape) for n, p in copies.target.named_parameters()}
-    if set(delta) != set(base):
-        raise ValueError(f"base and delta models have different parameter names (only in base: "
-                         f"{sorted(set(base) - set(delta))[:6]}; only in delta: {sorted(set(delta) - set(base))[:6]}). "
-                         f"Width scaling needs the same modules at every width: keep structure kwargs equal.")
+    check_same_names(base, delta, ("the base model", "the delta model"),
+                     "Width scaling needs the same modules at every width: keep structure kwargs equal.")
     blocks, counts, counterpart = {}, {}, {n: n for n in target}
     if copies.depth_keys:
         blocks = find_blocks(list(base), list(target))
@@ -197,10 +195,9 @@ def _layout(copies: Copies) -> _Layout:
         base_counts = block_counts({n: blocks[n] for n in base if n in blocks})
         counts = {c: (base_counts[c], n) for c, n in block_counts(blocks).items()}
         counterpart.update(counterparts(blocks, target, counts))
-    elif set(target) != set(base):
-        raise ValueError(f"base and target models have different parameter names (only in base: "
-                         f"{sorted(set(base) - set(target))[:6]}; only in target: {sorted(set(target) - set(base))[:6]}) "
-                         f"but no kwarg alone changes them; keep structure kwargs equal between base and target.")
+    else:
+        check_same_names(base, target, ("the base model", "the target model"),
+                         "No kwarg alone changes them; keep structure kwargs equal between base and target.")
     shapes = {}
     for name, t in target.items():
         c = counterpart[name]

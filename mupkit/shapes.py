@@ -9,6 +9,7 @@ base_dim`` (Tensor Programs V, Sec. 3 and App. J).
 from __future__ import annotations
 
 import fnmatch
+import re
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
@@ -52,28 +53,43 @@ class ParamSite:
         return f"{self.module}.{self.attr}" if self.module else self.attr
 
 
+def doubles(value: Any) -> bool:
+    """Whether a kwarg's delta can be inferred by doubling it (an int, not a bool)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def resolve_delta(base: Mapping[str, Any], target: Mapping[str, Any],
                   delta: Mapping[str, Any] | None) -> dict[str, Any]:
     """The delta kwargs: given, or ``base`` with every kwarg that differs from target doubled.
 
     Only integer kwargs can be doubled; a differing non-integer kwarg needs an explicit delta.
+    ``base`` and ``target`` name the same kwargs (:func:`mupkit.copies.make_copies` checks).
     """
     if delta is not None:
         return dict(delta)
-    missing = set(target) ^ set(base)
-    if missing:
-        raise ValueError(f"base and target must name the same constructor kwargs; only in one of them: "
-                         f"{sorted(missing)}. Give both the same keys.")
     out = dict(base)
     for key, value in target.items():
         if value == base[key]:
             continue
-        if not isinstance(base[key], int) or isinstance(base[key], bool):
+        if not doubles(base[key]):
             raise ValueError(f"kwarg {key!r} differs between base ({base[key]!r}) and target ({value!r}) "
                              f"but is not an int, so its delta cannot be inferred by doubling; pass delta=... "
                              f"explicitly.")
         out[key] = 2 * base[key]
     return out
+
+
+def check_same_names(first: Mapping[str, Any], second: Mapping[str, Any], labels: tuple[str, str], fix: str) -> None:
+    """Raise naming the parameters only one of two models has (up to 6 of each), and ``fix``."""
+    only_first, only_second = sorted(set(first) - set(second)), sorted(set(second) - set(first))
+    if only_first or only_second:
+        raise ValueError(f"{labels[0]} and {labels[1]} have different parameter names (only in {labels[0]}: "
+                         f"{only_first[:6]}; only in {labels[1]}: {only_second[:6]}). {fix}")
+
+
+def name_template(name: str) -> str:
+    """``blocks.3.attn`` -> ``blocks.*.attn``: one name for every block's copy of a module."""
+    return re.sub(r"(?<=\.)\d+(?=\.|$)|^\d+(?=\.|$)", "*", name)
 
 
 def param_sites(model: nn.Module) -> dict[str, list[ParamSite]]:
