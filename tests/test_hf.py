@@ -50,3 +50,23 @@ def test_hf_models_pass_the_coordinate_check_under_mup_and_fail_under_sp(name):
     mup, sp = check("mup"), check("sp")
     assert mup.passed, str(mup)
     assert max(abs(r.slope) for r in sp.worst(1)) >= 0.5, str(sp)
+
+
+@pytest.mark.parametrize("model_class,config_class", [("GPTNeoXForCausalLM", "GPTNeoXConfig"),
+                                                      ("BertForMaskedLM", "BertConfig")])
+def test_mup_attention_finds_every_hf_head_dim_attribute(model_class, config_class):
+    """GPT-NeoX names its head dim ``head_size``, BERT ``attention_head_size``: both get muP's 1/d,
+    and the usage trace then sees no attention left at 1/sqrt(d)."""
+    def make(width, base_width=None):
+        config = getattr(transformers, config_class)(hidden_size=width, intermediate_size=4 * width,
+                                                     num_hidden_layers=1, num_attention_heads=4, vocab_size=64,
+                                                     max_position_embeddings=32)
+        model = getattr(transformers, model_class)(config)
+        return model if base_width is None else hf.mup_attention(model, base_width // 4)
+
+    scalings = [m.scaling for m in make(128, base_width=64).modules() if isinstance(getattr(m, "scaling", None), float)]
+    assert scalings and all(s == pytest.approx(mupkit.nn.attention_scale(32, 16)) for s in scalings)
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    plan = mupkit.infer_plan(make, base=dict(width=64, base_width=64), target=dict(width=256, base_width=64),
+                             example_inputs=ids)
+    assert plan.notes == ()

@@ -37,15 +37,15 @@ class CausalLM(nn.Module):
         return self.hf(input_ids=ids, use_cache=False).logits
 
 
-#: attribute names HF attention modules give their head dim (BERT-style ``attention_head_size``)
-HEAD_DIM_ATTRS = ("head_dim", "attention_head_size")
+#: attribute names HF attention modules give their head dim (BERT's ``attention_head_size``, GPT-NeoX's ``head_size``)
+HEAD_DIM_ATTRS = ("head_dim", "attention_head_size", "head_size")
 
 
 def mup_attention(model: nn.Module, base_head_dim: int) -> nn.Module:
     """Set every attention module's ``scaling`` to muP's ``1/d`` law pinned at ``base_head_dim``.
 
-    An attention module is one with a float ``scaling`` and a head dim (``head_dim`` or
-    ``attention_head_size``); any factor HF applies beyond ``head_dim^-1/2`` is kept. T5 scales
+    An attention module is one with a float ``scaling`` and a head dim (an int ``head_dim``,
+    ``attention_head_size`` or ``head_size``); any factor HF applies beyond ``head_dim^-1/2`` is kept. T5 scales
     no logits (``scaling = 1``, its ``1/sqrt(d)`` folded into the query init), so there muP's law
     is ``scaling = base_head_dim / head_dim``; set it yourself.
     """
