@@ -74,7 +74,9 @@ def groups(params: list[torch.nn.Parameter], n: int, distinct: int = 7) -> list[
             for i in range(n)]
 
 
-#: name -> (bytes per parameter of minimum traffic, reference name, maker(params, groups))
+#: name -> (bytes per parameter of minimum traffic, reference name, maker(params, groups)); the
+#: bytes are docs/kernels.md's fp32 minima for matrices: Adafactor 24 (3 reads of g, 2 of p, 1 write
+#: of p), Prodigy 48 (two passes), ScaledAdam 30 (28 on 3 of 4 steps, 36 on size-update steps)
 def optimizers() -> dict[str, tuple[int, str | None, Callable]]:
     warnings.filterwarnings("ignore", message="ScaledAdam: parameter")
     out: dict[str, tuple[int, str | None, Callable]] = {
@@ -84,27 +86,27 @@ def optimizers() -> dict[str, tuple[int, str | None, Callable]]:
         "mupkit AdamAtan2 default": (28, "adam-atan2-pytorch", lambda ps, gs: mupkit.optim.AdamAtan2(gs)),
         "mupkit AdamAtan2 single": (28, "adam-atan2-pytorch",
                                     lambda ps, gs: mupkit.optim.AdamAtan2(gs, foreach=False, compiled=False)),
-        "torch Adafactor": (12, None, lambda ps, gs: torch.optim.Adafactor(ps)),
-        "mupkit Adafactor default": (12, "torch Adafactor", lambda ps, gs: mupkit.optim.Adafactor(gs)),
-        "mupkit Adafactor eager": (12, "torch Adafactor", lambda ps, gs: mupkit.optim.Adafactor(gs, compiled=False)),
+        "torch Adafactor": (24, None, lambda ps, gs: torch.optim.Adafactor(ps)),
+        "mupkit Adafactor default": (24, "torch Adafactor", lambda ps, gs: mupkit.optim.Adafactor(gs)),
+        "mupkit Adafactor eager": (24, "torch Adafactor", lambda ps, gs: mupkit.optim.Adafactor(gs, compiled=False)),
         "mupkit DAdaptAdam default": (36, "dadaptation DAdaptAdam", lambda ps, gs: mupkit.optim.DAdaptAdam(gs)),
         "mupkit DAdaptAdam eager": (36, "dadaptation DAdaptAdam",
                                     lambda ps, gs: mupkit.optim.DAdaptAdam(gs, compiled=False)),
-        "mupkit Prodigy default": (40, "prodigyopt Prodigy", lambda ps, gs: mupkit.optim.Prodigy(gs)),
-        "mupkit Prodigy eager": (40, "prodigyopt Prodigy", lambda ps, gs: mupkit.optim.Prodigy(gs, compiled=False)),
-        "mupkit ScaledAdam single": (28, None, lambda ps, gs: mupkit.optim.ScaledAdam(gs, foreach=False)),
-        "mupkit ScaledAdam foreach": (28, None, lambda ps, gs: mupkit.optim.ScaledAdam(gs, foreach=True)),
+        "mupkit Prodigy default": (48, "prodigyopt Prodigy", lambda ps, gs: mupkit.optim.Prodigy(gs)),
+        "mupkit Prodigy eager": (48, "prodigyopt Prodigy", lambda ps, gs: mupkit.optim.Prodigy(gs, compiled=False)),
+        "mupkit ScaledAdam single": (30, None, lambda ps, gs: mupkit.optim.ScaledAdam(gs, foreach=False)),
+        "mupkit ScaledAdam foreach": (30, None, lambda ps, gs: mupkit.optim.ScaledAdam(gs, foreach=True)),
     }
     if CUDA:  # the Triton kernels
         out["mupkit AdamW fused"] = (28, "torch AdamW fused",
                                      lambda ps, gs: mupkit.optim.AdamW(gs, lr=1e-3, fused=True))
         out["mupkit AdamAtan2 fused"] = (28, "adam-atan2-pytorch",
                                          lambda ps, gs: mupkit.optim.AdamAtan2(gs, fused=True))
-        out["mupkit Adafactor fused"] = (12, "torch Adafactor", lambda ps, gs: mupkit.optim.Adafactor(gs, fused=True))
-        out["mupkit ScaledAdam fused"] = (28, None, lambda ps, gs: mupkit.optim.ScaledAdam(gs, fused=True))
+        out["mupkit Adafactor fused"] = (24, "torch Adafactor", lambda ps, gs: mupkit.optim.Adafactor(gs, fused=True))
+        out["mupkit ScaledAdam fused"] = (30, None, lambda ps, gs: mupkit.optim.ScaledAdam(gs, fused=True))
         out["mupkit DAdaptAdam fused"] = (36, "dadaptation DAdaptAdam",
                                           lambda ps, gs: mupkit.optim.DAdaptAdam(gs, fused=True))
-        out["mupkit Prodigy fused"] = (40, "prodigyopt Prodigy", lambda ps, gs: mupkit.optim.Prodigy(gs, fused=True))
+        out["mupkit Prodigy fused"] = (48, "prodigyopt Prodigy", lambda ps, gs: mupkit.optim.Prodigy(gs, fused=True))
     for name, module, attr, maker in [
             ("adam-atan2-pytorch", "adam_atan2_pytorch", "AdamAtan2", lambda cls: lambda ps, gs: cls(ps)),
             ("dadaptation DAdaptAdam", "dadaptation", "DAdaptAdam", lambda cls: lambda ps, gs: cls(ps)),
@@ -113,7 +115,7 @@ def optimizers() -> dict[str, tuple[int, str | None, Callable]]:
             cls = getattr(__import__(module), attr)
         except ImportError:
             continue
-        out[name] = ({"adam-atan2-pytorch": 28, "dadaptation DAdaptAdam": 36, "prodigyopt Prodigy": 40}[name], None,
+        out[name] = ({"adam-atan2-pytorch": 28, "dadaptation DAdaptAdam": 36, "prodigyopt Prodigy": 48}[name], None,
                      maker(cls))
     return out
 

@@ -1,68 +1,24 @@
-"""The default dispatcher on the CPU: which path each optimizer takes when none is chosen.
+"""The dispatcher (mupkit.optim.dispatch): which path a step takes when none is chosen.
 
-* mupkit's own optimizers (AdamAtan2, Adafactor, DAdaptAdam, Prodigy) compile a large model
-  (``compiled=None``) and keep a small one eager; results agree with the eager path to <= 1e-6
-  relative in fp32 after 10 steps.
-* mupkit's AdamW/Adam/SGD run torch's fused CPU kernel: bitwise torch's ``fused=True``.
-* The compiled AdamAtan2 path's polynomial ``atan2`` is within 3e-7 relative of ``torch.atan2``.
-
-The size thresholds are lowered for these tests (the real ones, ~4M elements, would make CI
-compile large models); the rule they feed is the same.
+* The table: on the CPU, torch's fused kernel for Adam/AdamW/SGD, foreach for small tensors,
+  single-tensor for large ones; a group's own flag wins; decisions are cached per optimizer and
+  remade when the groups or their flags change.
+* No optimizer's default ever calls ``torch.compile``.
+* mupkit's AdamW/Adam/SGD default is bitwise torch's ``fused=True`` on the CPU.
+* Groups of equal values step as one multi-tensor call.
 """
 
 from __future__ import annotations
 
-import math
 import warnings
 
 import pytest
 import torch
 
 import mupkit
-import mupkit.optim.compiled as compiled_module
-from mupkit.optim import Adafactor, AdamAtan2, DAdaptAdam, Prodigy
-from mupkit.optim.adam_atan2 import atan2_nonnegative_x
-from mupkit.optim.compiled import compiled_by_default
+from mupkit.optim import BY_NAME, AdamAtan2, dispatch
 
-SHAPES = [(32, 48), (48, 32), (48,), (5,)]  # two "large" matrices, two small vectors
-
-
-@pytest.fixture
-def small_thresholds(monkeypatch):
-    """Tensors of >= 256 elements count as large; 2000 elements in all make a large model."""
-    monkeypatch.setattr(compiled_module, "CPU_SMALL_TENSOR", 256)
-    monkeypatch.setattr(compiled_module, "AUTO_COMPILE_MIN_NUMEL", 2000)
-
-
-def test_compiled_by_default_takes_a_large_model_whole(small_thresholds, monkeypatch):
-    monkeypatch.setattr(compiled_module, "inductor_works", lambda: True)
-    params = [torch.nn.Parameter(torch.zeros(s)) for s in SHAPES]
-    assert compiled_by_default(params) == [True] * 4  # small tensors ride in the same graph
-    assert compiled_by_default(params[:1] + params[2:]) == [False] * 3  # 1536 large elements: a small model
-    strided = torch.zeros(48, 64).t()  # non-contiguous: no flat view, so only the large plain tensors go
-    assert compiled_by_default([strided, *params]) == [False, True, True, False, False]
-    monkeypatch.setattr(compiled_module, "AUTO_COMPILE_MAX_TENSORS", 2)  # too many for one graph: the large ones
-    assert compiled_by_default(params) == [True, True, False, False]
-    monkeypatch.setattr(compiled_module, "AUTO_COMPILE_MAX_TENSORS", 1)  # even those are too many: none
-    assert compiled_by_default(params) == [False] * 4
-    monkeypatch.setattr(compiled_module, "inductor_works", lambda: False)
-    monkeypatch.setattr(compiled_module, "AUTO_COMPILE_MAX_TENSORS", 512)
-    assert compiled_by_default(params) == [False] * 4
-
-
-def test_inductor_failure_warns_once_and_keeps_the_eager_default(monkeypatch):
-    def broken_compile(*args, **kwargs):
-        raise RuntimeError("no C++ compiler")
-    compiled_module.inductor_works.cache_clear()
-    monkeypatch.setattr(torch, "compile", broken_compile)
-    try:
-        with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler.*compiled=False"):
-            assert compiled_module.inductor_works() is False
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")
-            assert compiled_module.inductor_works() is False  # cached: no second warning
-    finally:
-        compiled_module.inductor_works.cache_clear()
+SHAPES = [(32, 48), (48, 32), (48,), (5,)]
 
 
 def run(make, steps=10, shapes=SHAPES):
@@ -76,56 +32,55 @@ def run(make, steps=10, shapes=SHAPES):
     return params
 
 
-def spy_compiled(monkeypatch):
-    """Record the size of every tensor a compiled call of any path gets."""
-    import mupkit.optim.adafactor as adafactor_module
-    import mupkit.optim.adam_atan2 as atan2_module
-    seen = []
-    run_compiled = atan2_module._run_compiled
-    monkeypatch.setattr(atan2_module, "_run_compiled",
-                        lambda ps, *a: seen.extend(p.numel() for p in ps) or run_compiled(ps, *a))
-    adafactor_run = adafactor_module._run
-    monkeypatch.setattr(adafactor_module, "_run", lambda ts, group, cfg, path: (
-        seen.extend(t["param"].numel() for t in ts) if path == "compiled" else None) or adafactor_run(ts, group, cfg,
-                                                                                                      path))
-    apply = compiled_module.ListKernel._apply
-    monkeypatch.setattr(compiled_module.ListKernel, "_apply", lambda self, columns, rows, compiled: (
-        seen.extend(t.numel() for t in columns[0]) if compiled else None) or apply(self, columns, rows, compiled))
-    return seen
+def test_cpu_table_follows_tensor_size_and_the_algorithms_kernels():
+    small = [torch.zeros(4096) for _ in range(3)]
+    large = [torch.zeros(1 << 17), torch.zeros(1 << 16)]
+    eager = dispatch.Kernels()
+    assert dispatch.default_path(small, eager) == "foreach"
+    assert dispatch.default_path(large, eager) == "single"
+    assert dispatch.default_path(small, dispatch.Kernels(foreach=False)) == "single"
+    assert dispatch.default_path(large, dispatch.Kernels(cpu_fused=True)) == "fused"
+    assert dispatch.default_path(small + [torch.zeros(3, dtype=torch.int64)], dispatch.Kernels(cpu_fused=True)) \
+        == "foreach"  # torch's fused kernel takes floating-point tensors only
 
 
-@pytest.mark.parametrize("cls", [AdamAtan2, Adafactor, DAdaptAdam, Prodigy], ids=lambda c: c.__name__)
-def test_default_compiles_a_large_model_and_matches_the_eager_path(cls, small_thresholds, monkeypatch):
-    seen = spy_compiled(monkeypatch)
-    eager = run(lambda ps: cls(ps, compiled=False))
-    assert not seen
-    default = run(lambda ps: cls(ps))
-    assert set(seen) == {32 * 48, 48, 5}  # every tensor went through compiled code
-    for a, b in zip(default, eager):
-        assert ((a - b).abs().max() / b.abs().max()).item() <= 1e-6
+@pytest.mark.parametrize("flags,path", [(dict(fused=True), "fused"), (dict(compiled=True), "compiled"),
+                                        (dict(foreach=True), "foreach"), (dict(foreach=False), "single"),
+                                        (dict(fused=False), "single")])
+def test_a_groups_own_flag_wins(flags, path):
+    group = {"params": [torch.zeros(1 << 17)], **flags}
+    assert dispatch.chosen_path(group, dispatch.Kernels(cpu_fused=True)) == path
 
 
-def test_adafactor_default_keeps_large_matrices_eager_and_compiles_the_rest(small_thresholds, monkeypatch):
-    """Adafactor's eager step of a large CPU matrix (from the two factor vectors, in blocks) is
-    faster than the compiled one, so the default leaves matrices of CPU_EAGER_MATRIX elements or
-    more (here lowered to 1000) eager and decides for the other tensors by the usual rule."""
-    import mupkit.optim.adafactor as adafactor_module
-    monkeypatch.setattr(adafactor_module, "CPU_EAGER_MATRIX", 1000)
-    monkeypatch.setattr(compiled_module, "inductor_works", lambda: True)
-    seen = spy_compiled(monkeypatch)
-    shapes = [(32, 48), (3000,), (48,), (5,)]
-    default = run(lambda ps: Adafactor(ps), shapes=shapes)
-    assert set(seen) == {3000, 48, 5}  # the vectors compiled, the 1536-element matrix not
-    eager = run(lambda ps: Adafactor(ps, compiled=False), shapes=shapes)
-    for a, b in zip(default, eager):
-        assert ((a - b).abs().max() / b.abs().max()).item() <= 1e-6
+def test_decisions_are_cached_and_remade_when_groups_or_flags_change():
+    params = [torch.nn.Parameter(torch.zeros(8)) for _ in range(2)]
+    opt = AdamAtan2([{"params": [params[0]]}, {"params": [params[1]], "foreach": False}])
+    first = dispatch.group_paths(opt, opt.kernels)
+    assert first == ["foreach", "single"]
+    assert dispatch.group_paths(opt, opt.kernels) is first  # cached
+    opt.param_groups[1]["foreach"] = True
+    assert dispatch.group_paths(opt, opt.kernels) == ["foreach", "foreach"]
+    opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(1 << 17))]})
+    assert dispatch.group_paths(opt, opt.kernels) == ["foreach", "foreach", "single"]
 
 
-@pytest.mark.parametrize("cls", [AdamAtan2, Adafactor, DAdaptAdam, Prodigy], ids=lambda c: c.__name__)
-def test_small_models_stay_eager(cls, monkeypatch):
-    seen = spy_compiled(monkeypatch)
-    run(lambda ps: cls(ps), steps=3)  # the real thresholds: this model is far too small to compile
-    assert not seen
+def test_conflicting_flags_are_refused():
+    with pytest.raises(ValueError, match="choose one of"):
+        AdamAtan2([torch.nn.Parameter(torch.zeros(2))], foreach=True, compiled=True)
+
+
+@pytest.mark.parametrize("name", sorted(BY_NAME))
+def test_no_default_ever_compiles(name, monkeypatch):
+    """A model of 4M+ elements in large tensors (where the old default compiled) and many small
+    ones: the default step of every optimizer runs without ``torch.compile``."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the default path called torch.compile")
+    monkeypatch.setattr(torch, "compile", refuse)
+    shapes = [(1024, 1024)] * 4 + ([] if name == "muon" else [(64,)] * 70)  # Muon without a plan: matrices only
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nor a fallback that caught the refusal
+        params = run(lambda ps: BY_NAME[name](ps, lr=1e-3), steps=2, shapes=shapes)
+    assert all(torch.isfinite(p).all() for p in params)
 
 
 @pytest.mark.parametrize("name,kwargs", [("AdamW", dict(weight_decay=0.1)), ("Adam", dict(weight_decay=0.1)),
@@ -145,30 +100,13 @@ def test_torch_based_default_is_torchs_fused_cpu_kernel(name, kwargs):
     assert opt.param_groups[0]["fused"] is None and opt.state_dict()["param_groups"][0]["fused"] is None
 
 
-def test_polynomial_atan2_matches_torch_atan2():
-    g = torch.Generator().manual_seed(0)
-    y = torch.randn(200_000, generator=g) * torch.randn(200_000, generator=g).mul(4).exp()
-    x = torch.randn(200_000, generator=g).abs() * torch.randn(200_000, generator=g).mul(4).exp()
-    ours, exact = atan2_nonnegative_x(y, x).double(), torch.atan2(y.double(), x.double())
-    assert ((ours - exact).abs() / exact.abs().clamp_min(1e-30)).max().item() <= 3e-7
-    y_edge, zero = torch.tensor([0.0, -0.0, 2.0, -3.0]), torch.zeros(4)  # (0, 0), (-0, 0) and x = 0
-    edge, exact = atan2_nonnegative_x(y_edge, zero), torch.atan2(y_edge, zero)
-    torch.testing.assert_close(edge, exact, rtol=1e-7, atol=0)
-    assert torch.equal(edge.signbit(), exact.signbit()) and exact[2].item() == pytest.approx(math.pi / 2)
-    y64, x64 = y.double(), x.double()
-    assert torch.equal(atan2_nonnegative_x(y64, x64), torch.atan2(y64, x64))  # fp64 keeps the exact atan2
-
-
-@pytest.mark.parametrize("cls", [AdamAtan2, Adafactor], ids=lambda c: c.__name__)
-def test_groups_of_equal_values_step_as_one_multi_tensor_call(cls, monkeypatch):
+def test_groups_of_equal_values_step_as_one_multi_tensor_call(monkeypatch):
     """12 groups, 3 distinct multipliers: 3 multi-tensor calls per step, and the result is bitwise
     that of 12 optimizers stepping one group each (so merging changes only the call count)."""
-    import mupkit.optim.adafactor as adafactor_module
     import mupkit.optim.adam_atan2 as atan2_module
-    module, name = (atan2_module, "_multi_tensor") if cls is AdamAtan2 else (adafactor_module, "_run")
     calls = []
-    original = getattr(module, name)
-    monkeypatch.setattr(module, name, lambda first, *a, **k: calls.append(len(first)) or original(first, *a, **k))
+    original = atan2_module.adam_atan2_update
+    monkeypatch.setattr(atan2_module, "adam_atan2_update", lambda p, *a: calls.append(len(p)) or original(p, *a))
     scales = [1.0, 0.5, 0.25]
 
     def groups(ps):
@@ -176,8 +114,8 @@ def test_groups_of_equal_values_step_as_one_multi_tensor_call(cls, monkeypatch):
     g = torch.Generator().manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(4096, generator=g)) for _ in range(12)]
     alone = [torch.nn.Parameter(p.detach().clone()) for p in params]
-    merged = cls(groups(params), foreach=True)
-    separate = [cls([group], foreach=True) for group in groups(alone)]
+    merged = AdamAtan2(groups(params), foreach=True)
+    separate = [AdamAtan2([group], foreach=True) for group in groups(alone)]
     for _ in range(3):
         for p, q in zip(params, alone):
             p.grad = torch.randn(p.shape, generator=g)
@@ -189,24 +127,3 @@ def test_groups_of_equal_values_step_as_one_multi_tensor_call(cls, monkeypatch):
             opt.step()
     assert all(torch.equal(p, q) for p, q in zip(params, alone))
     assert len(merged.param_groups) == 12 and merged.param_groups[0]["param_names"] == ["p0"]
-
-
-def test_packed_by_default_takes_many_small_tensors(monkeypatch):
-    """The CPU default packs small tensors when there are at least PACKED_MIN_TENSORS of them
-    (here 4); a tensor that is not a plain dense contiguous CPU tensor of its parameter's size
-    stays out. The runs are compiled for a model of AUTO_COMPILE_MIN_NUMEL elements (here 2000)
-    when torch.compile works, else eager."""
-    from mupkit.optim.compiled import packed_by_default, packed_runs_compiled
-    monkeypatch.setattr(compiled_module, "AUTO_COMPILE_MIN_NUMEL", 2000)
-    monkeypatch.setattr(compiled_module, "PACKED_MIN_TENSORS", 4)
-    monkeypatch.setattr(compiled_module, "inductor_works", lambda: True)
-    small = [(torch.zeros(16), torch.zeros(16)) for _ in range(5)]
-    odd = [(torch.zeros(16), torch.zeros(8)),  # a state of another size
-           (torch.zeros(16), torch.zeros(16).to_sparse()),  # a sparse gradient
-           (torch.zeros(16), torch.zeros(4, 4).t()),  # a non-contiguous gradient
-           (torch.zeros(1 << 16), torch.zeros(1 << 16))]  # too large to pack: CPU_SMALL_TENSOR
-    assert packed_by_default(small + odd) == [True] * 5 + [False] * 4
-    assert packed_by_default(small[:3] + odd) == [False] * 7  # too few to pack
-    assert packed_runs_compiled(2000) and not packed_runs_compiled(1999)
-    monkeypatch.setattr(compiled_module, "inductor_works", lambda: False)
-    assert not packed_runs_compiled(10 ** 9)

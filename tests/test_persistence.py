@@ -95,6 +95,8 @@ OPTIMIZERS = {
     # clipping_scale 0.2: the threshold set at step 10 is 0.4 x the median norm, so the later steps clip
     "scaled-adam": lambda groups: mupkit.optim.ScaledAdam(groups, lr=0.05, clipping_scale=0.2, clipping_scope="all"),
     "scaled-adam-groups": lambda groups: mupkit.optim.ScaledAdam(groups, lr=0.05, clipping_scale=0.2, foreach=True),
+    # full-matrix Newton-Schulz on the gathered update, fp32 so roundoff of the gradient all-reduce stays 1e-7
+    "muon": lambda groups: mupkit.optim.Muon(groups, lr=0.02, adam_lr=1e-2, ns_dtype=torch.float32),
 }
 
 #: steps per run: 3, or enough to reach ScaledAdam's first clipping threshold (step 10) and clip after it
@@ -106,7 +108,7 @@ def clipping_record(opt) -> list[tuple[float, int]]:
     if not isinstance(opt, mupkit.optim.ScaledAdam):
         return []
     holders = [opt.state[g["params"][0]] for g in opt.param_groups]
-    return [(h["clip_threshold"], h["clip_count"]) for h in holders if "clip_threshold" in h]
+    return [(float(h["clip_threshold"]), int(h["clip_count"])) for h in holders if "clip_threshold" in h]
 
 
 def _worker(rank: int, world: int, path: str, mode: str, arch: str, optim: str, dtype: torch.dtype,
@@ -164,7 +166,7 @@ def single_process_reference(world: int, arch: str, optim: str, dtype: torch.dty
     ("fsdp2", "resmlp", "prodigy", torch.float32), ("fsdp2", "resmlp", "dadapt-sgd", torch.float32),
     ("fsdp2", "resmlp", "dadapt-adagrad", torch.float32), ("fsdp2", "resmlp", "dadapt-lion", torch.float32),
     ("fsdp2", "resmlp", "scaled-adam", torch.float32), ("fsdp2", "resmlp", "scaled-adam-groups", torch.float32),
-    ("ddp", "resmlp", "scaled-adam", torch.float32)])
+    ("ddp", "resmlp", "scaled-adam", torch.float32), ("fsdp2", "resmlp", "muon", torch.float32)])
 def test_distributed_world_size_two_matches_single_process(mode, arch, optim, dtype):
     """float64: only the gradient all-reduce order differs (1e-9). float32 Adafactor: its column
     statistics and RMS values are summed over the shards, in a different order (1e-5); so are

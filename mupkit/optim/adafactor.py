@@ -27,11 +27,11 @@ Deliberate fixes of the references' pitfalls:
 * bf16/fp16 parameters keep fp32 state and do the math in fp32 (torch keeps bf16 state).
 * Sharded parameters (FSDP2 ``fully_shard``): column statistics and both RMS values are reduced
   over the shards (torch 2.13's Adafactor fails on DTensors); see :mod:`.sharding`.
-* The foreach path makes no per-tensor host sync on CUDA: all RMS values are reduced as one
-  tensor, and the step sizes stay on the device. On the CPU, where reading a value costs no
-  sync, the eager step reads the RMS values back once per run of tensors and computes the step
-  sizes as Python floats, and a vector or matrix of over a million elements steps in blocks
-  that stay in cache (:func:`_step_in_blocks`).
+
+The math is :func:`adafactor_update`, one function for the single-tensor and foreach paths (and,
+compiled, for ``compiled=True``); the Triton kernels (:mod:`.kernels.adafactor`) are tested
+against it. Step sizes and clipping factors are computed as tensors: on CUDA they stay on the
+device (no host sync); on the CPU they are read back as floats, which costs no sync there.
 
 muP family (with ``scale_parameter``): ``adafactor``, whose step is relative to the parameter's
 RMS. Hidden LR multiplier ``m_in^-1/2`` (Adam's ``m_in^-1`` over the hidden init scale
@@ -43,31 +43,39 @@ scale (``eps_scale``), so zero-initialized tensors step like their muP init woul
 
 from __future__ import annotations
 
-import math
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from ..rules import FAMILIES
-from . import kernels
-from .compiled import compiled_by_default, left_to_default
-from .master import MasterWeights
-from .scaled import ScaledGroups
-from .sharding import ShardInfo, global_rms, local_tensor, mean_over, rms_values, shard_info, state_like
-from .tensors import (CPU_PIECE, KeepsStateDtypes, advance_steps, as_dtype, cache_sized, compile_safe, default_foreach,
-                      flat_scratch, foreach_scalar, foreach_scalars, scratch_like, state_dtype, subset,
-                      working_copies, working_copy, write_back)
+from . import dispatch, ops
+from .base import Optimizer
+from .sharding import ShardInfo, global_rms, local_tensor, mean_over, shard_info, state_like
+from .tensors import advance_steps, by_device_and_dtype, state_dtype
 
 MODES = ("torch", "hf")
 
-#: elements from which a CPU matrix steps faster on the eager path (in cache, from the two factor
-#: vectors, in blocks when large) than compiled, so the default keeps it eager: 16 matrices of
-#: 512 x 512 step in about the same time both ways, of 1024 x 1024 1.2x faster eagerly
-#: (benchmarks/RESULTS.md)
-CPU_EAGER_MATRIX = 1 << 18
+#: graphs the compiled update may compile (one per parameter shape, dtype and kind)
+RECOMPILE_LIMIT = 64
 
 
-class Adafactor(MasterWeights, KeepsStateDtypes, ScaledGroups, torch.optim.Optimizer):
+@dataclass(frozen=True)
+class Settings:
+    """A param group's constants for :func:`adafactor_update` (``weight_decay`` with its muP scales)."""
+
+    hf: bool
+    eps1: float | None  # None: the state dtype's machine epsilon
+    rms_floor: float  # eps2 * eps_scale
+    clip_threshold: float
+    lr_scale: float
+    weight_decay: float
+    beta1: float | None
+    scale_parameter: bool
+    maximize: bool
+
+
+class Adafactor(Optimizer):
     """Adafactor with muP group scales; ``mode="torch"`` (default) or ``mode="hf"``.
 
     Arguments as in the chosen reference: ``lr`` (torch: cap of the relative step, default
@@ -75,18 +83,14 @@ class Adafactor(MasterWeights, KeepsStateDtypes, ScaledGroups, torch.optim.Optim
     ``(None, 1e-3)``, hf ``(1e-30, 1e-3)``), ``clip_threshold`` (torch's ``d``), ``beta2_decay``
     (hf's ``decay_rate``), ``weight_decay``, ``maximize``; hf only: ``scale_parameter``,
     ``relative_step``, ``warmup_init``. ``beta1``: optional first moment, on the clipped and
-    scaled update (as hf). ``foreach``: the multi-tensor path (default: on CUDA, and on the CPU
-    for small tensors, see :func:`.tensors.default_foreach`); ``compiled``: ``torch.compile`` of
-    the multi-tensor step (unsharded parameters; per-step scalars are tensors, so it compiles
-    once per bucket). ``fused``: the Triton kernels (CUDA; their sums are atomic adds, so not
-    under ``torch.use_deterministic_algorithms``). Default (none given): on CUDA the kernels
-    (:func:`.kernels.fused_by_default`); on the CPU matrices of :data:`CPU_EAGER_MATRIX` elements
-    or more step eagerly, the other tensors of a large model are compiled
-    (:func:`.compiled.compiled_by_default`), what is left takes the eager default;
-    ``compiled=False``: nothing is compiled.
+    scaled update (as hf). ``foreach``/``fused``/``compiled``: the implementation (default:
+    :mod:`.dispatch`). ``fused=True``: the Triton kernels, on CUDA (their sums are atomic adds, so
+    not under ``torch.use_deterministic_algorithms``). ``compiled=True``: ``torch.compile`` of the
+    update, a graph per parameter shape (the first step costs the compiles: seconds to minutes).
     """
 
     family = FAMILIES["adafactor"]
+    kernels = dispatch.Kernels(deterministic=False)
 
     def __init__(self, params, lr: float | None = None, *, mode: str = "torch", beta1: float | None = None,
                  beta2_decay: float = -0.8, eps: tuple[float | None, float] | None = None,
@@ -123,8 +127,6 @@ class Adafactor(MasterWeights, KeepsStateDtypes, ScaledGroups, torch.optim.Optim
             raise ValueError(f"clip_threshold={clip_threshold} must be >= 1 (torch's d)")
         if not weight_decay >= 0:
             raise ValueError(f"weight_decay={weight_decay} must be >= 0")
-        if sum(map(bool, (foreach, compiled, fused))) > 1:
-            raise ValueError("choose one of foreach=True, compiled=True and fused=True")
         if not scale_parameter:
             self.family = FAMILIES["adamw"]  # entrywise-normalized step: Adam's muP rules
         defaults = dict(lr=lr, mode=mode, beta1=beta1, beta2_decay=beta2_decay, eps=tuple(eps),
@@ -133,482 +135,274 @@ class Adafactor(MasterWeights, KeepsStateDtypes, ScaledGroups, torch.optim.Optim
                         compiled=compiled, fused=fused)
         super().__init__(params, defaults, master_weights=master_weights)
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = self._loss(closure)
-        with self._master_weights(), kernels.fused_defaults(self, deterministic=False), self._merged_groups():
-            self._step_groups()
-        return loss
+    def _effective_group(self, group: dict[str, Any], path: str) -> dict[str, Any]:
+        """The group with its path; ``lr`` stays the reference's (a cap of the relative step, or
+        hf's fixed step) and ``lr_scale`` multiplies the step size (:class:`Settings`)."""
+        return {**group, "path": path}
 
-    def _step_groups(self) -> None:
-        fused: dict[tuple, list[dict[str, Any]]] = {}  # every fused group's tensors, by launch bucket
-        auto = [p for group in self.param_groups if left_to_default(group) for p in group["params"]
-                if p.grad is not None and not _faster_eager(p)]
-        auto_compiled = {id(p) for p, yes in zip(auto, compiled_by_default(auto)) if yes}
-        for group in self.param_groups:
-            with_grad = [(i, p) for i, p in enumerate(group["params"]) if p.grad is not None]
-            tensors = [self._tensors(group, i, p) for i, p in with_grad]
+    def _update(self, groups: list[dict[str, Any]]) -> None:
+        fused = []
+        for group in groups:
+            tensors = self._gather(group)
             if not tensors:
                 continue
-            cfg = {k: group[k] for k in ("mode", "eps", "clip_threshold", "scale_parameter", "beta1", "lr_scale",
-                                         "eps_scale")}
-            cfg["weight_decay"] = group["weight_decay"] * group["lr_scale"] * group["wd_scale"]  # 1 under muP
-            if group["fused"]:
-                for item in _fused_items(tensors, group, cfg):
-                    key = (item["param"].device, item["param"].dtype, group["mode"], group["beta1"] is not None)
-                    fused.setdefault(key, []).append(item)
-                continue
-            chosen = [bool(group["compiled"]) or id(p) in auto_compiled for _, p in with_grad]
-            self._run_buckets([t for t, c in zip(tensors, chosen) if c], group, cfg, "compiled")
-            eager = [t for t, c in zip(tensors, chosen) if not c]
-            foreach = group["foreach"]
-            if foreach is None:
-                foreach = default_foreach([t["param"] for t in eager])
-            self._run_buckets(eager, group, cfg, "foreach" if foreach else "single")
-        if fused:
-            kernels.check_fused("Adafactor", [it["param"] for items in fused.values() for it in items],
-                                deterministic=False)
-            from .kernels.adafactor import adafactor as launch
-            for (_, _, mode, momentum), items in fused.items():
-                launch(items, hf=mode == "hf", momentum=momentum)
-
-    @staticmethod
-    def _run_buckets(tensors: list[dict[str, Any]], group: dict[str, Any], cfg: dict[str, Any], path: str):
-        """:func:`_run` once per (device, state dtype) bucket."""
-        buckets: dict[tuple, list[dict[str, Any]]] = {}
-        for t in tensors:
-            buckets.setdefault((t["param"].device, state_dtype(t["param"])), []).append(t)
-        for bucket in buckets.values():
-            _run(bucket, group, cfg, path)
-
-    def _tensors(self, group: dict[str, Any], index: int, p: torch.Tensor) -> dict[str, Any]:
-        """The parameter's local shard, gradient, state and shard layout."""
-        if p.grad.is_sparse:
-            raise RuntimeError(f"Adafactor got a sparse gradient for a parameter of shape {tuple(p.shape)}; "
-                               f"it needs dense gradients (e.g. nn.Embedding(sparse=False)).")
-        names = group.get("param_names")
-        info = shard_info(names[index] if names else f"#{index} of its group", p)
-        state = self.state[p]
-        local = local_tensor(p)
-        if not state:
-            dtype, shape = state_dtype(p), tuple(p.shape)
-            state["step"] = torch.tensor(0.0)
-            if p.dim() >= 2:
-                state["row_var"] = state_like(local.new_zeros(local.shape[:-1] + (1,), dtype=dtype), p, info,
-                                              shape[:-1] + (1,), reduced_dims=(-1,))
-                state["col_var"] = state_like(local.new_zeros(local.shape[:-2] + (1,) + local.shape[-1:], dtype=dtype),
-                                              p, info, shape[:-2] + (1,) + shape[-1:], reduced_dims=(-2,))
+            steps = advance_steps([t.state["step"] for t in tensors])
+            settings = _settings(group)
+            rows = [_row(group, step) for step in steps]
+            if group["path"] == "fused":
+                fused += [(t, settings, row) for t, row in zip(tensors, rows)]
+            elif group["path"] == "compiled":
+                _run_compiled(tensors, settings, rows)
             else:
-                state["variance"] = state_like(torch.zeros_like(local, dtype=dtype), p, info, shape)
-            if group["beta1"] is not None:
-                state["exp_avg"] = state_like(torch.zeros_like(local, dtype=dtype), p, info, shape)
-        local_state = {k: local_tensor(v) for k, v in state.items()}  # views: updates reach the DTensors
-        return {"param": local, "grad": local_tensor(p.grad), "state": local_state, "info": info}
+                for kind in (True, False):  # factored, then unfactored
+                    chosen = [(t, row) for t, row in zip(tensors, rows) if t.factored == kind]
+                    if chosen:
+                        _run_eager([t for t, _ in chosen], settings, [r for _, r in chosen], group["path"])
+        if fused:
+            dispatch.check_fused(type(self).__name__, [t.param for t, _, _ in fused], self.kernels)
+            from .kernels.adafactor import adafactor as launch
+            launch(fused)
+
+    def _gather(self, group: dict[str, Any]) -> list[StepTensors]:
+        """Every parameter of ``group`` with a gradient: its local shard, gradient, state (made on
+        the first step, torch's keys and shapes) and shard layout."""
+        names = group.get("param_names")
+        out = []
+        for index, p in enumerate(group["params"]):
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError(f"Adafactor got a sparse gradient for a parameter of shape {tuple(p.shape)}; "
+                                   f"it needs dense gradients (e.g. nn.Embedding(sparse=False)).")
+            state = self.state[p]
+            plain = dispatch.plain_dense(p)  # else a DTensor: its shard, and views of its state's shards
+            info = ShardInfo(p.shape, None) if plain else shard_info(names[index] if names else f"#{index}", p)
+            if not state:
+                _init_state(state, p, info, group["beta1"] is not None)
+            local = state if plain else {k: local_tensor(v) for k, v in state.items() if k != "step"}
+            moment = (local["row_var"], local["col_var"]) if "row_var" in local else local["variance"]
+            out.append(StepTensors(p if plain else local_tensor(p), p.grad if plain else local_tensor(p.grad), moment,
+                                   local.get("exp_avg"), info, state))
+        return out
 
 
-def _faster_eager(p: torch.Tensor) -> bool:
-    """A CPU matrix of :data:`CPU_EAGER_MATRIX` elements or more: the default steps it eagerly."""
-    return p.dim() >= 2 and p.numel() >= CPU_EAGER_MATRIX and not p.is_cuda
+@dataclass
+class StepTensors:
+    """One parameter's rank-local tensors for a step: ``moment`` is ``(R, C)`` when factored."""
+
+    param: torch.Tensor
+    grad: torch.Tensor
+    moment: torch.Tensor | tuple[torch.Tensor, torch.Tensor]
+    exp_avg: torch.Tensor | None
+    info: ShardInfo
+    state: dict[str, Any]
+
+    @property
+    def factored(self) -> bool:
+        return isinstance(self.moment, tuple)
 
 
-def _fused_items(tensors: list[dict[str, Any]], group: dict[str, Any], cfg: dict[str, Any]) -> list[dict[str, Any]]:
-    """The fused kernels' per-tensor inputs (see :func:`.kernels.adafactor.adafactor`); advances
-    the step counters."""
-    items = []
-    sharded = [t["info"].shape for t in tensors if t["info"].dim is not None]
-    if sharded:
-        raise ValueError(f"Adafactor(fused=True) runs on whole tensors, but a parameter of shape "
-                         f"{tuple(sharded[0])} is sharded; use foreach=True, which reduces over the shards.")
-    for t, step in zip(tensors, advance_steps([t["state"]["step"] for t in tensors])):
-        dtype = state_dtype(t["param"])
-        shape = t["info"].shape
-        items.append(dict(param=t["param"], grad=t["grad"], state=t["state"],
-                          rows=shape[-2] if len(shape) >= 2 else 0, cols=shape[-1] if len(shape) >= 2 else 0,
-                          omb=step ** group["beta2_decay"], rho=_relative_step(group, step), eps1=_eps1(cfg, dtype),
-                          floor=_floor(cfg, dtype), rms_floor=cfg["eps"][1] * cfg["eps_scale"],
-                          lr_scale=cfg["lr_scale"], clip_threshold=cfg["clip_threshold"],
-                          decay=1.0 - (group["lr"] or 0.0) * cfg["weight_decay"], hf_wd=cfg["weight_decay"],
-                          sign=-1.0 if group["maximize"] else 1.0, beta1=cfg["beta1"],
-                          scale_parameter=cfg["scale_parameter"]))
-    return items
+def _init_state(state: dict[str, Any], p: torch.Tensor, info: ShardInfo, momentum: bool) -> None:
+    """torch's state: ``step``, ``row_var`` (``... x rows x 1``) and ``col_var`` (``... x 1 x cols``)
+    for >= 2 dims, else ``variance``; ``exp_avg`` with ``beta1``. fp32 for bf16/fp16 parameters."""
+    local, dtype, shape = local_tensor(p), state_dtype(p), tuple(p.shape)
+    state["step"] = torch.tensor(0.0)
+    if p.dim() >= 2:
+        state["row_var"] = state_like(local.new_zeros(local.shape[:-1] + (1,), dtype=dtype), p, info,
+                                      shape[:-1] + (1,), reduced_dims=(-1,))
+        state["col_var"] = state_like(local.new_zeros(local.shape[:-2] + (1,) + local.shape[-1:], dtype=dtype),
+                                      p, info, shape[:-2] + (1,) + shape[-1:], reduced_dims=(-2,))
+    else:
+        state["variance"] = state_like(torch.zeros_like(local, dtype=dtype), p, info, shape)
+    if momentum:
+        state["exp_avg"] = state_like(torch.zeros_like(local, dtype=dtype), p, info, shape)
 
 
-def _relative_step(group: dict[str, Any], t: float) -> float:
+def _settings(group: dict[str, Any]) -> Settings:
+    eps1, eps2 = group["eps"]
+    return Settings(hf=group["mode"] == "hf", eps1=eps1, rms_floor=eps2 * group["eps_scale"],
+                    clip_threshold=group["clip_threshold"], lr_scale=group["lr_scale"],
+                    weight_decay=group["weight_decay"] * group["lr_scale"] * group["wd_scale"],  # 1 under muP
+                    beta1=group["beta1"], scale_parameter=group["scale_parameter"], maximize=group["maximize"])
+
+
+def _row(group: dict[str, Any], t: float) -> tuple[float, float, float]:
+    """``(rho_t, omb_t, torch mode's decay 1 - lr wd)`` at step ``t``."""
     if group["mode"] == "torch":
-        return min(group["lr"], t ** -0.5)
-    if not group["relative_step"]:
-        return group["lr"]
-    return min(1e-6 * t if group["warmup_init"] else 1e-2, t ** -0.5)
-
-
-def _update_direction(g: torch.Tensor, state: dict[str, Any], info: ShardInfo, cfg: dict[str, Any],
-                      one_minus_beta2: torch.Tensor) -> Callable[..., torch.Tensor]:
-    """Update the second-moment statistics in place (either mode) and return a function
-    ``direction(out, rows=None)`` that computes ``g / sqrt(V)`` from them (``rows``: of that slice
-    of rows only), into ``out`` when it is a tensor: the compiled step calls it twice
-    (``out=None``), for the update's RMS and in the update loop, so inductor fuses it into both
-    instead of storing it; the eager step once, into scratch."""
-    g2 = torch.mul(g, g, out=_temporary(g, slot=1))
-    if "variance" in state:
-        _update_variance(state["variance"], g2, cfg, one_minus_beta2)
-        return _unfactored_direction(g, state["variance"], cfg)
-    return _factored_direction(g, state, info, cfg, one_minus_beta2, mean_over(g2, -1, info),
-                               mean_over(g2, -2, info))
-
-
-def _update_variance(variance: torch.Tensor, g2: torch.Tensor, cfg: dict[str, Any],
-                     one_minus_beta2: torch.Tensor) -> None:
-    """The unfactored second moment's EMA, in place (``g2`` is overwritten in hf mode)."""
-    if cfg["mode"] == "hf":  # g^2 + eps1
-        variance.mul_(1.0 - one_minus_beta2).add_(g2.add_(_eps1(cfg, g2.dtype)).mul_(one_minus_beta2))
+        rho = min(group["lr"], t ** -0.5)
+    elif not group["relative_step"]:
+        rho = group["lr"]
     else:
-        variance.lerp_(g2, one_minus_beta2)
+        rho = min(1e-6 * t if group["warmup_init"] else 1e-2, t ** -0.5)
+    wd = group["weight_decay"] * group["lr_scale"] * group["wd_scale"]
+    return rho, t ** group["beta2_decay"], 1.0 - (group["lr"] or 0.0) * wd
 
 
-def _unfactored_direction(g: torch.Tensor, variance: torch.Tensor, cfg: dict[str, Any]) -> Callable[..., torch.Tensor]:
-    """:func:`_update_direction` of an unfactored tensor (0-D or 1-D), from its updated ``variance``."""
-    if cfg["mode"] == "hf":
-        return lambda out, rows=None: torch.rsqrt(_rows(variance, rows), out=out).mul_(_rows(g, rows))
-    floor = _floor(cfg, g.dtype)
-    return lambda out, rows=None: torch.clamp(_rows(variance, rows), min=floor, out=out).rsqrt_().mul_(_rows(g, rows))
-
-
-def _factored_direction(g: torch.Tensor, state: dict[str, Any], info: ShardInfo, cfg: dict[str, Any],
-                        one_minus_beta2: torch.Tensor, row_mean: torch.Tensor,
-                        col_mean: torch.Tensor) -> Callable[..., torch.Tensor]:
-    """:func:`_update_direction` of a factored tensor, from the means of ``g^2`` over its last dim
-    (``row_mean``) and over its rows (``col_mean``); updates them in place in hf mode."""
-    hf, eps1, floor = cfg["mode"] == "hf", _eps1(cfg, g.dtype), _floor(cfg, g.dtype)
-    row_var, col_var = state["row_var"], state["col_var"]
-    if hf:  # mean(g^2 + eps1) = mean(g^2) + eps1
-        row_mean.add_(eps1)
-        col_mean.add_(eps1)
-        row_var.mul_(1.0 - one_minus_beta2).add_(row_mean * one_minus_beta2)
-        col_var.mul_(1.0 - one_minus_beta2).add_(col_mean * one_minus_beta2)
-        row_factor = (row_var / mean_over(row_var, -2, info)).rsqrt_()
-        col_factor = col_var.rsqrt()
-        return lambda out, rows=None: torch.mul(_rows(row_factor, rows), col_factor, out=out).mul_(_rows(g, rows))
-    row_var.lerp_(row_mean, one_minus_beta2)
-    col_var.lerp_(col_mean, one_minus_beta2)
-    scaled_rows = row_var / mean_over(row_var, -2, info).clamp_(min=eps1)  # R / mean(R)
-    if not (g.is_cuda or torch.compiler.is_compiling()) and float(scaled_rows.min()) * float(col_var.min()) >= floor:
-        # no product falls under the floor, so rsqrt(R_i C_j / mean(R)) = rsqrt(R_i / mean(R)) rsqrt(C_j):
-        # the roots of the vectors, then two passes over the tensor instead of four (on the CPU, where
-        # reading the two minima costs no device sync)
-        row_factor, col_factor = scaled_rows.rsqrt(), col_var.rsqrt()
-        return lambda out, rows=None: torch.mul(_rows(g, rows), _rows(row_factor, rows), out=out).mul_(col_factor)
-    return lambda out, rows=None: torch.mul(_rows(scaled_rows, rows), col_var, out=out).clamp_(min=floor).rsqrt_(
-    ).mul_(_rows(g, rows))
-
-
-def _blocks(grads: list[torch.Tensor], states: list[dict[str, Any]], infos: list[ShardInfo],
-            omb: list[float]) -> list[list[int]]:
-    """The indices of the tensors an eager CPU step updates together, in blocks of two or more
-    sharing one ``1 - beta2_t``: the unfactored tensors (0-D/1-D), and the unsharded matrices of
-    each shape."""
-    keys: dict[tuple, list[int]] = {}
-    for k, (g, state, info) in enumerate(zip(grads, states, infos)):
-        if "variance" in state:
-            keys.setdefault(("unfactored", omb[k]), []).append(k)
-        elif g.dim() == 2 and info.dim is None:
-            keys.setdefault((tuple(g.shape), omb[k]), []).append(k)
-    return [block for block in keys.values() if len(block) > 1]
-
-
-def _outs(grads: list[torch.Tensor], blocks: list[list[int]]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """The eager step's update tensors, shaped like ``grads``: views of one scratch buffer, each
-    block's back to back from its start, then the rest; and the flat tensor of each block."""
-    chosen = {k for block in blocks for k in block}
-    order = [k for block in blocks for k in block] + [k for k in range(len(grads)) if k not in chosen]
-    flat, views = flat_scratch([grads[k] for k in order], slot=0)
-    outs: list[torch.Tensor] = [None] * len(grads)
-    for k, view in zip(order, views):
-        outs[k] = view
-    flats, start = [], 0
-    for block in blocks:
-        size = sum(grads[k].numel() for k in block)
-        flats.append(flat[start:start + size])
-        start += size
-    return outs, flats
-
-
-def _unfactored_updates(grads: list[torch.Tensor], states: list[dict[str, Any]], outs: list[torch.Tensor],
-                        flat_out: torch.Tensor, cfg: dict[str, Any], one_minus_beta2: float) -> None:
-    """:func:`_update_variance` and the direction of :func:`_unfactored_direction` for a block of
-    unfactored tensors, op for op (so the same values) but as multi-tensor ops over the lists and
-    flat ops over their scratch: ``outs`` are views of ``flat_out``, back to back (:func:`_outs`)."""
-    variances = [state["variance"] for state in states]
-    flat_g2, g2 = flat_scratch(grads, slot=1)
-    torch._foreach_copy_(g2, grads)
-    flat_g2.mul_(flat_g2)
-    if cfg["mode"] == "hf":  # g^2 + eps1
-        torch._foreach_mul_(variances, foreach_scalar(1.0 - one_minus_beta2, variances))
-        flat_g2.add_(_eps1(cfg, flat_g2.dtype)).mul_(one_minus_beta2)
-        torch._foreach_add_(variances, g2)
-        torch._foreach_copy_(outs, variances)
-        flat_out.rsqrt_()
-    else:
-        torch._foreach_lerp_(variances, g2, one_minus_beta2)
-        torch._foreach_copy_(outs, variances)
-        flat_out.clamp_(min=_floor(cfg, flat_out.dtype)).rsqrt_()
-    torch._foreach_mul_(outs, grads)
-
-
-def _factored_updates(grads: list[torch.Tensor], states: list[dict[str, Any]], outs: list[torch.Tensor],
-                      flat_out: torch.Tensor, cfg: dict[str, Any], one_minus_beta2: float) -> None:
-    """:func:`_factored_direction`'s statistics and directions for a block of unsharded matrices
-    of one shape, op for op, on the block stacked in scratch (``n x rows x cols``): the means,
-    factor vectors and products are batched ops, the state updates multi-tensor ops. In torch
-    mode the factor vectors' roots are used (two passes) when every matrix of the block allows
-    it, else the clamped product for all (they differ by rounding only)."""
-    n, (rows, cols) = len(grads), grads[0].shape
-    flat_g, g_views = flat_scratch(grads, slot=1)
-    torch._foreach_copy_(g_views, grads)
-    g = flat_g.view(n, rows, cols)
-    g2 = torch.mul(g, g, out=flat_scratch(grads, slot=4)[0].view(n, rows, cols))  # 2, 3: _run's working copies
-    row_mean, col_mean = g2.mean(-1, keepdim=True), g2.mean(-2, keepdim=True)
-    row_vars, col_vars = [state["row_var"] for state in states], [state["col_var"] for state in states]
-    hf, eps1, floor = cfg["mode"] == "hf", _eps1(cfg, g.dtype), _floor(cfg, g.dtype)
-    if hf:  # mean(g^2 + eps1) = mean(g^2) + eps1
-        row_mean.add_(eps1)
-        col_mean.add_(eps1)
-        for variances, mean in ((row_vars, row_mean), (col_vars, col_mean)):
-            torch._foreach_mul_(variances, foreach_scalar(1.0 - one_minus_beta2, variances))
-            torch._foreach_add_(variances, list((mean * one_minus_beta2).unbind(0)))
-    else:
-        torch._foreach_lerp_(row_vars, list(row_mean.unbind(0)), one_minus_beta2)
-        torch._foreach_lerp_(col_vars, list(col_mean.unbind(0)), one_minus_beta2)
-    row_var, col_var, out = torch.stack(row_vars), torch.stack(col_vars), flat_out.view(n, rows, cols)
-    if hf:
-        row_factor = (row_var / row_var.mean(-2, keepdim=True)).rsqrt_()
-        torch.mul(row_factor, col_var.rsqrt(), out=out).mul_(g)
+def _run_eager(tensors: list[StepTensors], settings: Settings, rows: list[tuple[float, ...]], path: str) -> None:
+    """:func:`adafactor_update` tensor by tensor (``"single"``) or on each (device, dtype) bucket's
+    lists (``"foreach"``; sharded tensors of a bucket reduce together)."""
+    if path == "single":
+        for t, row in zip(tensors, rows):
+            adafactor_update(t.param, t.grad, t.moment, t.exp_avg, t.info, *row, settings)
         return
-    scaled_rows = row_var / row_var.mean(-2, keepdim=True).clamp_(min=eps1)  # R / mean(R)
-    if float((scaled_rows.amin(dim=(1, 2)) * col_var.amin(dim=(1, 2))).min()) >= floor:
-        torch.mul(g, scaled_rows.rsqrt(), out=out).mul_(col_var.rsqrt())
+    for bucket in by_device_and_dtype(*zip(*((t.param, t.grad, t.moment, t.exp_avg, t.info, row)
+                                             for t, row in zip(tensors, rows)))):
+        params, grads, moments, exp_avgs, infos, bucket_rows = bucket
+        moments = tuple(map(list, zip(*moments))) if isinstance(moments[0], tuple) else moments
+        adafactor_update(params, grads, moments, None if exp_avgs[0] is None else exp_avgs, infos,
+                         *(ops.scalars(column) for column in zip(*bucket_rows)), settings)
+
+
+_compiled_update = None
+
+
+def _run_compiled(tensors: list[StepTensors], settings: Settings, rows: list[tuple[float, ...]]) -> None:
+    """:func:`adafactor_update` under ``torch.compile``, a call per parameter; the row's values are
+    0-dim tensors, so new values do not recompile (new shapes do)."""
+    global _compiled_update
+    sharded = [t.info for t in tensors if t.info.dim is not None]
+    if sharded:
+        raise ValueError(f"Adafactor(compiled=True) runs on whole tensors, but a parameter of shape "
+                         f"{tuple(sharded[0].shape)} is sharded; use the default path (compiled=None), which "
+                         f"reduces over the shards.")
+    if _compiled_update is None:
+        _compiled_update = torch.compile(adafactor_update, fullgraph=True, dynamic=False)
+    with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+        for t, row in zip(tensors, rows):
+            values = torch.tensor(row, dtype=torch.float64).unbind()
+            moment = t.moment if t.factored else _at_least_1d(t.moment)
+            _compiled_update(_at_least_1d(t.param), _at_least_1d(t.grad), moment,
+                             None if t.exp_avg is None else _at_least_1d(t.exp_avg), t.info, *values, settings)
+
+
+def _at_least_1d(t: torch.Tensor) -> torch.Tensor:
+    """A 1-element view of a 0-dim tensor (torch 2.13's inductor loses in-place updates of 0-dim
+    graph inputs; the view shares storage)."""
+    return t.view(1) if t.dim() == 0 else t
+
+
+def adafactor_update(p: ops.Tensors, g: ops.Tensors, moment, exp_avg: ops.Tensors | None,
+                     info: ShardInfo | list[ShardInfo], rho: ops.Scalars, omb: ops.Scalars, decay: ops.Scalars,
+                     settings: Settings) -> None:
+    """One Adafactor step of a parameter (or, on lists, of each), in place.
+
+    ``moment``: ``(R, C)`` of a factored parameter (or of lists), else ``V``; ``rho``, ``omb``
+    (``1 - beta2_t``) and ``decay`` (torch mode's ``1 - lr wd``): :func:`_row`'s values. The
+    step size ``alpha_0 = rho max(eps2, RMS(p))`` (Sec. 8) is measured before the decay, the
+    clipping ``max(1, RMS(U) / d)`` (Sec. 6) on the direction, both over all shards."""
+    dtype = _dtype(exp_avg if exp_avg is not None else moment[1] if isinstance(moment, tuple) else moment)
+    work, g = ops.to_dtype(p, dtype), ops.to_dtype(g, dtype)
+    if settings.maximize:
+        g = ops.neg(g)
+    infos = info if ops.is_list(p) else [info]
+    alpha0 = torch.as_tensor(rho, dtype=torch.float64, device=_device(p))
+    if settings.scale_parameter:
+        alpha0 = alpha0 * global_rms(_as_list(work), infos).double().clamp(min=settings.rms_floor)
+    u = _direction(g, moment, info, omb, settings)
+    clip = (global_rms(_as_list(u), infos).double() / settings.clip_threshold).clamp(min=1.0)
+    scale = alpha0 * settings.lr_scale / clip
+    if settings.weight_decay:
+        ops.mul_(work, _values(1.0 - settings.weight_decay * alpha0, p) if settings.hf else decay)
+    if exp_avg is None and ops.is_list(p):
+        ops.addcmul_(work, u, _values(-scale, p))  # p += U (-scale): one multi-tensor op
+    elif exp_avg is None:
+        ops.add_(work, u, alpha=_values(-scale, p))
     else:
-        torch.mul(scaled_rows, col_var, out=out).clamp_(min=floor).rsqrt_().mul_(g)
+        ops.mul_(u, _values(scale, p))
+        ops.mul_(exp_avg, settings.beta1)
+        ops.add_(exp_avg, u, alpha=1.0 - settings.beta1)
+        ops.add_(work, exp_avg, alpha=-1.0)
+    ops.write_back(p, work)
 
 
-def _eps1(cfg: dict[str, Any], dtype: torch.dtype) -> float:
+def _direction(g: ops.Tensors, moment, info, omb: ops.Scalars, settings: Settings) -> ops.Tensors:
+    """Update the second moment in place and return ``U = g / sqrt(V)`` (new tensors)."""
+    if isinstance(moment, tuple):
+        return _factored_direction(g, *moment, info, omb, settings)
+    return _unfactored_direction(g, moment, omb, settings)
+
+
+def _unfactored_direction(g: ops.Tensors, v: ops.Tensors, omb: ops.Scalars, settings: Settings) -> ops.Tensors:
+    """``V <- lerp(V, g^2, omb)`` (hf: ``V <- (1 - omb) V + omb (g^2 + eps1)``), ``U = g / sqrt(V)``
+    (torch: ``V`` clamped at ``eps1^2``)."""
+    g2 = ops.mul(g, g)
+    if settings.hf:
+        ops.add_scalar_(g2, _eps1(settings, _dtype(v)))
+        ops.mul_(v, _complement(omb))
+        ops.add_(v, g2, alpha=omb)
+        u = ops.rsqrt(v)
+    else:
+        ops.lerp_(v, g2, omb)
+        u = ops.rsqrt_(ops.maximum(v, _floor(settings, _dtype(v))))
+    return ops.mul_(u, g)
+
+
+def _factored_direction(g: ops.Tensors, row_var: ops.Tensors, col_var: ops.Tensors, info, omb: ops.Scalars,
+                        settings: Settings) -> ops.Tensors:
+    """``R``, ``C`` from this step's means of ``g^2`` over the last dim and over the rows (hf: of
+    ``g^2 + eps1``), then ``U = g / sqrt(R C / mean_rows(R))`` as
+    ``g min(rsqrt(R / mean_rows(R)) rsqrt(C), eps1^-1)``: torch mode's clamps (the mean at eps1,
+    the product at eps1^2) on the factors' roots, so only two ops run over the whole tensor. The
+    means are per tensor (over the shards); the rest multi-tensor ops on lists, broadcasting."""
+    g2 = ops.mul(g, g)
+    row_mean, col_mean = _means(g2, -1, info), _means(g2, -2, info)
+    eps1 = _eps1(settings, _dtype(g))
+    if settings.hf:  # mean(g^2 + eps1) = mean(g^2) + eps1
+        for var, mean in ((row_var, row_mean), (col_var, col_mean)):
+            ops.add_scalar_(mean, eps1)
+            ops.mul_(var, _complement(omb))
+            ops.add_(var, mean, alpha=omb)
+        u = ops.mul(ops.rsqrt_(ops.div(row_var, _means(row_var, -2, info))), ops.rsqrt(col_var))
+    else:
+        ops.lerp_(row_var, row_mean, omb)
+        ops.lerp_(col_var, col_mean, omb)
+        row_factor = ops.rsqrt_(ops.div(row_var, ops.maximum_(_means(row_var, -2, info), eps1)))
+        u = ops.minimum_(ops.mul(row_factor, ops.rsqrt(col_var)), _floor(settings, _dtype(g)) ** -0.5)
+    return ops.mul_(u, g)
+
+
+def _means(x: ops.Tensors, dim: int, info) -> ops.Tensors:
+    """:func:`.sharding.mean_over` of each tensor (``keepdim``)."""
+    if not ops.is_list(x):
+        return mean_over(x, dim, info)
+    return [mean_over(t, dim, i) for t, i in zip(x, info)]
+
+
+def _eps1(settings: Settings, dtype: torch.dtype) -> float:
     """``eps1``; ``None`` means the machine epsilon of the state dtype."""
-    return torch.finfo(dtype).eps if cfg["eps"][0] is None else cfg["eps"][0]
+    return torch.finfo(dtype).eps if settings.eps1 is None else settings.eps1
 
 
-def _floor(cfg: dict[str, Any], dtype: torch.dtype) -> float:
+def _floor(settings: Settings, dtype: torch.dtype) -> float:
     """The floor of ``V`` in torch mode, ``eps1^2``, kept above 0 (``rsqrt(0) * 0`` would be NaN)."""
-    eps1 = _eps1(cfg, dtype)
+    eps1 = _eps1(settings, dtype)
     return max(eps1 * eps1, torch.finfo(dtype).tiny)
 
 
-def _rows(t: torch.Tensor, rows: slice | None) -> torch.Tensor:
-    return t if rows is None else t[rows]
+def _complement(s: ops.Scalars) -> ops.Scalars:
+    return [1.0 - v for v in s] if isinstance(s, (list, tuple)) else 1.0 - s
 
 
-def _temporary(like: torch.Tensor, slot: int) -> torch.Tensor | None:
-    """A :func:`.tensors.scratch` tensor shaped like ``like`` for an eager step; ``None`` (a fresh
-    result) when compiling, where inductor decides what is stored."""
-    return None if torch.compiler.is_compiling() else scratch_like(like, slot)
+def _as_list(x: ops.Tensors) -> list[torch.Tensor]:
+    return x if ops.is_list(x) else [x]
 
 
-def _step(params: list[torch.Tensor], works: list[torch.Tensor], grads: list[torch.Tensor],
-          states: list[dict[str, Any]], infos: list[ShardInfo], rho, omb, decay, cfg: dict[str, Any]) -> None:
-    """One Adafactor step for parallel lists; ``rho``, ``omb`` (1 - beta2_t) and ``decay`` (torch
-    mode's ``1 - lr wd``) hold one value per tensor (floats, or a tensor when compiled). Eager, the
-    updates of all the tensors live in one :func:`.tensors.scratch` buffer until their RMS is known.
-
-    The per-tensor step sizes ``alpha`` and clipping divisors are Python floats on the CPU, eager
-    (one host read of the RMS values per call, which costs no device sync there, instead of ~10 ops
-    on 0-dim tensors: a quarter of a small tensor's step), and tensors otherwise (no host sync)."""
-    compiling = torch.compiler.is_compiling()
-    on_host = not compiling and not works[0].is_cuda
-    if on_host:
-        alpha0 = _host_step_sizes(works, infos, rho, cfg)
-    else:
-        rho = torch.as_tensor(rho, dtype=works[0].dtype, device=works[0].device)
-        floor = cfg["eps"][1] * cfg["eps_scale"]
-        alpha0 = global_rms(works, infos).clamp_(min=floor) * rho if cfg["scale_parameter"] else rho
-    if cfg["weight_decay"]:
-        if on_host:
-            factors = _host_decays(alpha0, decay, cfg)
-        elif cfg["mode"] == "torch":
-            factors = list(decay)
-        else:
-            factors = list((1.0 - cfg["weight_decay"] * alpha0).unbind())
-        torch._foreach_mul_(works, foreach_scalars(factors, works) if on_host else factors)
-    blocks = _blocks(grads, states, infos, omb) if on_host else []
-    outs, flats = ([None] * len(grads), []) if compiling else _outs(grads, blocks)
-    for block, flat_out in zip(blocks, flats):  # a few multi-tensor and batched ops per block, not ~5 per tensor
-        updates_of = _unfactored_updates if "variance" in states[block[0]] else _factored_updates
-        updates_of([grads[k] for k in block], [states[k] for k in block], [outs[k] for k in block], flat_out, cfg,
-                   omb[block[0]])
-    together = {k for block in blocks for k in block}
-    directions = [None if k in together else _update_direction(g, s, i, cfg, omb[k])
-                  for k, (g, s, i) in enumerate(zip(grads, states, infos))]
-    updates = [out if direction is None else direction(out) for direction, out in zip(directions, outs)]
-    if on_host:
-        scales = _host_scales(alpha0, rms_values(updates, infos), cfg)
-    else:
-        clip = (global_rms(updates, infos) / cfg["clip_threshold"]).clamp_(min=1.0)
-        scales = list((alpha0 * cfg["lr_scale"] / clip).unbind())
-    if cfg["beta1"] is None:
-        if compiling:  # recomputed inside the update loop: no buffer per tensor
-            updates = [direction(None) for direction in directions]
-        if on_host:
-            for work, update, scale in zip(works, updates, scales):
-                work.add_(update, alpha=-scale)  # p -= alpha U / clip, one pass
-        else:
-            torch._foreach_addcmul_(works, updates, scales, value=-1.0)
-    else:
-        torch._foreach_mul_(updates, foreach_scalars(scales, updates) if on_host else scales)
-        momenta = [s["exp_avg"] for s in states]
-        torch._foreach_mul_(momenta, foreach_scalar(cfg["beta1"], momenta))
-        torch._foreach_add_(momenta, updates, alpha=1.0 - cfg["beta1"])
-        torch._foreach_sub_(works, momenta)
-    for p, w in zip(params, works):
-        write_back(p, w)
+def _dtype(x: ops.Tensors) -> torch.dtype:
+    return x[0].dtype if ops.is_list(x) else x.dtype
 
 
-def _host_step_sizes(works: list[torch.Tensor], infos: list[ShardInfo], rho: list[float],
-                     cfg: dict[str, Any]) -> list[float]:
-    """``alpha_0 = rho max(eps2 eps_scale, RMS(p))`` per tensor (``rho`` without ``scale_parameter``),
-    as Python floats."""
-    if not cfg["scale_parameter"]:
-        return list(rho)
-    floor = cfg["eps"][1] * cfg["eps_scale"]
-    return [max(r, floor) * t for r, t in zip(rms_values(works, infos), rho)]
+def _device(x: ops.Tensors) -> torch.device:
+    return x[0].device if ops.is_list(x) else x.device
 
 
-def _host_decays(alpha0: list[float], decay: list[float], cfg: dict[str, Any]) -> list[float]:
-    """The weight-decay factors of the parameters: ``1 - lr wd`` (torch mode, given) or ``1 - wd alpha_0`` (hf)."""
-    return list(decay) if cfg["mode"] == "torch" else [1.0 - cfg["weight_decay"] * a for a in alpha0]
+def _values(t: torch.Tensor, like: ops.Tensors):
+    """Per-tensor values (a 1-D tensor) as ops take them for ``like``: for lists the tensor's
+    entries (0-dim tensors: no host sync, and on the CPU torch's multi-tensor ops take them
+    faster than Python floats, which they wrap as tensors one by one); for one tensor a Python
+    float on the CPU (reading it costs no sync there) and the 0-dim entry elsewhere."""
+    if ops.is_list(like):
+        return list(t.unbind())
+    return t.reshape(()) if t.is_cuda or torch.compiler.is_compiling() else t.item()
 
 
-def _host_scales(alpha0: list[float], update_rms: list[float], cfg: dict[str, Any]) -> list[float]:
-    """The step sizes of the clipped updates: ``alpha_0 lr_scale / max(1, RMS(U) / d)`` (Sec. 6)."""
-    return [a * cfg["lr_scale"] / max(r / cfg["clip_threshold"], 1.0) for a, r in zip(alpha0, update_rms)]
-
-
-def _in_blocks(t: dict[str, Any]) -> bool:
-    """Does the tensor take :func:`_step_in_blocks`: a CPU vector or matrix of over
-    :data:`.tensors.CPU_PIECE` elements, whole on this rank?"""
-    p = t["param"]
-    return p.dim() in (1, 2) and p.numel() > CPU_PIECE and not p.is_cuda and t["info"].dim is None
-
-
-def _step_in_blocks(t: dict[str, Any], rho: float, omb: float, decay: float, cfg: dict[str, Any],
-                    maximize: bool) -> None:
-    """The eager CPU step of a large vector or matrix (:func:`_in_blocks`), a block of at most
-    :data:`.tensors.CPU_PIECE` elements (of whole rows, for a matrix) at a time, in
-    :func:`.tensors.scratch` temporaries: the same arithmetic as :func:`_step`, but each block is
-    worked on while in cache, and no temporary is the size of the tensor (a fresh one is mapped
-    in anew, page by page, every step).
-
-    Three passes over the blocks: the second moment (a matrix's column sums accumulated across the
-    blocks), the RMS of the update, and the update itself, recomputed rather than stored. The step
-    reads ``g`` three times and ``p`` twice and writes ``p`` once; :func:`_step` on a tensor this
-    size streams ~13 of its sizes through memory.
-    """
-    p, state, info = t["param"], t["state"], t["info"]
-    work, g = working_copy(p), t["grad"].to(state_dtype(p))
-    if maximize:
-        g = -g
-    rows, cols = g.shape if g.dim() == 2 else (g.numel(), 1)
-    size = max(1, CPU_PIECE // cols)
-    blocks = [slice(start, start + size) for start in range(0, rows, size)]
-    alpha0 = _host_step_sizes([work], [info], [rho], cfg)
-    if "variance" in state:
-        for block in blocks:
-            _update_variance(state["variance"][block], torch.mul(g[block], g[block], out=scratch_like(g[block], 1)),
-                             cfg, omb)
-        direction = _unfactored_direction(g, state["variance"], cfg)
-    else:
-        row_mean, col_mean = g.new_empty(rows, 1), g.new_zeros(1, cols)
-        for block in blocks:
-            g2 = torch.mul(g[block], g[block], out=scratch_like(g[block], 1))
-            torch.mean(g2, -1, keepdim=True, out=row_mean[block])
-            col_mean.add_(g2.sum(0, keepdim=True))
-        direction = _factored_direction(g, state, info, cfg, omb, row_mean, col_mean.div_(rows))
-    squares = sum(float(torch.linalg.vector_norm(direction(scratch_like(g[b], 0), b))) ** 2 for b in blocks)
-    (scale,) = _host_scales(alpha0, [math.sqrt(squares / g.numel())], cfg)
-    (factor,) = _host_decays(alpha0, [decay], cfg) if cfg["weight_decay"] else (1.0,)
-    for block in blocks:
-        update, piece = direction(scratch_like(g[block], 0), block), work[block]
-        if factor != 1.0:
-            piece.mul_(factor)
-        if cfg["beta1"] is None:
-            piece.add_(update, alpha=-scale)
-        else:
-            momentum = state["exp_avg"][block]
-            momentum.mul_(cfg["beta1"]).add_(update.mul_(scale), alpha=1.0 - cfg["beta1"])
-            piece.sub_(momentum)
-    write_back(p, work)
-
-
-_compiled_step = None
-
-
-def _run(tensors: list[dict[str, Any]], group: dict[str, Any], cfg: dict[str, Any], path: str) -> None:
-    """Advance the step counters of a bucket (one device and state dtype), then :func:`_step` on
-    it: a tensor at a time (``path="single"``), a cache-sized run of tensors at a time
-    (``"foreach"``; a bucket holding sharded tensors at once, so that every rank makes the same
-    collective calls) or as one compiled graph (``"compiled"``).
-
-    Per-tensor scalars are Python floats when eager and tensors when compiled (so nothing recompiles).
-    """
-    steps = advance_steps([t["state"]["step"] for t in tensors])
-    rhos = [_relative_step(group, step) for step in steps]
-    ombs = [step ** group["beta2_decay"] for step in steps]
-    decay = 1.0 - (group["lr"] or 0.0) * cfg["weight_decay"]
-    if path == "compiled":
-        _run_compiled(tensors, group, cfg, rhos, ombs, decay)
-        return
-    blocked = [_in_blocks(t) for t in tensors]
-    if any(blocked):
-        for t, rho, omb in zip(*(subset(column, blocked) for column in (tensors, rhos, ombs))):
-            _step_in_blocks(t, rho, omb, decay, cfg, group["maximize"])
-        tensors, rhos, ombs = (subset(column, [not b for b in blocked]) for column in (tensors, rhos, ombs))
-        if not tensors:
-            return
-    infos = [t["info"] for t in tensors]
-    if path == "single":
-        runs = [([t], [r], [o]) for t, r, o in zip(tensors, rhos, ombs)]
-    elif any(i.dim is not None for i in infos):
-        runs = [(tensors, rhos, ombs)]
-    else:  # every statistic is per tensor, so cache-sized runs of tensors step alone, each while in cache
-        runs = [run[1:] for run in cache_sized(([t["param"] for t in tensors], tensors, rhos, ombs))]
-    dtype = state_dtype(tensors[0]["param"])
-    for run, run_rhos, run_ombs in runs:
-        params = [t["param"] for t in run]
-        works = working_copies(params, slot=2)
-        grads = as_dtype([t["grad"] for t in run], dtype, slot=3)
-        if group["maximize"]:
-            grads = torch._foreach_neg(grads)
-        _step(params, works, grads, [t["state"] for t in run], [t["info"] for t in run], run_rhos, run_ombs,
-              [decay] * len(run), cfg)
-
-
-def _run_compiled(tensors: list[dict[str, Any]], group: dict[str, Any], cfg: dict[str, Any], rhos: list[float],
-                  ombs: list[float], decay: float) -> None:
-    """:func:`_step` compiled, once per bucket; its per-tensor scalars are tensors (nothing recompiles)."""
-    global _compiled_step
-    sharded = [t["info"] for t in tensors if t["info"].dim is not None]
-    if sharded:
-        raise ValueError(f"Adafactor(compiled=True) runs on whole tensors, but a parameter of shape "
-                         f"{tuple(sharded[0].shape)} is sharded; use foreach=True, which reduces over the shards.")
-    params = [t["param"] for t in tensors]
-    works = [working_copy(p) for p in params]
-    grads = [t["grad"].to(state_dtype(p)) for t, p in zip(tensors, params)]
-    if group["maximize"]:
-        grads = [-g for g in grads]
-    if _compiled_step is None:
-        _compiled_step = torch.compile(_step, dynamic=False)
-    like = dict(dtype=works[0].dtype, device=works[0].device)
-    states = [{k: compile_safe(v) for k, v in t["state"].items() if k != "step"} for t in tensors]
-    infos = [ShardInfo(compile_safe(w).shape, None) for w in works]
-    _compiled_step([compile_safe(p) for p in params], [compile_safe(w) for w in works],
-                   [compile_safe(g) for g in grads], states, infos, torch.tensor(rhos, **like),
-                   torch.tensor(ombs, **like), torch.full((len(works),), decay, **like), cfg)
-
-
-__all__ = ["Adafactor", "MODES"]
+__all__ = ["Adafactor", "MODES", "Settings", "adafactor_update"]

@@ -1,62 +1,74 @@
-"""Learning-rate-free Adam: D-Adaptation (Defazio & Mishchenko 2023, Alg. "DAdaptAdam") and
-Prodigy (Mishchenko & Defazio 2023, Alg. 4), with muP group scales and sharded training.
+"""Learning-rate-free optimizers: D-Adaptation (Defazio & Mishchenko 2023: DAdaptAdam, DAdaptSGD,
+DAdaptLion, DAdaptAdaGrad) and Prodigy (Mishchenko & Defazio 2023, Alg. 4), with muP group
+scales and sharded training.
 
-Both estimate one global step size ``d`` from a ratio of sums over all parameters, then take an
-Adam step with ``dlr = d * lr``. Per step, for each parameter with gradient ``g``:
+Each estimates one global step size ``d`` from a ratio of sums over all parameters, then steps
+with ``dlr = d * lr``. Per step, for each parameter with gradient ``g``:
 
 * DAdaptAdam: ``num += r dlr <g, s / (sqrt(v) + eps)>`` (old ``s``, ``v``);
   ``m <- beta1 m + r dlr (1 - beta1) g``; ``v <- beta2 v + (1 - beta2) g^2``;
   ``s <- sqrt(beta2) s + dlr (1 - sqrt(beta2)) g``; ``den += r ||s||_1``. Then
   ``num_w <- sqrt(beta2) num_w + (1 - sqrt(beta2)) num``, ``d_hat = num_w / ((1 - sqrt(beta2)) den)``,
   ``d <- max(d, min(d_hat, d * growth_rate))`` and ``p <- p - m / (sqrt(v) + eps)``.
-* Prodigy: ``num <- beta3 num + sum r (d / d0) dlr <g, p0 - p>``; ``m <- beta1 m + r d (1 - beta1) g``;
+* Prodigy: ``num <- beta3 num + sum (d / d0) dlr <g, p0 - p>``; ``m <- beta1 m + r d (1 - beta1) g``;
   ``v <- beta2 v + d^2 (1 - beta2) g^2``; ``s <- beta3 s + (d / d0) dlr g`` (``d`` instead of ``dlr``
   with ``safeguard_warmup``); ``den += r ||s||_1``; ``d_hat = d_coef num / den``; the step is
   ``p <- p - dlr m / (sqrt(v) + d eps)`` (``beta1 = 0``: ``p <- p - r dlr d g / (...)``).
 
 muP: ``r`` is each group's ``lr_scale`` times its ``layer_scale`` (DAdaptAdam's own per-group
-scale, Sec. 6.2 of the reference notes). Each group runs the reference algorithm in rescaled
-coordinates ``z = x / r`` (Adam-type; the step in ``x`` is ``r`` times the step in ``z``), which
-fixes how ``r`` weighs the group's terms of ``d``: DAdaptAdam's ``<g_z, s_z / sqrt(v_z)>`` and
-``||s_z||_1`` are ``r`` times their ``x`` values (exactly its ``layer_scale``); Prodigy's
-``<g_z, z_0 - z> = <g, x_0 - x>`` is unweighted, as the displacement already carries ``r``, while
-``||s_z||_1`` has weight ``r``. Any other weighting makes ``d`` drift with width under muP
-(measured: Prodigy with ``r`` on both terms keeps ``d`` at ``d0`` at width 1024 while it grows at
-64). All scales 1 is exactly the reference. Decoupled decay
+scale, Sec. 6.2 of the reference notes); ``lr`` is global (``d`` is). Each group runs the
+reference algorithm in rescaled coordinates ``z = x / r`` (Adam-type; the step in ``x`` is ``r``
+times the step in ``z``), which fixes how ``r`` weighs the group's terms of ``d``: DAdaptAdam's
+``<g_z, s_z / sqrt(v_z)>`` and ``||s_z||_1`` are ``r`` times their ``x`` values (exactly its
+``layer_scale``); Prodigy's ``<g_z, z_0 - z> = <g, x_0 - x>`` is unweighted, as the displacement
+already carries ``r``, while ``||s_z||_1`` has weight ``r``. Any other weighting makes ``d`` drift
+with width under muP (measured: Prodigy with ``r`` on both terms keeps ``d`` at ``d0`` at width 1024
+while it grows at 64). All scales 1 is exactly the reference. Decoupled decay
 ``p -= dlr wd (lr_scale wd_scale) p`` is the reference's ``dlr wd`` at every width (the scales
-cancel under muP's coupled policy); L2 decay adds ``wd wd_scale p`` to a *copy* of the gradient.
+cancel under muP's coupled policy; the ``weight_decay_policy`` does not apply: the decay follows
+the adapted step); L2 decay adds ``wd wd_scale p`` to a *copy* of the gradient.
 
-Fixes of the references: the sums are device tensors reduced once per step (one host sync,
-not one ``.item()`` per tensor); sharded parameters (FSDP2 DTensors) all-reduce the numerator
-and denominator over their process group on every rank, also on a rank whose shard is empty or
-frozen (no deadlock), on any device; ``p.grad`` is never modified.
+Paths (:mod:`.dispatch`): DAdaptAdam and Prodigy have one function per pass
+(:func:`dadapt_adam_step` = :func:`dadapt_adam_moments` then :func:`dadapt_adam_apply`;
+:func:`prodigy_sums`, :func:`prodigy_step`) for the single-tensor, foreach and opt-in compiled
+paths, and Triton kernels (:mod:`.kernels.dadapt`, fp32, tested against them) that keep ``d``
+on the device. The others step tensor by tensor.
+
+Fixes of the references: the sums are device tensors reduced once per step (the eager paths
+read the new ``d`` once per step, the kernels never), not one ``.item()`` per tensor; sharded
+parameters (FSDP2 DTensors) all-reduce the numerator and denominator over their process group on
+every rank, also on a rank whose shard is empty or frozen (no deadlock), on any device;
+``p.grad`` is never modified.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from ..rules import FAMILIES
-from . import kernels
-from .compiled import ListKernel, compiled_by_default, flattenable, packed_by_default, packed_runs_compiled
-from .scaled import ScaledGroups
-from .sharding import DTensor, local_tensor
-from .tensors import flat_pieces, scratch_like
+from . import dispatch, ops
+from .base import Optimizer
+from .compiled import run_compiled
+from .sharding import DTensor, local_tensor, local_tensors
+from .tensors import by_device_and_dtype
 
-#: the fused kernels' parameter dtype (the references keep state in the parameter's dtype)
+#: the kernels' parameter dtype (the references keep state in the parameter's dtype)
 FUSED_DTYPES = (torch.float32,)
 
 
+class _DAdapted(Optimizer):
+    """What the family shares: one global ``lr``, ``r`` per group, the global state of ``d`` in
+    every group (as the references keep it), one reduction of the sums per step.
 
-class _GlobalStep(ScaledGroups, torch.optim.Optimizer):
-    """The parts DAdaptAdam and Prodigy share: groups, ``r``, the one reduction, state in groups."""
+    The state of ``d`` (:attr:`shared_keys`) is Python numbers after an eager step and float64
+    0-dim device tensors after a step of the kernels alone (no host read); :meth:`state_dict`
+    holds numbers either way."""
 
-    #: ``lr`` multiplies the adapted step size ``d`` (1 is the usual choice)
-    adapts_step_size = True
+    shared_keys: tuple[str, ...] = ("d", "k")
+    kernels = dispatch.Kernels(dtypes=(), foreach=False)
 
     def __init__(self, params, defaults: dict[str, Any], decouple: bool):
         if not defaults["lr"] > 0:
@@ -65,9 +77,9 @@ class _GlobalStep(ScaledGroups, torch.optim.Optimizer):
             raise ValueError(f"momentum={defaults['momentum']} must lie in [0, 1)")
         if not all(0.0 <= b < 1.0 for b in defaults.get("betas", ())):
             raise ValueError(f"betas={defaults['betas']} must lie in [0, 1)")
-        if not decouple:
+        if not decouple and self.family.decoupled_wd:  # L2 decay: Adam's family
             self.family = FAMILIES["adam"]
-        super().__init__(params, defaults)
+        super().__init__(params, {**defaults, "layer_scale": 1.0, "decouple": decouple})
         lrs = {g["lr"] for g in self.param_groups} - {0.0}
         if len(lrs) > 1:
             raise ValueError(f"all param groups must share one lr (or 0 to freeze a group), got {sorted(lrs)}: d is a "
@@ -77,88 +89,491 @@ class _GlobalStep(ScaledGroups, torch.optim.Optimizer):
                                 for g in self.param_groups for p in g["params"]
                                 if DTensor is not None and isinstance(p, DTensor)}
 
-    def _compiled_ids(self) -> set[int]:
-        """ids of the parameters whose passes run compiled this step: every one with
-        ``compiled=True``; with ``compiled=None`` (default) those :func:`.compiled.compiled_by_default`
-        picks (DAdaptAdam then runs the others through the same one-pass function, packed or
-        eagerly, which needs plain contiguous tensors, no DTensor shards, and ``slice_p = 1``);
-        else none (the eager path)."""
+    def _effective_group(self, group: dict[str, Any], path: str) -> dict[str, Any]:
+        """A copy of ``group`` with ``r``, its L2 coefficient ``l2`` and its decoupled decay per
+        unit of ``dlr`` ``decay`` (see the module doc), ``eps * eps_scale`` and ``"path"``; ``lr``
+        stays the global one."""
+        wd, decouple = group["weight_decay"], group["decouple"]
+        effective = {**group, "path": path, "r": group["lr_scale"] * group["layer_scale"],
+                     "l2": 0.0 if decouple else wd * group["wd_scale"],
+                     "decay": wd * group["lr_scale"] * group["wd_scale"] if decouple else 0.0}
+        if "eps" in group:
+            effective["eps"] = group["eps"] * group["eps_scale"]
+        return effective
+
+    def _lr(self) -> float:
+        return max(group["lr"] for group in self.param_groups)
+
+    def _shared(self) -> dict[str, Any]:
         top = self.param_groups[0]
-        if top["compiled"] is False or top["fused"]:
-            return set()
-        params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
-        if top["compiled"]:
-            return {id(p) for p in params}
-        flat = all(flattenable(p) for p in params) and all(group.get("slice_p", 1) == 1 for group in self.param_groups)
-        return {id(p) for p, yes in zip(params, compiled_by_default(params)) if yes} if flat else set()
+        return {key: top[key] for key in self.shared_keys}
+
+    def _store(self, values: dict[str, Any]) -> None:
+        for group in self.param_groups:
+            group.update(values)
+
+    def _on_device(self, values: dict[str, Any], device: torch.device) -> torch.Tensor:
+        """The state of ``d`` as one float64 1-D tensor on ``device`` (no host read)."""
+        return torch.stack([v.to(device, torch.float64) if isinstance(v, torch.Tensor) else
+                            torch.tensor(float(v), dtype=torch.float64, device=device)
+                            for v in (values[key] for key in self.shared_keys)])
+
+    def _finish(self, new: torch.Tensor, on_device: bool) -> dict[str, Any]:
+        """Store the new state of ``d`` (:meth:`_advance`'s) in every group: as device tensors
+        when ``on_device``, else read once to numbers. Returns what was stored."""
+        values = dict(zip(self.shared_keys, new.unbind() if on_device else _numbers(new.tolist(), self.shared_keys)))
+        self._store(values)
+        return values
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch's, with the state of ``d`` as numbers (one read when it is on the device)."""
+        state = super().state_dict()
+        values = self._shared()
+        if any(isinstance(v, torch.Tensor) for v in values.values()):
+            values = _host(values)
+            for group in state["param_groups"]:
+                group.update(values)
+        return state
+
+    def _all_reduce(self, sums: torch.Tensor) -> torch.Tensor:
+        """``sums`` over every shard group (in place; one collective per group, on every rank)."""
+        if self._sharded_groups:
+            import torch.distributed as dist
+            for group in self._sharded_groups.values():
+                dist.all_reduce(sums, group=group)
+        return sums
+
+    def _reduce(self, terms: list[torch.Tensor], like: torch.Tensor | None, width: int = 2) -> list[float]:
+        """Sum per-tensor rows of ``width`` terms locally, then over every shard group: one
+        collective, one host read (the eager optimizers without kernels)."""
+        device = like.device if like is not None else "cpu"
+        total = torch.stack(terms).sum(0) if terms else torch.zeros(width, dtype=torch.float64, device=device)
+        return self._all_reduce(total).tolist()
+
+    @staticmethod
+    def _grad(group: dict[str, Any], p: torch.Tensor) -> torch.Tensor:
+        """The local gradient, with L2 decay added to a copy (never to ``p.grad``)."""
+        g = local_tensor(p.grad)
+        return g.add(local_tensor(p), alpha=group["l2"]) if group["l2"] else g
+
+    @staticmethod
+    def _decay(group: dict[str, Any], p: torch.Tensor, dlr: float) -> None:
+        if group["decay"]:
+            local = local_tensor(p)
+            local.add_(local, alpha=-group["decay"] * dlr)
 
     def _view(self, p: torch.Tensor) -> dict[str, Any]:
         """``p``'s state with rank-local views of DTensor entries (in-place updates reach them)."""
         return {k: local_tensor(v) if isinstance(v, torch.Tensor) else v for k, v in self.state[p].items()}
 
-    def _shared(self) -> dict[str, Any]:
-        return self.param_groups[0]
+    def _count(self, params: list[torch.Tensor]) -> None:
+        for p in params:
+            self.state[p]["step"] += 1
 
-    def _adam_step_size(self) -> tuple[dict[str, Any], float]:
-        """The shared state and ``dlr = d * lr * bias_correction`` (sqrt(1 - beta2^t) / (1 - beta1^t)
-        when ``use_bias_correction``) of the Adam-type variants, from the state before this step."""
+
+def _numbers(values: list[float], keys: tuple[str, ...]) -> list[float | int]:
+    return [int(v) if key == "k" else v for v, key in zip(values, keys)]
+
+
+def _host(values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` as numbers (one read of the device tensors among them)."""
+    keys = tuple(values)
+    read = torch.stack([torch.as_tensor(v, dtype=torch.float64).cpu() for v in values.values()]).tolist()
+    return dict(zip(keys, _numbers(read, keys)))
+
+
+def _bias_correction(group: dict[str, Any], k: float | torch.Tensor) -> float | torch.Tensor:
+    """``sqrt(1 - beta2^(k+1)) / (1 - beta1^(k+1))`` with ``use_bias_correction``, else 1 (a
+    number or, for a device ``k``, a device tensor)."""
+    if not group["use_bias_correction"]:
+        return 1.0
+    beta1, beta2 = group["betas"]
+    return (1 - beta2 ** (k + 1)) ** 0.5 / (1 - beta1 ** (k + 1))
+
+
+def _run(fn: Callable[..., None], path: str, columns: list[list[torch.Tensor]], values: tuple[float, ...],
+         sums: torch.Tensor | None = None) -> None:
+    """``fn(*tensors, [sums], *values)`` over a group's tensors by its path: tensor by tensor
+    (``"single"``), per (device, dtype) list (``"foreach"``), or compiled (``"compiled"``, each
+    tensor's sums in a row of its own, added after). ``sums`` (float64) accumulates what ``fn``
+    adds to it."""
+    if path == "compiled":
+        rows = [] if sums is None else list(torch.zeros(len(columns[0]), sums.numel(), dtype=sums.dtype,
+                                                        device=sums.device).unbind())
+        run_compiled(fn, columns + ([rows] if rows else []), [values] * len(columns[0]))
+        if rows:
+            sums.add_(torch.stack(rows).sum(0))
+        return
+    extra = () if sums is None else (sums,)
+    if path == "foreach":
+        for bucket in by_device_and_dtype(*local_tensors(*columns)):
+            fn(*bucket, *extra, *values)
+    else:
+        for tensors in zip(*local_tensors(*columns)):
+            fn(*tensors, *extra, *values)
+
+
+def _with_l2(g: ops.Tensors, p: ops.Tensors, l2: float | torch.Tensor) -> ops.Tensors:
+    """``g + l2 p`` (new tensors), or ``g`` itself when ``l2`` is the number 0."""
+    return g if isinstance(l2, (int, float)) and l2 == 0 else ops.add(g, p, l2)
+
+
+def _nonzero(x: float | torch.Tensor) -> bool:
+    """Whether an op scaled by ``x`` must run (always, for a tensor: the compiled path)."""
+    return isinstance(x, torch.Tensor) or x != 0
+
+
+def _add_sums(sums: torch.Tensor, num: torch.Tensor, l1: torch.Tensor) -> None:
+    sums.add_(torch.stack([num, l1]).to(sums.device))
+
+
+# ------------------------------------------------------------------------------ DAdaptAdam
+
+def dadapt_adam_moments(p, g, m, v, s, sums, eps, num_scale, beta1, m_scale, beta2, one_minus_beta2, root,
+                        s_scale, l2, r) -> None:
+    """Pass 1 of a DAdaptAdam step of a parameter (or, on lists, of each), in place: with
+    ``g <- g + l2 p``, ``sums += [num_scale <g, s / (sqrt(v) + eps)>, r ||s'||_1]`` (old ``s``,
+    ``v``), ``m <- beta1 m + m_scale g``, ``v <- beta2 v + (1 - beta2) g^2``, ``s' = root s +
+    s_scale g``: the reference's op sequence."""
+    g = _with_l2(g, p, l2)
+    num = ops.total_dot(g, ops.div(s, ops.add_scalar_(ops.sqrt(v), eps))) * num_scale
+    ops.mul_(m, beta1)
+    ops.add_(m, g, alpha=m_scale)
+    ops.mul_(v, beta2)
+    ops.addcmul_(v, g, g, one_minus_beta2)
+    ops.mul_(s, root)
+    ops.add_(s, g, alpha=s_scale)
+    _add_sums(sums, num, ops.total_abs(s) * r)
+
+
+def dadapt_adam_apply(p, m, v, eps, decay) -> None:
+    """Pass 2: ``p <- p - decay p - m / (sqrt(v) + eps)`` (``decay = dlr wd lr_scale wd_scale``)."""
+    if _nonzero(decay):
+        ops.add_(p, p, alpha=ops.negated(decay))
+    ops.addcdiv_(p, m, ops.add_scalar_(ops.sqrt(v), eps), value=-1.0)
+
+
+def dadapt_adam_step(p, g, m, v, s, sums, eps, num_scale, beta1, m_scale, beta2, one_minus_beta2, root, s_scale,
+                     l2, r, decay) -> None:
+    """Both passes of one parameter (or list) at once: valid once ``d`` has adapted (the update
+    uses this step's ``m``, ``v`` and the previous ``d``; see :mod:`.kernels.dadapt`)."""
+    dadapt_adam_moments(p, g, m, v, s, sums, eps, num_scale, beta1, m_scale, beta2, one_minus_beta2, root, s_scale,
+                        l2, r)
+    dadapt_adam_apply(p, m, v, eps, decay)
+
+
+class DAdaptAdam(_DAdapted):
+    """D-Adapted Adam (``dadaptation.DAdaptAdam`` 3.2 arguments and defaults) with muP group scales.
+
+    Paths (:mod:`.dispatch`; ``foreach``/``compiled``/``fused`` choose): on CUDA fp32 the Triton
+    kernel, one launch for all tensors with ``d`` on the device, once ``d`` has adapted (the
+    first steps, until a gradient is nonzero, take the exact two-pass eager route);
+    ``compiled=True``: :func:`dadapt_adam_step` under ``torch.compile`` (the first step costs the
+    compile, seconds to minutes).
+    """
+
+    family = FAMILIES["adamw"]
+    kernels = dispatch.Kernels(dtypes=FUSED_DTYPES)
+    shared_keys = ("d", "numerator", "k")
+
+    def __init__(self, params, lr: float = 1.0, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0, decouple: bool = False, use_bias_correction: bool = False,
+                 d0: float = 1e-6, growth_rate: float = math.inf, *, foreach: bool | None = None,
+                 compiled: bool | None = None, fused: bool | None = None):
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                        use_bias_correction=use_bias_correction, growth_rate=growth_rate, d=d0, k=0, numerator=0.0,
+                        foreach=foreach, compiled=compiled, fused=fused)
+        super().__init__(params, defaults, decouple)
+
+    def _update(self, groups: list[dict[str, Any]]) -> None:
         top = self.param_groups[0]
-        beta1, beta2 = top["betas"]
-        k = top["k"]
-        correction = math.sqrt(1 - beta2 ** (k + 1)) / (1 - beta1 ** (k + 1)) if top["use_bias_correction"] else 1.0
-        return top, top["d"] * top["lr"] * correction
+        shared = self._shared()
+        one_pass = isinstance(shared["k"], torch.Tensor) or shared["k"] > 0  # d adapted: the update may go first
+        gathered = [(group, self._gather(group)) for group in groups]
+        gathered = [(group, columns) for group, columns in gathered if columns[0]]
+        on_device = one_pass and bool(gathered) and all(group["path"] == "fused" for group, _ in gathered)
+        if not on_device:
+            shared = _host(shared)
+        dlr = shared["d"] * self._lr() * _bias_correction(top, shared["k"])
+        sums = _sums_buffer(gathered)
+        applies = []
+        for group, columns in gathered:
+            if group["path"] == "fused" and one_pass:
+                self._launch(columns, group, dlr, sums)
+                continue
+            path = "foreach" if group["path"] == "fused" else group["path"]
+            values = _adam_values(group, top["betas"], dlr)
+            if one_pass:
+                _run(dadapt_adam_step, path, columns, values, sums)
+            else:
+                _run(dadapt_adam_moments, "single" if path == "compiled" else path, columns, values[:-1], sums)
+                applies.append((path, [columns[0], columns[2], columns[3]], (values[0], values[-1])))
+        new = self._finish(self._advance(shared, self._all_reduce(sums)), on_device)
+        if not one_pass and new["k"] > shared["k"]:  # the reference skips the update while every gradient is 0
+            for path, columns, values in applies:
+                _run(dadapt_adam_apply, "single" if path == "compiled" else path, columns, values)
+        if one_pass or new["k"] > shared["k"]:
+            for _, columns in gathered:
+                self._count(columns[0])
 
-    def _store(self, **values) -> None:
-        for group in self.param_groups:
-            group.update(values)
+    def _gather(self, group: dict[str, Any]) -> list[list[torch.Tensor]]:
+        """The group's ``[params, grads, exp_avgs, exp_avg_sqs, s]`` with a gradient (state made
+        on the first step)."""
+        columns: list[list[torch.Tensor]] = [[], [], [], [], []]
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            state = self.state[p]
+            if not state:
+                state["step"] = 0
+                for key in ("s", "exp_avg", "exp_avg_sq"):
+                    state[key] = torch.zeros_like(p.detach())  # a DTensor for a sharded p (checkpoints)
+            for column, t in zip(columns, (p, p.grad, state["exp_avg"], state["exp_avg_sq"], state["s"])):
+                column.append(t)
+        return columns
 
-    @staticmethod
-    def _r(group: dict[str, Any]) -> float:
-        return group["lr_scale"] * group.get("layer_scale", 1.0)
+    def _launch(self, columns: list[list[torch.Tensor]], group: dict[str, Any], dlr: float | torch.Tensor,
+                sums: torch.Tensor) -> None:
+        from .kernels.dadapt import dadapt_adam
+        dispatch.check_fused(type(self).__name__, columns[0], self.kernels)
+        row = _adam_kernel_row(group, group["betas"])
+        for bucket in by_device_and_dtype(*columns):
+            shared = _device_values([dlr], bucket[0][0].device)
+            sums.add_(dadapt_adam(*bucket, [row] * len(bucket[0]), shared).to(sums.device))
 
-    @staticmethod
-    def _grad(group: dict[str, Any], p: torch.Tensor, decouple: bool) -> torch.Tensor:
-        """The local gradient, with L2 decay added to a copy (never to ``p.grad``)."""
-        g = local_tensor(p.grad)
-        wd = group["weight_decay"] * group["wd_scale"]
-        return g.add(local_tensor(p), alpha=wd) if wd and not decouple else g
-
-    def _reduce(self, terms: list[torch.Tensor], like: torch.Tensor | None, width: int = 2) -> list[float]:
-        """Sum the per-tensor rows of ``width`` terms locally, then over every shard group: one
-        collective, one host sync."""
-        device = like.device if like is not None else "cpu"
-        total = torch.stack(terms).sum(0) if terms else torch.zeros(width, dtype=torch.float64, device=device)
-        if self._sharded_groups:
-            import torch.distributed as dist
-            for group in self._sharded_groups.values():
-                dist.all_reduce(total, group=group)
-        return total.tolist()
-
-    def _with_grads(self) -> list[torch.Tensor]:
-        """The parameters that have a gradient this step, in group order."""
-        return [p for group in self.param_groups for p in group["params"] if p.grad is not None]
-
-    def _packed_ids(self, compiled: set[int], keys: tuple[str, ...]) -> tuple[set[int], bool]:
-        """ids of the parameters, of those not in ``compiled``, that the default steps packed
-        (:func:`.compiled.packed_by_default`, with their initialized state tensors under ``keys``:
-        Prodigy's 0-dim ``p0`` of a zero parameter keeps it out), in groups that step (``lr`` not
-        0) whole (``slice_p = 1``); and whether their runs are compiled."""
-        tensors = [(p, p.grad, *(self.state[p][key] for key in keys if key in self.state[p]))
-                   for group in self.param_groups if group["lr"] != 0.0 and group.get("slice_p", 1) == 1
-                   for p in group["params"] if p.grad is not None and id(p) not in compiled]
-        ids = {id(ts[0]) for ts, yes in zip(tensors, packed_by_default(tensors)) if yes}
-        return ids, bool(ids) and packed_runs_compiled(sum(p.numel() for p in self._with_grads()))
-
-    def _decay(self, group: dict[str, Any], p: torch.Tensor, dlr: float) -> None:
-        wd = group["weight_decay"] * group["lr_scale"] * group["wd_scale"]
-        if wd and group["decouple"]:
-            local = local_tensor(p)
-            local.add_(local, alpha=-wd * dlr)
+    def _advance(self, shared: dict[str, Any], sums: torch.Tensor) -> torch.Tensor:
+        """The new ``[d, numerator, k]`` on the device from this step's ``[num, den]`` (unchanged
+        where ``den`` is 0: the reference skips that step)."""
+        top = self.param_groups[0]
+        root = math.sqrt(top["betas"][1])
+        d, numerator, k = old = self._on_device(shared, sums.device)
+        num, den = sums.unbind()
+        numerator = root * numerator + (1 - root) * num
+        d = torch.maximum(d, torch.minimum(numerator / ((1 - root) * den), d * top["growth_rate"]))
+        return torch.where(den > 0, torch.stack([d, numerator, k + 1]), old)
 
 
-def _summed(rows: list[torch.Tensor]) -> torch.Tensor:
-    """The float64 sum of a tensor's per-piece rows of terms (the row itself for one piece)."""
-    return rows[0].to(torch.float64) if len(rows) == 1 else torch.stack(rows).to(torch.float64).sum(0)
+def _adam_values(group: dict[str, Any], betas: tuple[float, float], dlr: float) -> tuple[float, ...]:
+    """:func:`dadapt_adam_step`'s values (a frozen group, lr 0: moments and sums left as they are)."""
+    beta1, beta2 = betas
+    root, r, decay = math.sqrt(beta2), group["r"], group["decay"] * dlr
+    if group["lr"] == 0.0:
+        return group["eps"], 0.0, 1.0, 0.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.0, decay
+    return (group["eps"], r * dlr, beta1, r * dlr * (1 - beta1), beta2, 1 - beta2, root, dlr * (1 - root),
+            group["l2"], r, decay)
+
+
+def _adam_kernel_row(group: dict[str, Any], betas: tuple[float, float]) -> tuple[float, ...]:
+    """The kernel's row (:data:`.kernels.dadapt.DADAPT_ADAM_ROW`): :func:`_adam_values` per unit ``dlr``."""
+    beta1, beta2 = betas
+    root, r = math.sqrt(beta2), group["r"]
+    if group["lr"] == 0.0:
+        return group["eps"], 0.0, 1.0, 0.0, 1.0, 0.0, 1.0, 0.0, 0.0, group["decay"]
+    return group["eps"], r, beta1, r * (1 - beta1), beta2, 1 - beta2, root, 1 - root, group["l2"], group["decay"]
+
+
+def _sums_buffer(gathered: list[tuple[dict[str, Any], list[list[torch.Tensor]]]], width: int = 2) -> torch.Tensor:
+    """Zeros for the step's sums, on the first gradient's (local) device (the CPU for none)."""
+    device = local_tensor(gathered[0][1][0][0]).device if gathered else torch.device("cpu")
+    return torch.zeros(width, dtype=torch.float64, device=device)
+
+
+def _device_values(values: list[float | torch.Tensor], device: torch.device) -> torch.Tensor:
+    """Numbers or 0-dim tensors as one float64 device array for a kernel's ``shared``."""
+    if all(isinstance(v, torch.Tensor) for v in values):
+        return torch.stack([v.to(device, torch.float64) for v in values])
+    return torch.tensor([float(v) for v in values], dtype=torch.float64).to(device, non_blocking=True)
+
+
+# ------------------------------------------------------------------------------ Prodigy
+
+def prodigy_sums(p, g, p0, s, sums, l2, num_scale, beta3, s_scale, r) -> None:
+    """Pass 1 of a Prodigy step of a (flat, ``slice_p``-sliced) parameter or list, in place: with
+    ``g <- g + l2 p``, ``sums += [num_scale <g, p0 - p>, r ||s'||_1]``, ``s' = beta3 s + s_scale g``."""
+    g = _with_l2(g, p, l2)
+    num = ops.total_dot(g, ops.sub(p0, p)) * num_scale  # weight 1: see the module doc
+    ops.mul_(s, beta3)
+    ops.add_(s, g, alpha=s_scale)
+    _add_sums(sums, num, ops.total_abs(s) * r)
+
+
+def _prodigy_step(p, g, m, v, l2, beta1, m_scale, beta2, v_scale, eps_d, decay, step) -> None:
+    g = _with_l2(g, p, l2)
+    if m is not None:
+        ops.mul_(m, beta1)
+        ops.add_(m, g, alpha=m_scale)
+    ops.mul_(v, beta2)
+    ops.addcmul_(v, g, g, v_scale)
+    denom = ops.add_scalar_(ops.sqrt(v), eps_d)
+    if _nonzero(decay):
+        ops.add_(p, p, alpha=ops.negated(decay))
+    if _nonzero(step):
+        ops.addcdiv_(p, g if m is None else m, denom, value=ops.negated(step))
+
+
+def prodigy_step(p, g, m, v, l2, beta1, m_scale, beta2, v_scale, eps_d, decay, step) -> None:
+    """Pass 2 of a Prodigy step of a parameter (or list), in place: with ``g <- g + l2 p``,
+    ``m <- beta1 m + m_scale g``, ``v <- beta2 v + v_scale g^2`` (the EMAs use the previous
+    ``d``), ``p <- p - decay p - step m / (sqrt(v) + eps_d)`` (``eps_d = d eps`` with the new
+    ``d``; ``decay``, ``step`` 0 on a skipped step)."""
+    _prodigy_step(p, g, m, v, l2, beta1, m_scale, beta2, v_scale, eps_d, decay, step)
+
+
+def prodigy_step_without_momentum(p, g, v, l2, beta1, m_scale, beta2, v_scale, eps_d, decay, step) -> None:
+    """:func:`prodigy_step` with ``beta1 = 0``: ``p <- p - decay p - step g / (sqrt(v) + eps_d)``."""
+    _prodigy_step(p, g, None, v, l2, beta1, m_scale, beta2, v_scale, eps_d, decay, step)
+
+
+class Prodigy(_DAdapted):
+    """Prodigy (``prodigyopt.Prodigy`` 1.1.2 arguments and defaults) with muP group scales.
+
+    Two passes per step: the sums for ``d``, then the update, which needs the new ``d``.
+    Paths (:mod:`.dispatch`; ``foreach``/``compiled``/``fused`` choose): on CUDA fp32 with
+    ``slice_p=1`` the Triton kernels, one launch per pass for all tensors, ``d`` on the device;
+    ``compiled=True`` (``slice_p=1``): both passes' functions under ``torch.compile`` (the first
+    step costs the compile, seconds to minutes).
+    """
+
+    family = FAMILIES["adamw"]
+    kernels = dispatch.Kernels(dtypes=FUSED_DTYPES, takes_group=lambda group: group["slice_p"] == 1)
+    shared_keys = ("d", "d_max", "numerator", "k", "d_hat", "d_denom")
+
+    def __init__(self, params, lr: float = 1.0, betas: tuple[float, float] = (0.9, 0.999), beta3: float | None = None,
+                 eps: float = 1e-8, weight_decay: float = 0.0, decouple: bool = True, use_bias_correction: bool = False,
+                 safeguard_warmup: bool = False, d0: float = 1e-6, d_coef: float = 1.0, growth_rate: float = math.inf,
+                 slice_p: int = 1, *, foreach: bool | None = None, compiled: bool | None = None,
+                 fused: bool | None = None):
+        if slice_p < 1:
+            raise ValueError(f"slice_p={slice_p} must be >= 1")
+        if (compiled or fused) and slice_p != 1:
+            raise ValueError(f"compiled=True and fused=True support slice_p=1 only, got slice_p={slice_p}")
+        defaults = dict(lr=lr, betas=tuple(betas), beta3=beta3, eps=eps, weight_decay=weight_decay,
+                        use_bias_correction=use_bias_correction, safeguard_warmup=safeguard_warmup, d=d0, d0=d0,
+                        d_max=d0, d_coef=d_coef, growth_rate=growth_rate, slice_p=slice_p, k=0, numerator=0.0,
+                        d_hat=0.0, d_denom=0.0, foreach=foreach, compiled=compiled, fused=fused)
+        super().__init__(params, defaults, decouple)
+
+    def _update(self, groups: list[dict[str, Any]]) -> None:
+        top = self.param_groups[0]
+        beta1 = top["betas"][0]
+        gathered = [(group, self._gather(group, beta1)) for group in groups]
+        gathered = [(group, columns) for group, columns in gathered if columns[0]]
+        on_device = bool(gathered) and all(group["path"] == "fused" for group, _ in gathered)
+        old = self._shared() if on_device else _host(self._shared())
+        d, d0 = old["d"], top["d0"]
+        dlr = d * self._lr() * _bias_correction(top, old["k"])
+        sums = _sums_buffer(gathered)
+        for group, columns in gathered:
+            if group["lr"] == 0.0:
+                continue
+            p, g, p0, s = columns[0], columns[1], columns[3], columns[4]
+            if group["path"] == "fused":
+                self._launch_sums([p, g, p0, s], group, [d / d0 * dlr, d / d0 * d], sums)
+                continue
+            sliced = [_sliced(t, group["slice_p"]) for t in (p, g)]
+            if group["path"] == "foreach":
+                p0 = [z.expand(x.shape) if z.dim() == 0 else z for z, x in zip(p0, local_tensors(sliced[0])[0])]
+            s_scale = d / d0 * (d if group["safeguard_warmup"] else dlr)
+            _run(prodigy_sums, group["path"], [*sliced, p0, s], (group["l2"], d / d0 * dlr, _beta3(top), s_scale,
+                                                               group["r"]), sums)
+        new = self._finish(self._advance(old, self._all_reduce(sums)), on_device)
+        live = new["k"] > old["k"]  # a tensor on the device: the step gates the update there
+        step = dlr * live
+        for group, columns in gathered:
+            p, g, m, v = columns[0], columns[1], columns[2], columns[5]
+            momentum = [m] if beta1 > 0 else []
+            fn = prodigy_step if beta1 > 0 else prodigy_step_without_momentum
+            if group["path"] == "fused":
+                self._launch_step([p, g, m if beta1 > 0 else None, v], group,
+                                  [d, new["d"], step, step if beta1 > 0 else step * new["d"]])
+            else:
+                _run(fn, group["path"], [p, g, *momentum, v], _step_values(group, top, d, new["d"], step))
+            if on_device or live:
+                self._count(p)
+
+    def _gather(self, group: dict[str, Any], beta1: float) -> list[list[torch.Tensor]]:
+        """The group's ``[params, grads, exp_avgs, p0s, s, exp_avg_sqs]`` with a gradient
+        (``exp_avg`` None without momentum; state made on the first step, as prodigyopt lays it
+        out: ``s`` and ``p0`` flat and sliced by ``slice_p``, ``p0`` 0-dim for a parameter that
+        starts all zeros)."""
+        columns: list[list[Any]] = [[], [], [], [], [], []]
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            state = self.state[p]
+            if not state:
+                local, step = local_tensor(p), group["slice_p"]
+                state["step"] = 0
+                state["s"] = _flat_state(p, torch.zeros_like(local.flatten()[::step]), step)
+                unsharded_zero = not isinstance(p, DTensor or ()) and not local.any()  # the reference's 0-dim p0
+                state["p0"] = (local.new_zeros(()) if unsharded_zero else
+                               _flat_state(p, local.flatten()[::step].clone(), step))
+                if beta1 > 0:
+                    state["exp_avg"] = torch.zeros_like(p.detach())
+                state["exp_avg_sq"] = torch.zeros_like(p.detach())
+            for column, t in zip(columns, (p, p.grad, state.get("exp_avg"), state["p0"], state["s"],
+                                           state["exp_avg_sq"])):
+                column.append(t)
+        return columns
+
+    def _launch_sums(self, columns: list[list[torch.Tensor]], group: dict[str, Any], shared: list,
+                     sums: torch.Tensor) -> None:
+        from .kernels.dadapt import prodigy_sums as launch
+        dispatch.check_fused(type(self).__name__, columns[0], self.kernels)
+        row = (group["l2"], _beta3(self.param_groups[0]), float(group["safeguard_warmup"]), group["r"])
+        for bucket in by_device_and_dtype(*columns):
+            rows = [(*row, float(p0.dim() == 0)) for p0 in bucket[2]]
+            sums.add_(launch(*bucket, rows, _device_values(shared, bucket[0][0].device)).to(sums.device))
+
+    def _launch_step(self, columns: list[list[Any]], group: dict[str, Any], shared: list) -> None:
+        from .kernels.dadapt import prodigy_update as launch
+        dispatch.check_fused(type(self).__name__, columns[0], self.kernels)
+        beta1, beta2 = self.param_groups[0]["betas"]
+        frozen = group["lr"] == 0.0
+        row = (group["l2"], 1.0 if frozen else beta1, 0.0 if frozen else group["r"] * (1 - beta1),
+               1.0 if frozen else beta2, 0.0 if frozen else 1 - beta2, group["eps"], group["decay"],
+               1.0 if beta1 > 0 else group["r"])
+        momentum = columns[2] is not None
+        present = columns if momentum else [columns[0], columns[1], columns[3]]
+        for bucket in by_device_and_dtype(*present):
+            p, g, *rest = bucket
+            m, v = (rest[0], rest[1]) if momentum else (None, rest[0])
+            launch(p, g, m, v, [row] * len(p), _device_values(shared, p[0].device))
+
+    def _advance(self, old: dict[str, Any], sums: torch.Tensor) -> torch.Tensor:
+        """The new ``[d, d_max, numerator, k, d_hat, d_denom]`` on the device from this step's
+        ``[delta, den]`` (unchanged where ``den`` is 0: the reference skips that step)."""
+        top = self.param_groups[0]
+        d, d_max, numerator, k, d_hat, d_denom = before = self._on_device(old, sums.device)
+        delta, den = sums.unbind()
+        numerator = _beta3(top) * numerator + delta
+        d_hat = top["d_coef"] * numerator / den
+        d = torch.where(d == top["d0"], torch.maximum(d, d_hat), d)
+        d_max = torch.maximum(d_max, d_hat)
+        d = torch.minimum(d_max, d * top["growth_rate"])
+        return torch.where(den > 0, torch.stack([d, d_max, numerator, k + 1, d_hat, den]), before)
+
+
+def _beta3(top: dict[str, Any]) -> float:
+    return top["beta3"] if top["beta3"] is not None else math.sqrt(top["betas"][1])
+
+
+def _sliced(column: list[torch.Tensor], step: int) -> list[torch.Tensor]:
+    """Each tensor flattened and sliced by ``slice_p`` (views; the DTensor's local shard)."""
+    return [t.view(-1) if step == 1 and t.is_contiguous() else local_tensor(t).flatten()[::step] for t in column]
+
+
+def _step_values(group: dict[str, Any], top: dict[str, Any], d_old: float, d_new: float,
+                 step: float) -> tuple[float, ...]:
+    """:func:`prodigy_step`'s values (``step``: ``dlr``, 0 on a skipped step; a frozen group's
+    moments are left as they are)."""
+    beta1, beta2 = top["betas"]
+    decay, r = group["decay"] * step, group["r"]
+    step = step if beta1 > 0 else r * step * d_new
+    if group["lr"] == 0.0:
+        return group["l2"], 1.0, 0.0, 1.0, 0.0, d_new * group["eps"], decay, step
+    return (group["l2"], beta1, r * d_old * (1 - beta1), beta2, d_old * d_old * (1 - beta2), d_new * group["eps"],
+            decay, step)
 
 
 def _flat_state(p: torch.Tensor, local_flat: torch.Tensor, slice_p: int) -> torch.Tensor:
@@ -169,395 +584,12 @@ def _flat_state(p: torch.Tensor, local_flat: torch.Tensor, slice_p: int) -> torc
     from torch.distributed.tensor import Shard
     if slice_p != 1 or list(p.placements) != [Shard(0)]:
         raise ValueError(f"Prodigy(slice_p={slice_p}) on a parameter of shape {tuple(p.shape)} with placements "
-                                  f"{p.placements}: only slice_p=1 with Shard(0) (fully_shard's layout) is supported.")
+                         f"{p.placements}: only slice_p=1 with Shard(0) (fully_shard's layout) is supported.")
     return DTensor.from_local(local_flat, p.device_mesh, [Shard(0)], run_check=False, shape=torch.Size((p.numel(),)),
                               stride=(1,))
 
 
-#: DAdaptAdam's per-parameter state tensors
-STATE_KEYS = ("s", "exp_avg", "exp_avg_sq")
-
-
-class DAdaptAdam(_GlobalStep):
-    """D-Adapted Adam (``dadaptation.DAdaptAdam`` 3.2 arguments and defaults) with muP group scales.
-
-    ``compiled=True``: each tensor's step as one fused pass, all tensors in one ``torch.compile``
-    graph (CPU or GPU);
-    ``fused=True``: one Triton launch for all tensors (CUDA, fp32), see :mod:`.kernels`. Both
-    start once ``d`` adapts (the first steps, while every gradient is zero, run eagerly).
-    Default (neither given): on CUDA the kernels for fp32 parameters
-    (:func:`.kernels.fused_by_default`); on the CPU, a large model takes the compiled pass
-    (:meth:`_compiled_ids`), and many small tensors left out of it step in packed runs
-    (:meth:`_packed_ids`). ``compiled=False``/``fused=False``: the eager path.
-    """
-
-    family = FAMILIES["adamw"]
-
-    def __init__(self, params, lr: float = 1.0, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0, decouple: bool = False, use_bias_correction: bool = False,
-                 d0: float = 1e-6, growth_rate: float = math.inf, *, compiled: bool | None = None,
-                 fused: bool | None = None):
-        if compiled and fused:
-            raise ValueError("choose one of compiled=True and fused=True")
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, decouple=decouple,
-                        use_bias_correction=use_bias_correction, growth_rate=growth_rate, d=d0, k=0,
-                        numerator=0.0, layer_scale=1.0, compiled=compiled, fused=fused)
-        super().__init__(params, defaults, decouple)
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = self._loss(closure)
-        with kernels.fused_defaults(self, FUSED_DTYPES):
-            self._step()
-        return loss
-
-    def _step(self) -> None:
-        top, dlr = self._adam_step_size()
-        if top["k"] > 0 and top["fused"]:
-            self._advance(top, *self._one_pass_terms(top, dlr, None).tolist())
-            return
-        compiled = self._compiled_ids() if top["k"] > 0 else set()
-        packed, compile_runs = set(), False
-        if top["k"] > 0 and top["compiled"] is None:
-            for p in self._with_grads():
-                self._init_state(p)
-            packed, compile_runs = self._packed_ids(compiled, STATE_KEYS)
-        terms = []
-        if packed:  # many small CPU tensors: the one-pass function on packed runs
-            terms.append(self._one_pass_terms(top, dlr, packed, packed=True, compile_runs=compile_runs))
-        like = next(iter(self._with_grads()), None)
-        if compiled:  # every other tensor in one pass too: compiled, or the same function eagerly
-            others = {id(p) for p in self._with_grads()} - packed
-            terms.append(self._one_pass_terms(top, dlr, others, compiled=compiled))
-            self._advance(top, *self._reduce([t for t in terms if t is not None], like))
-            return
-        beta1, beta2 = top["betas"]
-        root = math.sqrt(beta2)
-        for group in self.param_groups:
-            r, eps = self._r(group), group["eps"] * group["eps_scale"]
-            for p in group["params"]:
-                if p.grad is None or id(p) in packed:
-                    continue
-                g = self._grad(group, p, group["decouple"])
-                self._init_state(p)
-                if group["lr"] == 0.0:
-                    continue
-                view = self._view(p)
-                sums = []  # per flat piece (pieces stay in cache across the ops: tensors.flat_pieces)
-                for g_, s, m, v in flat_pieces(g, view["s"], view["exp_avg"], view["exp_avg_sq"]):
-                    ratio = torch.sqrt(v, out=scratch_like(v, 0)).add_(eps)
-                    num = torch.dot(g_.flatten(), torch.div(s, ratio, out=ratio).flatten())
-                    m.mul_(beta1).add_(g_, alpha=r * dlr * (1 - beta1))
-                    v.mul_(beta2).addcmul_(g_, g_, value=1 - beta2)
-                    s.mul_(root).add_(g_, alpha=dlr * (1 - root))
-                    sums.append(torch.stack([num * (r * dlr), torch.abs(s, out=scratch_like(s, 0)).sum() * r]))
-                terms.append(_summed(sums))
-        if not self._advance(top, *self._reduce([t for t in terms if t is not None], like)):
-            return  # nothing to adapt from yet (e.g. an all-zero first gradient): skip, as the reference
-        for group in self.param_groups:
-            eps = group["eps"] * group["eps_scale"]
-            for p in group["params"]:
-                if p.grad is None or id(p) in packed:
-                    continue
-                self.state[p]["step"] += 1
-                view = self._view(p)
-                self._decay(group, p, dlr)
-                for local, m, v in flat_pieces(local_tensor(p), view["exp_avg"], view["exp_avg_sq"]):
-                    local.addcdiv_(m, torch.sqrt(v, out=scratch_like(v, 0)).add_(eps), value=-1)
-
-    def _init_state(self, p: torch.Tensor) -> dict[str, Any]:
-        state = self.state[p]
-        if not state:
-            state["step"] = 0
-            for key in STATE_KEYS:
-                state[key] = torch.zeros_like(p.detach())  # a DTensor for a sharded p (checkpoints)
-        return state
-
-    def _advance(self, top: dict[str, Any], num: float, den: float) -> bool:
-        """Update the numerator and ``d`` from this step's global sums (False: ``den`` is 0, skip)."""
-        root = math.sqrt(top["betas"][1])
-        numerator = root * top["numerator"] + (1 - root) * num
-        if den == 0:
-            return False
-        d = max(top["d"], min(numerator / ((1 - root) * den), top["d"] * top["growth_rate"]))
-        self._store(numerator=numerator, d=d, k=top["k"] + 1)
-        return True
-
-    def _one_pass_terms(self, top: dict[str, Any], dlr: float, ids: set[int] | None, *,
-                        compiled: set[int] = frozenset(), packed: bool = False,
-                        compile_runs: bool = False) -> torch.Tensor | None:
-        """Step the tensors whose ids are in ``ids`` (None: all) in one pass each, and return
-        their summed terms: ``fused``: one Triton launch for all; ``packed``: in packed runs
-        (:meth:`.compiled.ListKernel.packed`, compiled or not by ``compile_runs``); else a
-        compiled function for those in ``compiled`` and the same function eagerly for the rest.
-        The parameter update does not depend on this step's ``d``, so it runs before the
-        reduction; that is only valid once some gradient was nonzero (``k > 0``), since the
-        reference skips the update while ``den`` is 0."""
-        beta1, beta2 = top["betas"]
-        root = math.sqrt(beta2)
-        items = []
-        for group in self.param_groups:
-            if group["lr"] == 0.0:
-                continue
-            r, eps = self._r(group), group["eps"] * group["eps_scale"]
-            wd = group["weight_decay"] * group["wd_scale"]
-            l2, decay = (0.0, wd * group["lr_scale"] * dlr) if group["decouple"] else (wd, 0.0)
-            row = (eps, r * dlr, beta1, r * dlr * (1 - beta1), beta2, 1 - beta2, root, dlr * (1 - root), l2, decay, r)
-            for p in group["params"]:
-                if p.grad is not None and (ids is None or id(p) in ids):
-                    state = self._init_state(p)
-                    state["step"] += 1
-                    items.append((p, state, row))
-        if top["fused"]:
-            return _fused_launch("DAdaptAdam", "dadapt_adam", [[p, p.grad, s["exp_avg"], s["exp_avg_sq"], s["s"], row]
-                                                               for p, s, row in items])
-        if not items:
-            return None
-        columns = [[p for p, _, _ in items], [p.grad for p, _, _ in items]] + \
-            [[s[key] for _, s, _ in items] for key in ("exp_avg", "exp_avg_sq", "s")]
-        rows = [row for _, _, row in items]
-        if packed:
-            return _DADAPT_ADAM.packed(columns, rows, compile_runs)
-        return _DADAPT_ADAM(columns, rows, [id(p) in compiled for p, _, _ in items])
-
-
-def _dadapt_adam_pass(p, g, m, v, s, eps, num_scale, beta1, m_scale, beta2, one_minus_beta2, root, s_scale, l2,
-                      decay, r):
-    """One DAdaptAdam step of one flat tensor; returns ``[<g, s / (sqrt(v) + eps)> * num_scale,
-    r ||s_new||_1]`` (old ``s``, ``v`` in the first term, as the reference). The scalars are a
-    row of :data:`.kernels.dadapt.DADAPT_ADAM_ROW`, shared with the fused kernel."""
-    g = g + l2 * p
-    num = torch.dot(g, s / (v.sqrt() + eps)) * num_scale
-    m_new = m * beta1 + g * m_scale
-    v_new = v * beta2 + g * g * one_minus_beta2
-    s_new = s * root + g * s_scale
-    m.copy_(m_new)
-    v.copy_(v_new)
-    s.copy_(s_new)
-    p.copy_(p - decay * p - m_new / (v_new.sqrt() + eps))
-    return torch.stack([num, s_new.abs().sum() * r])
-
-
-_DADAPT_ADAM = ListKernel(_dadapt_adam_pass, writes=(0, 2, 3, 4))
-
-
-def _fused_launch(name: str, kernel: str, rows: list[list[Any]]) -> torch.Tensor | None:
-    """Run a Triton kernel of :mod:`.kernels.dadapt` over every tensor: ``rows`` hold each
-    tensor's parallel arguments (None for an absent one), its value row last. One launch per
-    device; returns the summed ``[numerator term, denominator]`` (for the reducing kernels)."""
-    from .kernels import dadapt as launchers
-    kernels.check_fused(name, [r[0] for r in rows], dtypes=FUSED_DTYPES)
-    totals = []
-    for device in {r[0].device for r in rows}:
-        mine = [r for r in rows if r[0].device == device]
-        columns = [None if mine[0][k] is None else [r[k] for r in mine] for k in range(len(mine[0]))]
-        totals.append(getattr(launchers, kernel)(*columns))
-    return torch.stack([t.cpu() for t in totals]).sum(0) if totals and totals[0] is not None else None
-
-
-class Prodigy(_GlobalStep):
-    """Prodigy (``prodigyopt.Prodigy`` 1.1.2 arguments and defaults) with muP group scales.
-
-    ``compiled=True``: a statistics pass and an update pass per tensor, each over all tensors
-    in one ``torch.compile`` graph; ``fused=True``:
-    the same two passes as Triton launches over all tensors (CUDA, fp32, ``slice_p=1``).
-    Default (neither given): on CUDA the kernels for fp32 parameters when every group has
-    ``slice_p=1`` (:func:`.kernels.fused_by_default`); on the CPU, a large model takes the
-    compiled passes (:meth:`_compiled_ids`), and many small tensors left out of them step in
-    packed runs (:meth:`_packed_ids`). ``compiled=False``/``fused=False``: the eager path.
-    """
-
-    family = FAMILIES["adamw"]
-
-    def __init__(self, params, lr: float = 1.0, betas: tuple[float, float] = (0.9, 0.999), beta3: float | None = None,
-                 eps: float = 1e-8, weight_decay: float = 0.0, decouple: bool = True, use_bias_correction: bool = False,
-                 safeguard_warmup: bool = False, d0: float = 1e-6, d_coef: float = 1.0, growth_rate: float = math.inf,
-                 slice_p: int = 1, *, compiled: bool | None = None, fused: bool | None = None):
-        if slice_p < 1:
-            raise ValueError(f"slice_p={slice_p} must be >= 1")
-        if (compiled or fused) and slice_p != 1:
-            raise ValueError(f"compiled=True and fused=True support slice_p=1 only, got slice_p={slice_p}")
-        if compiled and fused:
-            raise ValueError("choose one of compiled=True and fused=True")
-        defaults = dict(lr=lr, betas=tuple(betas), beta3=beta3, eps=eps, weight_decay=weight_decay, decouple=decouple,
-                        use_bias_correction=use_bias_correction, safeguard_warmup=safeguard_warmup, d=d0, d0=d0,
-                        d_max=d0, d_coef=d_coef, growth_rate=growth_rate, slice_p=slice_p, k=0, numerator=0.0,
-                        layer_scale=1.0, compiled=compiled, fused=fused)
-        super().__init__(params, defaults, decouple)
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = self._loss(closure)
-        unsliced = all(group["slice_p"] == 1 for group in self.param_groups)  # what the kernels take
-        with kernels.fused_defaults(self, FUSED_DTYPES) if unsliced else contextlib.nullcontext():
-            self._step()
-        return loss
-
-    def _step(self) -> None:
-        top, dlr = self._adam_step_size()
-        beta1, beta2 = top["betas"]
-        beta3 = top["beta3"] if top["beta3"] is not None else math.sqrt(beta2)
-        d, d0, k = top["d"], top["d0"], top["k"]
-        compiled = self._compiled_ids()
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    self._init_state(group, p, beta1)
-        keys = ("p0", "exp_avg_sq", "s", "exp_avg")
-        packed, compile_runs = self._packed_ids(compiled, keys) if top["compiled"] is None else (set(), False)
-        terms, like, fused = [], None, []
-        sums_rows: dict[int, list[float]] = {}  # per group: the statistics pass's values
-        one_pass: list[tuple[list[torch.Tensor], list[float]]] = []  # (tensors, row) of the one-pass statistics
-        for group in self.param_groups:
-            r, step = self._r(group), group["slice_p"]
-            for p in group["params"]:
-                if p.grad is None or group["lr"] == 0.0:
-                    continue
-                g = self._grad(group, p, group["decouple"])
-                local = local_tensor(p)
-                state = self.state[p]
-                like = g
-                if id(p) in compiled or id(p) in packed or top["fused"]:
-                    if id(group) not in sums_rows:
-                        s_scale = (d / d0) * (d if group["safeguard_warmup"] else dlr)
-                        l2 = 0.0 if group["decouple"] else group["weight_decay"] * group["wd_scale"]
-                        sums_rows[id(group)] = [l2, (d / d0) * dlr, beta2, d * d * (1 - beta2), beta3, s_scale, r]
-                    row = sums_rows[id(group)]
-                    if top["fused"]:
-                        fused.append([p, p.grad, state["p0"], state["exp_avg_sq"], state["s"],
-                                      (*row, 1.0 if state["p0"].dim() == 0 else 0.0)])
-                        continue
-                    one_pass.append(([p, p.grad, state["p0"], state["exp_avg_sq"], state["s"]], row))
-                    continue
-                view = self._view(p)
-                if beta1 > 0:
-                    view["exp_avg"].mul_(beta1).add_(g, alpha=r * d * (1 - beta1))
-                view["exp_avg_sq"].mul_(beta2).addcmul_(g, g, value=d * d * (1 - beta2))
-                sliced, p0 = g.flatten()[::step], view["p0"]
-                if p0.dim() == 0:  # the reference's 0-dim p0 of a zero parameter
-                    p0 = p0.expand(sliced.shape)
-                sums = []  # per flat piece, when the tensors can be cut (slice_p=1): see tensors.flat_pieces
-                for g_, local_, p0_, s in flat_pieces(sliced, local.flatten()[::step], p0, view["s"]):
-                    num = torch.dot(g_, torch.sub(p0_, local_, out=scratch_like(g_, 0)))  # weight 1: see top
-                    s.mul_(beta3).add_(g_, alpha=(d / d0) * (d if group["safeguard_warmup"] else dlr))
-                    sums.append(torch.stack([num * ((d / d0) * dlr), torch.abs(s, out=scratch_like(s, 0)).sum() * r]))
-                terms.append(_summed(sums))
-        if fused:
-            terms.append(_fused_launch("Prodigy", "prodigy_sums", fused))
-            fused = []
-        terms.extend(_run_kernel(_PRODIGY_SUMS, one_pass, packed, compile_runs))
-        delta, den = self._reduce(terms, like)
-        if den == 0:  # every rank saw the same zero (the reduction ran), so every rank skips alike
-            return
-        d_old = d
-        numerator = top["numerator"] * beta3 + delta
-        d_hat = top["d_coef"] * numerator / den
-        d_max = top["d_max"]
-        if d == d0:
-            d = max(d, d_hat)
-        d_max = max(d_max, d_hat)
-        d = min(d_max, d * top["growth_rate"])
-        self._store(numerator=numerator, d=d, d_max=d_max, d_hat=d_hat, d_denom=den, k=k + 1)
-        updates: list[tuple[list[torch.Tensor], list[float]]] = []  # (tensors, row) of the one-pass update
-        for group in self.param_groups:
-            r, eps = self._r(group), group["eps"] * group["eps_scale"]
-            update_row = None
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                self.state[p]["step"] += 1
-                if top["fused"]:
-                    update_row = update_row or self._update_row(group, beta1, d_old, d, dlr)
-                    fused.append([p, p.grad, self.state[p]["exp_avg"] if beta1 > 0 else None,
-                                  self.state[p]["exp_avg_sq"], (*update_row, 1.0 if beta1 > 0 else 0.0)])
-                    continue
-                if id(p) in compiled or id(p) in packed:
-                    update_row = update_row or self._update_row(group, beta1, d_old, d, dlr)
-                    momentum = [self.state[p]["exp_avg"]] if beta1 > 0 else []
-                    updates.append(([p, p.grad, *momentum, self.state[p]["exp_avg_sq"]], update_row))
-                    continue
-                view = self._view(p)
-                self._decay(group, p, dlr)
-                numerator, scale = ((view["exp_avg"], -dlr) if beta1 > 0 else
-                                    (self._grad(group, p, group["decouple"]), -r * dlr * d))
-                for local, num, v in flat_pieces(local_tensor(p), numerator, view["exp_avg_sq"]):
-                    local.addcdiv_(num, torch.sqrt(v, out=scratch_like(v, 0)).add_(d * eps), value=scale)
-        if fused:
-            _fused_launch("Prodigy", "prodigy_update", fused)
-        _run_kernel(_PRODIGY_UPDATE_KERNELS[beta1 > 0], updates, packed, compile_runs)
-
-    def _init_state(self, group: dict[str, Any], p: torch.Tensor, beta1: float) -> None:
-        """``p``'s state on its first step, as prodigyopt lays it out (``s`` and ``p0`` flat and
-        sliced by ``slice_p``; ``p0`` 0-dim for a parameter that starts all zeros)."""
-        state = self.state[p]
-        if state:
-            return
-        local, step = local_tensor(p), group["slice_p"]
-        state["step"] = 0
-        state["s"] = _flat_state(p, torch.zeros_like(local.flatten()[::step]), step)
-        unsharded_zero = not isinstance(p, DTensor or ()) and not local.any()  # the reference's 0-dim p0
-        state["p0"] = local.new_zeros(()) if unsharded_zero else _flat_state(p, local.flatten()[::step].clone(), step)
-        if beta1 > 0:
-            state["exp_avg"] = torch.zeros_like(p.detach())
-        state["exp_avg_sq"] = torch.zeros_like(p.detach())
-
-    def _update_row(self, group: dict[str, Any], beta1: float, d_old: float, d: float, dlr: float) -> list[float]:
-        """A group's per-step values for the update pass (momentum uses the old ``d``): a row of
-        :data:`.kernels.dadapt.PRODIGY_UPDATE_ROW` without its last (momentum) column."""
-        r, eps = self._r(group), group["eps"] * group["eps_scale"]
-        wd = group["weight_decay"] * group["wd_scale"]
-        l2, decay = (0.0, wd * group["lr_scale"] * dlr) if group["decouple"] else (wd, 0.0)
-        if beta1 > 0:
-            return [l2, beta1, r * d_old * (1 - beta1), d * eps, decay, dlr]
-        return [l2, beta1, 0.0, d * eps, decay, r * dlr * d]
-
-
-def _run_kernel(kernel: ListKernel, items: list[tuple[list[torch.Tensor], list[float]]],
-                packed: set[int], compile_runs: bool) -> list[torch.Tensor]:
-    """``kernel`` over ``(tensors, row)`` items, compiled, or in packed runs (compiled or not by
-    ``compile_runs``) for the items whose parameter (first tensor) has its id in ``packed``;
-    returns what it returned."""
-    results = []
-    for pack in (False, True):
-        chosen = [(tensors, row) for tensors, row in items if (id(tensors[0]) in packed) == pack]
-        if chosen:
-            columns, rows = [list(column) for column in zip(*(t for t, _ in chosen))], [row for _, row in chosen]
-            result = kernel.packed(columns, rows, compile_runs) if pack else kernel(columns, rows)
-            if result is not None:
-                results.append(result)
-    return results
-
-
-def _prodigy_sums(p, g, p0, v, s, l2, num_scale, beta2, v_scale, beta3, s_scale, r):
-    """Prodigy's statistics pass of one flat tensor: updates ``v`` and ``s``, returns
-    ``[<g, p0 - p> * num_scale, r ||s_new||_1]``."""
-    g = g + l2 * p
-    num = torch.dot(g, p0 - p) * num_scale
-    v.copy_(v * beta2 + g * g * v_scale)
-    s_new = s * beta3 + g * s_scale
-    s.copy_(s_new)
-    return torch.stack([num, s_new.abs().sum() * r])
-
-
-def _prodigy_momentum_update(p, g, m, v, l2, beta1, m_scale, eps_d, decay, step):
-    m_new = m * beta1 + (g + l2 * p) * m_scale
-    m.copy_(m_new)
-    p.copy_(p - decay * p - step * m_new / (v.sqrt() + eps_d))
-
-
-def _prodigy_update(p, g, v, l2, beta1, m_scale, eps_d, decay, step):
-    """``beta1 = 0``: the step uses ``g`` itself (``beta1``, ``m_scale`` are unused, kept so both
-    update functions take the same row)."""
-    p.copy_(p - decay * p - step * (g + l2 * p) / (v.sqrt() + eps_d))
-
-
-_PRODIGY_SUMS = ListKernel(_prodigy_sums, writes=(3, 4))
-#: the update pass, by whether there is a first moment (beta1 > 0)
-_PRODIGY_UPDATE_KERNELS = {True: ListKernel(_prodigy_momentum_update, writes=(0, 2)),
-                           False: ListKernel(_prodigy_update, writes=(0,))}
-
-
-class DAdaptSGD(_GlobalStep):
+class DAdaptSGD(_DAdapted):
     """D-Adapted SGD by dual averaging (``dadaptation.DAdaptSGD`` 3.2) with muP group scales.
 
     ``s <- s + dlr g`` with ``dlr = d lr / ||g_0||``, ``num += dlr <g, s_old>``, ``d_hat = 2 num /
@@ -572,24 +604,22 @@ class DAdaptSGD(_GlobalStep):
     def __init__(self, params, lr: float = 1.0, momentum: float = 0.0, weight_decay: float = 0.0,
                  d0: float = 1e-6, growth_rate: float = math.inf):
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, growth_rate=growth_rate, d=d0, k=0,
-                        numerator=0.0, g0_norm=0.0, layer_scale=1.0, decouple=False)
-        super().__init__(params, defaults, decouple=True)
+                        numerator=0.0, g0_norm=0.0)
+        super().__init__(params, defaults, decouple=False)
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = self._loss(closure)
-        top = self._shared()
+    def _update(self, groups: list[dict[str, Any]]) -> None:
+        top = self.param_groups[0]
         d, k, lr = top["d"], top["k"], top["lr"]
-        live = [(group, p) for group in self.param_groups for p in group["params"] if p.grad is not None]
-        grads = {id(p): self._grad(group, p, decouple=False) for group, p in live}
+        live = [(group, p) for group in groups for p in group["params"] if p.grad is not None]
+        grads = {id(p): self._grad(group, p) for group, p in live}
         if k == 0:  # the first gradient's norm fixes the scale of dlr (one reduction)
             # of the raw gradient, without weight decay, as the reference effectively computes it
             terms = [torch.stack([local_tensor(p.grad).square().sum(), torch.zeros((), dtype=p.dtype, device=p.device)])
                      .to(torch.float64) for group, p in live if group["lr"] > 0]
             g_sq, _ = self._reduce(terms, grads[id(live[0][1])] if live else None)
             if g_sq == 0:
-                return loss
-            self._store(g0_norm=math.sqrt(g_sq))
+                return
+            self._store(dict(g0_norm=math.sqrt(g_sq)))
         dlr = d * lr / top["g0_norm"]
         terms, like = [], None
         for group, p in live:
@@ -598,7 +628,7 @@ class DAdaptSGD(_GlobalStep):
                 state["z"], state["x0"] = p.detach().clone(), p.detach().clone()
                 state["s"] = torch.zeros_like(p.detach())
             if group["lr"] > 0.0:
-                r, view = self._r(group), self._view(p)
+                r, view = group["r"], self._view(p)
                 num = torch.dot(g.flatten(), view["s"].flatten()) * (r * dlr)
                 view["s"].add_(g, alpha=dlr)
                 terms.append(torch.stack([num, (view["s"] * view["s"]).sum() * r]).to(torch.float64))
@@ -606,17 +636,17 @@ class DAdaptSGD(_GlobalStep):
         delta, sk_sq = self._reduce(terms, like)
         numerator = top["numerator"] + delta
         if sk_sq == 0:
-            return loss
+            return
         d = max(d, min(2 * numerator / math.sqrt(sk_sq), d * top["growth_rate"]))
-        self._store(numerator=numerator, d=d, k=k + 1)
+        self._store(dict(numerator=numerator, d=d, k=k + 1))
         for group, p in live:
             view = self._view(p)
-            view["z"].copy_(view["x0"] - self._r(group) * view["s"])
+            torch.sub(view["x0"], view["s"], alpha=group["r"], out=view["z"])
             local_tensor(p).mul_(group["momentum"]).add_(view["z"], alpha=1 - group["momentum"])
-        return loss
+        return
 
 
-class DAdaptLion(_GlobalStep):
+class DAdaptLion(_DAdapted):
     """D-Adapted Lion (``dadaptation.DAdaptLion`` 3.2) with muP group scales.
 
     ``u = sign(beta1 m + (1 - beta1) g)``; ``p <- p (1 - dlr wd) - r dlr u``; ``m <- beta2 m + (1 -
@@ -628,20 +658,17 @@ class DAdaptLion(_GlobalStep):
 
     def __init__(self, params, lr: float = 1.0, betas: tuple[float, float] = (0.9, 0.99), weight_decay: float = 0.0,
                  d0: float = 1e-6):
-        defaults = dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay, d=d0, k=0, numerator=0.0,
-                        layer_scale=1.0, decouple=True)
+        defaults = dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay, d=d0, k=0, numerator=0.0)
         super().__init__(params, defaults, decouple=True)
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = self._loss(closure)
-        top = self._shared()
+    def _update(self, groups: list[dict[str, Any]]) -> None:
+        top = self.param_groups[0]
         beta1, beta2 = top["betas"]
         d, lr = top["d"], top["lr"]
         dlr, root = d * lr, math.sqrt(beta2)
         terms, like = [], None
-        for group in self.param_groups:
-            r = self._r(group)
+        for group in groups:
+            r = group["r"]
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -656,17 +683,17 @@ class DAdaptLion(_GlobalStep):
                 m.mul_(beta2).add_(g, alpha=(1 - beta2) * dlr)
                 num = torch.dot(update.flatten(), s.flatten()) * (r * dlr)
                 s.mul_(root).add_(update, alpha=(1 - root) * dlr)
-                terms.append(torch.stack([num, torch.abs(s, out=scratch_like(s, 0)).sum() * r]).to(torch.float64))
+                terms.append(torch.stack([num, s.abs().sum() * r]).to(torch.float64))
                 like = g
         num, den = self._reduce(terms, like)
         numerator = root * top["numerator"] + (1 - root) * num
         if den == 0:
-            return loss
-        self._store(numerator=numerator, d=max(d, numerator / ((1 - root) * den)), k=top["k"] + 1)
-        return loss
+            return
+        self._store(dict(numerator=numerator, d=max(d, numerator / ((1 - root) * den)), k=top["k"] + 1))
+        return
 
 
-class DAdaptAdaGrad(_GlobalStep):
+class DAdaptAdaGrad(_DAdapted):
     """D-Adapted AdaGrad (``dadaptation.DAdaptAdaGrad`` 3.2, dense gradients) with muP group scales.
 
     ``a <- a + g^2`` (``a`` starts at 1e-6), ``s <- s + dlr g``; with ``q = sqrt(a) + eps``:
@@ -680,25 +707,23 @@ class DAdaptAdaGrad(_GlobalStep):
     def __init__(self, params, lr: float = 1.0, momentum: float = 0.0, weight_decay: float = 0.0, eps: float = 1e-6,
                  d0: float = 1e-6, growth_rate: float = math.inf):
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eps=eps, growth_rate=growth_rate, d=d0,
-                        k=0, gsq_weighted=0.0, sksq_weighted=0.0, skl1=0.0, layer_scale=1.0, decouple=False)
+                        k=0, gsq_weighted=0.0, sksq_weighted=0.0, skl1=0.0)
         super().__init__(params, defaults, decouple=False)
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = self._loss(closure)
-        top = self._shared()
+    def _update(self, groups: list[dict[str, Any]]) -> None:
+        top = self.param_groups[0]
         d = top["d"]
         dlr = d * top["lr"]
         terms, like = [], None
-        for group in self.param_groups:
-            r, eps = self._r(group), group["eps"] * group["eps_scale"]
+        for group in groups:
+            r, eps = group["r"], group["eps"]
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 if p.grad.is_sparse:
                     raise ValueError(f"DAdaptAdaGrad got a sparse gradient for a parameter of shape {tuple(p.shape)}; "
                                      f"mupkit's version takes dense gradients (e.g. nn.Embedding(sparse=False)).")
-                g = self._grad(group, p, decouple=False)
+                g = self._grad(group, p)
                 state = self.state[p]
                 if not state:
                     state["alphak"] = torch.full_like(p.detach(), 1e-6)
@@ -717,19 +742,19 @@ class DAdaptAdaGrad(_GlobalStep):
         g_sq, sksq_change, skl1_change = self._reduce(terms, like, width=3)
         sksq_weighted, skl1 = top["sksq_weighted"] + sksq_change, top["skl1"] + skl1_change
         if skl1 == 0:
-            return loss
+            return
         gsq_weighted = top["gsq_weighted"] + dlr * dlr * g_sq
         d = max(d, min((sksq_weighted - gsq_weighted) / skl1, d * top["growth_rate"]))
-        self._store(gsq_weighted=gsq_weighted, skl1=skl1, sksq_weighted=sksq_weighted, d=d)
-        for group in self.param_groups:
-            r, eps = self._r(group), group["eps"] * group["eps_scale"]
+        self._store(dict(gsq_weighted=gsq_weighted, skl1=skl1, sksq_weighted=sksq_weighted, d=d))
+        for group in groups:
+            r, eps = group["r"], group["eps"]
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 view = self._view(p)
                 z = view["x0"] - r * view["sk"] / view["alphak"].sqrt().add_(eps)
                 local_tensor(p).mul_(group["momentum"]).add_(z, alpha=1 - group["momentum"])
-        return loss
+        return
 
 
 __all__ = ["DAdaptAdaGrad", "DAdaptAdam", "DAdaptLion", "DAdaptSGD", "Prodigy"]

@@ -26,6 +26,12 @@ the early steps); from then on ``g <- g * min(1, threshold / ||g||_scaled)``. A 
 norm zeroes the step's gradient (icefall means to, but its ``min(1.0, nan)`` is 1, so a NaN
 gradient there flows into the parameters).
 
+Everything per tensor stays on the parameters' device: the clipping norm, history, threshold,
+factor and count, ``RMS(P)``, the buffered ``<P, g>`` and ``ss``, each a few multi-tensor ops per
+param group. The host keeps only the step counters (Python ints, so which steps refresh what is
+known without reading the device); it reads a device value at a threshold refresh (to refuse a
+non-finite median) and at a parameter's first step (to warn about an all-zero tensor).
+
 How mupkit differs from icefall, on purpose:
 
 * State is per parameter (icefall stacks each same-shape bucket on its first parameter), so a
@@ -42,6 +48,7 @@ How mupkit differs from icefall, on purpose:
   ``"all"`` one for the whole model, so splitting the model into muP groups does not change
   clipping. Sharded parameters (FSDP2 ``fully_shard``) reduce ``RMS(P)``, ``<P, g>`` and the
   clipping norm over their shards, so every rank makes the same clipping decision.
+* ``<P, g>`` is summed from the unclipped gradient and multiplied by the clipping factor.
 * A parameter that is all zeros at its first step is named in a warning: its steps are
   ``param_min_rms``-sized, so it stays frozen (a zero-initialized readout, say).
 """
@@ -50,16 +57,16 @@ from __future__ import annotations
 
 import math
 import warnings
+from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 import torch
 
 from ..rules import FAMILIES
-from . import kernels
-from .master import MasterWeights
-from .scaled import ScaledGroups
-from .sharding import all_sum, global_rms, local_tensor, shard_info, state_like
-from .tensors import KeepsStateDtypes, default_foreach, foreach_scalar, state_dtype, working_copy, write_back
+from . import dispatch, ops
+from .base import Optimizer
+from .sharding import ShardInfo, all_sum, global_rms, local_tensor, shard_info, state_like
+from .tensors import by_device_and_dtype, state_dtype
 
 CLIPPING_SCOPES = ("group", "all")
 
@@ -83,14 +90,46 @@ def named_groups(params: Iterable[Any]) -> list[Any]:
     return out
 
 
-class ScaledAdam(MasterWeights, KeepsStateDtypes, ScaledGroups, torch.optim.Optimizer):
+@dataclass
+class Bucket:
+    """Tensors of one (effective) param group with a gradient that share their step count and
+    kind: ``sized`` (more than one element: relative steps and a learned scale) or one-element."""
+
+    group: dict[str, Any]
+    step: int
+    sized: bool
+    params: list[torch.Tensor] = field(default_factory=list)  # rank-local
+    grads: list[torch.Tensor] = field(default_factory=list)
+    exp_avg_sqs: list[torch.Tensor] = field(default_factory=list)
+    deltas: list[torch.Tensor] = field(default_factory=list)
+    states: list[dict[str, Any]] = field(default_factory=list)
+    infos: list[ShardInfo] = field(default_factory=list)
+
+    @property
+    def size_update(self) -> bool:
+        """``RMS(P)`` is refreshed at this step (and, after the first period, ``ss`` taken)."""
+        period = self.group["size_update_period"]
+        return self.sized and self.step % period == period - 1
+
+
+@dataclass
+class Sums:
+    """A bucket's per-tensor statistics that precede its update (1-D device tensors or None):
+    ``grad_sq`` ``||g||^2`` (clipping), ``dots`` ``<P, g>``, ``rms`` ``RMS(P)`` (refresh steps)."""
+
+    grad_sq: torch.Tensor | None = None
+    dots: torch.Tensor | None = None
+    rms: torch.Tensor | None = None
+
+
+class ScaledAdam(Optimizer):
     """ScaledAdam with muP group scales (icefall's arguments and defaults, plus
-    ``clipping_scope`` and ``foreach``; see the module docstring). ``fused=True``: the Triton
-    kernels (CUDA); by default (``fused`` and ``foreach`` not given) on CUDA
-    (:func:`.kernels.fused_by_default`), except under ``torch.use_deterministic_algorithms``,
-    since their per-tensor sums are atomic adds."""
+    ``clipping_scope``; see the module docstring). ``foreach``/``fused``: the implementation
+    (default: :mod:`.dispatch`); ``fused=True`` runs the Triton kernels (CUDA), whose per-tensor
+    sums are atomic adds, so they are not the default under ``torch.use_deterministic_algorithms``."""
 
     family = FAMILIES["adafactor"]
+    kernels = dispatch.Kernels(deterministic=False)
     #: arguments under which a zero-initialized tensor trains: an RMS floor like Adafactor's eps2
     #: (scaled per tensor by its muP init scale, so a zero-init muP readout steps like Adam's)
     zero_init_kwargs = {"param_min_rms": 1.0e-3}
@@ -112,8 +151,6 @@ class ScaledAdam(MasterWeights, KeepsStateDtypes, ScaledGroups, torch.optim.Opti
         if size_update_period < 1 or clipping_update_period < 1:
             raise ValueError(f"size_update_period={size_update_period} and clipping_update_period="
                              f"{clipping_update_period} must be >= 1")
-        if foreach and fused:
-            raise ValueError("choose one of foreach=True and fused=True")
         if clipping_scope not in CLIPPING_SCOPES:
             raise ValueError(f"clipping_scope={clipping_scope!r}; use one of {CLIPPING_SCOPES}")
         defaults = dict(lr=lr, clipping_scale=clipping_scale, betas=tuple(betas), scalar_lr_scale=scalar_lr_scale,
@@ -131,213 +168,192 @@ class ScaledAdam(MasterWeights, KeepsStateDtypes, ScaledGroups, torch.optim.Opti
         super().__setstate__(state)
         self.__dict__.setdefault("_warned_zero", True)
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = self._loss(closure)
-        with self._master_weights(), kernels.fused_defaults(self, deterministic=False):
-            live = [(group, self._gather(group)) for group in self.param_groups]
-            live = [(group, items) for group, items in live if items]
-            if self.clipping_scope == "all":
-                scopes = [live] if live else []
-            else:
-                scopes = [[entry] for entry in live]
-            for scope in scopes:
-                factor = self._clipping_factor(scope)
-                for group, items in scope:
-                    self._update(group, items, factor)
-        return loss
+    def _effective_group(self, group: dict[str, Any], path: str) -> dict[str, Any]:
+        """The base's, except: ``eps_scale`` scales the RMS bounds (parameter units), not ``eps``;
+        the size step keeps ``lr * scalar_lr_scale`` (no ``lr_scale``); ``"clip_scope"`` names the
+        clipping history (groups of different scopes are never merged)."""
+        effective = super()._effective_group(group, path)
+        effective.update(eps=group["eps"], param_min_rms=group["param_min_rms"] * group["eps_scale"],
+                         param_max_rms=group["param_max_rms"] * group["eps_scale"],
+                         size_lr=group["lr"] * group["scalar_lr_scale"],
+                         clip_scope=id(group) if self.clipping_scope == "group" else 0)
+        return effective
 
-    def _gather(self, group: dict[str, Any]) -> list[dict[str, Any]]:
-        """The group's parameters with a gradient: local shard, gradient, state and layout."""
+    def _update(self, groups: list[dict[str, Any]]) -> None:
+        scopes: dict[int, list[dict[str, Any]]] = {}
+        for group in groups:
+            scopes.setdefault(group["clip_scope"], []).append(group)
+        holders = {id(g): g["params"][0] for g in self.param_groups}
+        first = self.param_groups[0]["params"][0]
+        for key, scope in scopes.items():
+            buckets = [bucket for group in scope for bucket in self._gather(group)]
+            if not buckets:
+                continue
+            holder = None if scope[0]["clipping_scale"] is None else self.state[holders.get(key, first)]
+            clipping = holder is not None and holder.setdefault("clip_step", 0) > 0
+            fused = [b for b in buckets if b.group["path"] == "fused"]
+            eager = [b for b in buckets if b.group["path"] != "fused"]
+            if fused:
+                dispatch.check_fused(type(self).__name__, [p for b in fused for p in b.params], self.kernels)
+            eager_sums = [_eager_sums(b, clipping) for b in eager]
+            fused_sums = _fused_sums(fused, clipping) if fused else []
+            factor = None
+            if holder is not None:
+                factor = _clipping_factor(holder, scope[0], eager + fused, eager_sums + fused_sums)
+            for bucket, sums in zip(eager, eager_sums):
+                _eager_step(bucket, sums, factor)
+            if fused:
+                _fused_step(fused, fused_sums, factor)
+            for bucket in buckets:
+                for state in bucket.states:
+                    state["step"] += 1
+
+    def _gather(self, group: dict[str, Any]) -> list[Bucket]:
+        """The group's parameters with a gradient, by (step, sized); state made at a first step."""
         names = group.get("param_names")
-        items, fresh = [], []
+        buckets: dict[tuple[int, bool], Bucket] = {}
+        fresh: list[tuple[str, Bucket, int]] = []
         for index, p in enumerate(group["params"]):
             if p.grad is None:
                 continue
-            name = names[index] if names else f"#{index} of its group"
             if p.grad.is_sparse:
+                name = names[index] if names else f"#{index} of its group"
                 raise RuntimeError(f"ScaledAdam got a sparse gradient for parameter {name} of shape "
                                    f"{tuple(p.shape)}; it needs dense gradients (e.g. nn.Embedding(sparse=False)).")
-            info = shard_info(name, p)
             state = self.state[p]
-            local = local_tensor(p)
+            info = shard_info(names[index] if names else f"#{index} of its group", p)
             if not state:
-                dtype = state_dtype(p)
                 state["step"] = 0
-                state["exp_avg_sq"] = state_like(torch.zeros_like(local, dtype=dtype), p, info, tuple(p.shape))
-                state["delta"] = state_like(torch.zeros_like(local, dtype=dtype), p, info, tuple(p.shape))
-                fresh.append(len(items))
-            items.append({"param": local, "grad": local_tensor(p.grad), "name": name, "info": info,
-                          "state": state, "scalar": info.numel == 1, "exp_avg_sq": local_tensor(state["exp_avg_sq"]),
-                          "delta": local_tensor(state["delta"])})  # rank-local views of sharded state
+                state["exp_avg_sq"] = state_like(torch.zeros_like(local_tensor(p), dtype=state_dtype(p)), p, info,
+                                                 tuple(p.shape))
+                state["delta"] = state_like(torch.zeros_like(local_tensor(p), dtype=state_dtype(p)), p, info,
+                                            tuple(p.shape))
+            sized = info.numel > 1
+            bucket = buckets.get((state["step"], sized))
+            if bucket is None:
+                bucket = buckets[(state["step"], sized)] = Bucket(group, state["step"], sized)
+            if sized and "param_rms" not in state:
+                fresh.append((names[index] if names else f"#{index} of its group", bucket, len(bucket.params)))
+            bucket.params.append(local_tensor(p))
+            bucket.grads.append(local_tensor(p.grad))
+            bucket.exp_avg_sqs.append(local_tensor(state["exp_avg_sq"]))
+            bucket.deltas.append(local_tensor(state["delta"]))
+            bucket.states.append(state)
+            bucket.infos.append(info)
         if fresh:
-            self._init_sizes(group, [items[k] for k in fresh])
-        return items
+            self._init_sizes(group, fresh)
+        return list(buckets.values())
 
-    def _init_sizes(self, group: dict[str, Any], items: list[dict[str, Any]]) -> None:
-        """First step of these parameters: measure ``RMS(P)``; warn about all-zero tensors."""
-        sized = [it for it in items if not it["scalar"]]
-        if not sized:
-            return
-        rms = global_rms([working_copy(it["param"]) for it in sized], [it["info"] for it in sized])
-        for it, r in zip(sized, rms.unbind()):
-            it["state"]["param_rms"] = r.clone()
-            it["state"]["scale_exp_avg_sq"] = torch.zeros_like(r)
-            it["state"]["scale_grads"] = r.new_zeros(group["size_update_period"])
-        zero = [f"{it['name']} {tuple(it['info'].shape)}" for it, r in zip(sized, rms.tolist()) if r == 0.0]
+    def _init_sizes(self, group: dict[str, Any], fresh: list[tuple[str, Bucket, int]]) -> None:
+        """First step of these sized parameters: measure ``RMS(P)``; warn about all-zero tensors
+        (one host read, at their first step only)."""
+        works = [ops.to_dtype(b.params[k], torch.float32) for _, b, k in fresh]
+        rms = global_rms(works, [b.infos[k] for _, b, k in fresh])
+        period = group["size_update_period"]
+        for (_, bucket, k), r in zip(fresh, rms.unbind()):
+            state = bucket.states[k]
+            state["param_rms"] = r.clone()
+            state["scale_exp_avg_sq"] = torch.zeros_like(r)
+            state["scale_grads"] = r.new_zeros(period)
+        zero = [f"{name} {tuple(b.infos[k].shape)}" for (name, b, k), r in zip(fresh, rms.tolist()) if r == 0.0]
         if zero and not self._warned_zero:
             self._warned_zero = True
-            floor = group["param_min_rms"]
             warnings.warn(f"ScaledAdam: parameter(s) {', '.join(zero)} are all zeros at their first step. ScaledAdam's "
-                          f"steps are proportional to a tensor's RMS (at least param_min_rms={floor}), "
-                          f"so these stay (nearly) frozen. Initialize them with a small nonzero scale (icefall "
+                          f"steps are proportional to a tensor's RMS (at least param_min_rms={group['param_min_rms']}),"
+                          f" so these stay (nearly) frozen. Initialize them with a small nonzero scale (icefall "
                           f"uses U(-0.1, 0.1) * initial_scale for biases), or raise param_min_rms (e.g. 1e-3, "
                           f"Adafactor's floor; mupkit scales it with each tensor's muP init scale).",
-                          stacklevel=2)
-
-    # ---------------------------------------------------------------- clipping
-
-    def _clipping_holder(self, scope: list[tuple[dict[str, Any], list]]) -> dict[str, Any] | None:
-        """The state dict holding the clipping history: that of the scope's first parameter."""
-        group = scope[0][0]
-        if group["clipping_scale"] is None:
-            return None
-        return self.state[group["params"][0]]
-
-    def _clipping_factor(self, scope: list[tuple[dict[str, Any], list]]) -> float:
-        """``min(1, threshold / ||g||_scaled)`` for the scope (1 until a threshold exists; 0 for a
-        non-finite norm). One host sync per step, only when clipping is on."""
-        holder = self._clipping_holder(scope)
-        if holder is None:
-            return 1.0
-        group = scope[0][0]
-        clip_step = holder.get("clip_step", 0)
-        holder["clip_step"] = clip_step + 1
-        if clip_step == 0:
-            return 1.0
-        items = [it for _, group_items in scope for it in group_items]
-        sumsq = torch.stack(torch._foreach_norm([it["grad"] for it in items], ord=2)).to(torch.float64).square()
-        sumsq = all_sum(sumsq, [it["info"] for it in items])
-        # squared weights: scalar_lr_scale^2 for one-element tensors, RMS(P)^2 (last refresh) for the others
-        scalar_weights = [g["scalar_lr_scale"] ** 2 if it["scalar"] else 0.0 for g, group_items in scope
-                          for it in group_items]
-        weights = torch.tensor(scalar_weights, dtype=torch.float64).to(sumsq.device, non_blocking=True)
-        sized = [k for k, it in enumerate(items) if not it["scalar"]]
-        if sized:
-            rms = torch.stack([items[k]["state"]["param_rms"] for k in sized]).to(torch.float64)
-            weights[torch.tensor(sized, device=sumsq.device)] = rms.square()
-        norm = float((sumsq * weights).sum().sqrt())
-        period = group["clipping_update_period"]
-        norms = holder.setdefault("clip_norms", torch.zeros(period, dtype=torch.float64))
-        norms[clip_step % period] = norm
-        early = clip_step in EARLY_CLIPPING_STEPS and clip_step < period
-        if clip_step % period == 0 or early:
-            recorded = norms.sort().values
-            if early:
-                recorded = recorded[-clip_step:]
-            count = len(recorded)
-            median = float(recorded[min(count - 1, (count // 4) * 2)])
-            if not math.isfinite(median):
-                raise RuntimeError(f"ScaledAdam clipping: too many gradients were not finite (the median recorded "
-                                   f"gradient norm is {median}); lower the lr or check the loss for inf/NaN.")
-            holder["clip_threshold"] = group["clipping_scale"] * median * (2.0 if early else 1.0)
-            holder["clip_count"] = 0
-        threshold = holder.get("clip_threshold")
-        if threshold is None:
-            return 1.0
-        factor = min(1.0, threshold / (norm + 1.0e-20)) if math.isfinite(norm) else 0.0
-        if factor < 1.0:
-            holder["clip_count"] = holder.get("clip_count", 0) + 1
-        return factor
-
-    # ---------------------------------------------------------------- the step
-
-    def _update(self, group: dict[str, Any], items: list[dict[str, Any]], factor: float) -> None:
-        foreach = group["foreach"]
-        if foreach is None:
-            foreach = default_foreach([it["param"] for it in items])
-        if not (group["fused"] or foreach):
-            for it in items:
-                _step([it], group, factor)
-            return
-        buckets: dict[tuple, list[dict[str, Any]]] = {}
-        for it in items:
-            buckets.setdefault((it["param"].device, it["param"].dtype), []).append(it)
-        for bucket in buckets.values():
-            (_fused_step if group["fused"] else _step)(bucket, group, factor)
+                          stacklevel=3)
 
 
-def _step(items: list[dict[str, Any]], group: dict[str, Any], factor: float) -> None:
-    """One ScaledAdam step for parallel lists (a list of one is the single-tensor path)."""
-    beta1, beta2 = group["betas"]
-    eps = group["eps"]
-    period = group["size_update_period"]
-    params = [it["param"] for it in items]
-    works = [working_copy(p) for p in params]
-    states = [it["state"] for it in items]
-    grads = [it["grad"].to(w.dtype) for it, w in zip(items, works)]
-    if factor != 1.0:
-        grads = [g * factor for g in grads] if factor > 0.0 else [torch.zeros_like(g) for g in grads]
-    steps = [s["step"] for s in states]
+# ------------------------------------------------------------------------------ clipping
 
-    sized = [k for k, it in enumerate(items) if not it["scalar"]]
-    if sized:  # <P, g> for the size step; RMS(P) where a refresh is due (one reduction for all)
-        dots = torch.stack([torch.dot(works[k].flatten(), grads[k].flatten()) for k in sized])
-        dots = all_sum(dots, [items[k]["info"] for k in sized])
-        due = [k for k in sized if steps[k] % period == period - 1]
-        fresh = {}
-        if due:
-            fresh = dict(zip(due, global_rms([works[k] for k in due], [items[k]["info"] for k in due]).unbind()))
-        _record_sizes(states, steps, dict(zip(sized, dots.unbind())), fresh, period)
-
-    vs = [it["exp_avg_sq"] for it in items]
-    torch._foreach_mul_(vs, foreach_scalar(beta2, vs))
-    torch._foreach_addcmul_(vs, grads, grads, value=1.0 - beta2)
-    denoms = torch._foreach_div(vs, [_second_moment_correction(beta2, t) for t in steps])
-    torch._foreach_sqrt_(denoms)
-    torch._foreach_add_(denoms, foreach_scalar(eps, denoms))
-    updates = torch._foreach_div(grads, denoms)
-    torch._foreach_mul_(updates, [_direction_step_size(group, it["scalar"]) for it in items])
-    if sized:
-        factors = _size_factors(states, sized, steps, group)
-        torch._foreach_mul_([updates[k] for k in sized], [factors[k][0] for k in sized])
-        for k in sized:
-            if factors[k][1] is not None:
-                updates[k].add_(works[k] * factors[k][1])
-    deltas = [it["delta"] for it in items]
-    torch._foreach_mul_(deltas, foreach_scalar(beta1, deltas))
-    torch._foreach_add_(deltas, updates, alpha=1.0 - beta1)
-    torch._foreach_add_(works, deltas)
-    for k, it in enumerate(items):
-        if it["scalar"]:
-            works[k].clamp_(-group["scalar_max"], group["scalar_max"])
-        states[k]["step"] += 1
-    for p, w in zip(params, works):
-        write_back(p, w)
+def _clipping_factor(holder: dict[str, Any], group: dict[str, Any], buckets: list[Bucket],
+                     sums: list[Sums]) -> torch.Tensor | None:
+    """``min(1, threshold / ||g||_scaled)`` of the scope as a 0-dim device tensor (None until a
+    threshold exists; 0 for a non-finite norm); records the norm, refreshes the threshold when due."""
+    clip_step = holder["clip_step"]
+    holder["clip_step"] = clip_step + 1
+    if clip_step == 0:
+        return None
+    norm = _scaled_norm(buckets, sums)
+    period = group["clipping_update_period"]
+    norms = holder.get("clip_norms")
+    if norms is None:
+        norms = holder["clip_norms"] = norm.new_zeros(period)
+    norms[clip_step % period] = norm
+    early = clip_step in EARLY_CLIPPING_STEPS and clip_step < period
+    if clip_step % period == 0 or early:
+        recorded = norms.sort().values
+        if early:
+            recorded = recorded[-clip_step:]
+        median = recorded[min(len(recorded) - 1, (len(recorded) // 4) * 2)]
+        if not torch.isfinite(median):  # a host read, at threshold refreshes only
+            raise RuntimeError(f"ScaledAdam clipping: too many gradients were not finite (the median recorded "
+                               f"gradient norm is {float(median)}); lower the lr or check the loss for inf/NaN.")
+        holder["clip_threshold"] = median * (group["clipping_scale"] * (2.0 if early else 1.0))
+        holder["clip_count"] = torch.zeros((), dtype=torch.int64, device=norm.device)
+    threshold = holder.get("clip_threshold")
+    if threshold is None:
+        return None
+    factor = torch.where(torch.isfinite(norm), (threshold / (norm + 1.0e-20)).clamp(max=1.0), 0.0)
+    holder["clip_count"] += factor < 1.0
+    return factor
 
 
-def _record_sizes(states: list[dict[str, Any]], steps: list[int], dots: dict[int, torch.Tensor],
-                  fresh: dict[int, torch.Tensor], period: int) -> None:
-    """Buffer each sized tensor's ``<P, g>`` and refresh ``RMS(P)`` where it is due (two
-    multi-tensor copies, not one small op per tensor)."""
-    if dots:
-        torch._foreach_copy_([states[k]["scale_grads"][steps[k] % period] for k in dots], list(dots.values()))
-    if fresh:
-        torch._foreach_copy_([states[k]["param_rms"] for k in fresh], list(fresh.values()))
+def _scaled_norm(buckets: list[Bucket], sums: list[Sums]) -> torch.Tensor:
+    """``||g||_scaled``: each tensor's ``||g||^2`` weighted by ``RMS(P)^2`` (last refresh) or, for
+    one element, ``scalar_lr_scale^2``; one stack of the scalars and a sum per bucket."""
+    total = None
+    for bucket, s in zip(buckets, sums):
+        if bucket.sized:
+            rms = torch.stack([state["param_rms"] for state in bucket.states]).to(s.grad_sq.dtype)
+            part = (s.grad_sq * rms.square()).sum()
+        else:
+            part = s.grad_sq.sum() * bucket.group["scalar_lr_scale"] ** 2
+        total = part if total is None else total + part
+    return total.float().sqrt()
 
 
-def _size_factors(states: list[dict[str, Any]], sized: list[int], steps: list[int],
-                  group: dict[str, Any]) -> dict[int, tuple[torch.Tensor, torch.Tensor | None]]:
-    """Per sized tensor: ``max(RMS(P), param_min_rms)`` and the size step ``ss`` (None unless due);
-    a fixed number of ops for all tensors (:func:`_size_steps`)."""
-    period = group["size_update_period"]
-    min_rms = group["param_min_rms"] * group["eps_scale"]
-    max_rms = group["param_max_rms"] * group["eps_scale"]
-    floors = torch._foreach_clamp_min([states[k]["param_rms"] for k in sized], min_rms)
-    due = [k for k in sized if steps[k] % period == period - 1 and steps[k] > 0]
-    size_steps = dict(zip(due, _size_steps([states[k] for k in due], group, [steps[k] for k in due], min_rms,
-                                           max_rms).unbind())) if due else {}
-    return {k: (floor, size_steps.get(k)) for k, floor in zip(sized, floors)}
+# ------------------------------------------------------------------------------ the update
+
+def scaled_adam_update(p: ops.Tensors, g: ops.Tensors, v: ops.Tensors, delta: ops.Tensors,
+                       grad_scale: torch.Tensor | None, beta2: float, correction: float, eps: float,
+                       step_size: float, beta1: float, bound: float | None, size: ops.Scalars | ops.Tensors,
+                       size_step: ops.Tensors | None) -> None:
+    """One ScaledAdam step of a parameter (or, on lists, of each), in place.
+
+    ``g <- g grad_scale`` (the clipping factor, a 0-dim tensor; None: 1);
+    ``v <- beta2 v + (1 - beta2) g^2``; ``u = step_size g / (sqrt(v / correction) + eps) size
+    (+ size_step p)``; ``delta <- beta1 delta + (1 - beta1) u``; ``p <- p + delta``, clamped to
+    ``+-bound`` (one-element tensors). ``size``: ``max(RMS(P), floor)`` (a 0-dim tensor per
+    tensor; 1 for one element), ``size_step``: ``ss`` (0-dim tensors) on size-update steps."""
+    dtype = (v[0] if ops.is_list(v) else v).dtype
+    work, g = ops.to_dtype(p, dtype), ops.to_dtype(g, dtype)
+    if grad_scale is not None:
+        g = _finite_or_zero_(ops.mul(g, grad_scale))
+    ops.mul_(v, beta2)
+    ops.addcmul_(v, g, g, 1.0 - beta2)
+    denom = ops.add_scalar_(ops.sqrt_(ops.div(v, correction)), eps)
+    u = ops.mul_(ops.div(g, denom), step_size)
+    ops.mul_(u, size)
+    if size_step is not None:
+        ops.add_(u, ops.mul(work, size_step))
+    ops.mul_(delta, beta1)
+    ops.add_(delta, u, alpha=1.0 - beta1)
+    ops.add_(work, delta)
+    if bound is not None:
+        ops.clamp_(work, bound)
+    ops.write_back(p, work)
+
+
+def _finite_or_zero_(g: ops.Tensors) -> ops.Tensors:
+    """Non-finite entries of the clipped gradient set to 0: they occur only where the clipping
+    factor is 0 (a non-finite norm, so ``g * 0`` holds NaN), and then the whole gradient is 0 (no
+    foreach kernel: a list runs tensor by tensor, on clipped steps only)."""
+    for t in g if ops.is_list(g) else [g]:
+        t.nan_to_num_(0.0, 0.0, 0.0)
+    return g
 
 
 def _second_moment_correction(beta2: float, t: int) -> float:
@@ -346,67 +362,156 @@ def _second_moment_correction(beta2: float, t: int) -> float:
     return correction if correction < 0.99 else 1.0
 
 
-def _direction_step_size(group: dict[str, Any], scalar: bool) -> float:
-    """``-lr lr_scale`` (times ``scalar_lr_scale`` for a one-element tensor)."""
-    return -group["lr"] * group["lr_scale"] * (group["scalar_lr_scale"] if scalar else 1.0)
-
-
-def _fused_step(items: list[dict[str, Any]], group: dict[str, Any], factor: float) -> None:
-    """One ScaledAdam step of tensors sharing a device and dtype as two Triton launches (see
-    :mod:`.kernels.scaled_adam`); the size bookkeeping between them stays on the device."""
-    from .kernels import scaled_adam as launchers
-    params = [it["param"] for it in items]
-    kernels.check_fused("ScaledAdam", params, deterministic=False)
-    for it in items:
-        if it["info"].dim is not None:
-            raise ValueError(f"ScaledAdam(fused=True) runs on whole tensors, but parameter {it['name']} (shape "
-                             f"{tuple(it['info'].shape)}) is sharded; use fused=False, which reduces over the shards.")
+def _values(bucket: Bucket) -> tuple[float, float, float, float, float, float | None]:
+    """:func:`scaled_adam_update`'s host values for the bucket: ``beta2, correction, eps,
+    step_size, beta1, bound``."""
+    group = bucket.group
     beta1, beta2 = group["betas"]
-    period = group["size_update_period"]
-    grads = [it["grad"] for it in items]
-    if factor == 0.0:  # a non-finite gradient norm: the step sees zero gradients
-        grads = [torch.zeros_like(g) for g in grads]
-    states, steps = [it["state"] for it in items], [it["state"]["step"] for it in items]
-    sums = launchers.stats(params, grads)
-    sized = [k for k, it in enumerate(items) if not it["scalar"]]
-    numel = torch.tensor([p.numel() for p in params], dtype=torch.float32, device=sums.device)
-    rms = (sums[:, 1] / numel).sqrt()
-    dots = sums[:, 0] * factor
-    fresh = {k: rms[k] for k in sized if steps[k] % period == period - 1}
-    _record_sizes(states, steps, {k: dots[k] for k in sized}, fresh, period)
-    factors = _size_factors(states, sized, steps, group)
-    sizes = torch.zeros(len(items), 2, device=sums.device)  # per tensor: (max(RMS, floor), ss); 1 and 0 if unsized
-    sizes[:, 0] = 1.0
-    if sized:
-        sizes[torch.tensor(sized, device=sums.device), 0] = torch.stack([factors[k][0] for k in sized]).float()
-        due = [k for k in sized if factors[k][1] is not None]
-        if due:
-            sizes[torch.tensor(due, device=sums.device), 1] = torch.stack([factors[k][1] for k in due]).float()
-    rows = [(factor, beta2, 1.0 - beta2, _second_moment_correction(beta2, t), group["eps"],
-             _direction_step_size(group, it["scalar"]), beta1, 1.0 if it["scalar"] else 0.0, group["scalar_max"])
-            for it, t in zip(items, steps)]
-    launchers.update(params, grads, [it["exp_avg_sq"] for it in items], [it["delta"] for it in items], rows, sizes)
-    for state in states:
-        state["step"] += 1
+    step_size = -group["lr"] * (1.0 if bucket.sized else group["scalar_lr_scale"])
+    return (beta2, _second_moment_correction(beta2, bucket.step), group["eps"], step_size, beta1,
+            None if bucket.sized else group["scalar_max"])
 
 
-def _size_steps(states: list[dict[str, Any]], group: dict[str, Any], steps: list[int], min_rms: float,
-                max_rms: float) -> torch.Tensor:
-    """``ss`` of each tensor at its size-update step ``t``: the relative change of its scale, for
-    all of them at once (their buffers stacked; one copy writes the new ``q`` back)."""
-    beta2, eps = group["betas"][1], group["eps"]
+def _eager_sums(bucket: Bucket, clipping: bool) -> Sums:
+    """The statistics of an eager bucket: ``||g||^2`` with clipping; for sized tensors ``<P, g>``
+    and, on refresh steps, ``RMS(P)`` (each reduced over the shards of sharded tensors)."""
+    sums = Sums()
+    dtype = bucket.exp_avg_sqs[0].dtype
+    grads = ops.to_dtype(bucket.grads, dtype)
+    if clipping:
+        sums.grad_sq = all_sum(ops.norms(grads).square(), bucket.infos)
+    if bucket.sized:
+        works = ops.to_dtype(bucket.params, dtype)
+        sums.dots = all_sum(torch.stack([torch.dot(w.reshape(-1), g.reshape(-1)) for w, g in zip(works, grads)]),
+                            bucket.infos)
+        if bucket.size_update:
+            sums.rms = global_rms(works, bucket.infos)
+    return sums
+
+
+def _eager_step(bucket: Bucket, sums: Sums, factor: torch.Tensor | None) -> None:
+    """The bucket's sizes, then :func:`scaled_adam_update` over it: one call on lists
+    (``"foreach"``, per device and dtype) or one per tensor (``"single"``)."""
+    n = len(bucket.params)
+    size, size_step = [1.0] * n, None
+    if bucket.sized:
+        _record_dots(bucket, sums.dots, factor)
+        sizes, steps = _sizes(bucket, sums.rms)
+        size, size_step = list(sizes.unbind()), None if steps is None else list(steps.unbind())
+    values = _values(bucket)
+    columns = (bucket.params, bucket.grads, bucket.exp_avg_sqs, bucket.deltas, size, size_step or [None] * n)
+    if bucket.group["path"] == "foreach":
+        for ps, gs, vs, ds, size, steps in by_device_and_dtype(*columns):
+            scaled_adam_update(ps, gs, vs, ds, factor, *values, size if bucket.sized else 1.0,
+                               steps if size_step else None)
+        return
+    for p, g, v, d, size, steps in zip(*columns):
+        scaled_adam_update(p, g, v, d, factor, *values, size, steps)
+
+
+def _record_dots(bucket: Bucket, dots: torch.Tensor, factor: torch.Tensor | None) -> None:
+    """Buffer this step's ``<P, g>`` of each sized tensor, times the clipping ``factor`` (0 where
+    it is 0), in slot ``step % size_update_period``: one stack, one write, one multi-tensor copy."""
+    if factor is not None:
+        dots = (dots * factor).nan_to_num_(0.0, 0.0, 0.0)
+    buffers = [state["scale_grads"] for state in bucket.states]
+    stacked = torch.stack(buffers)
+    stacked[:, bucket.step % bucket.group["size_update_period"]] = dots
+    torch._foreach_copy_(buffers, list(stacked.unbind()))
+
+
+def _sizes(bucket: Bucket, rms: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Each sized tensor's ``max(RMS(P), param_min_rms)`` (``RMS(P)`` stored first where ``rms``,
+    the refresh, is given) and, on size-update steps after the first period, ``ss`` from the
+    buffered ``<P, g>``: stacked over the bucket, a fixed number of ops."""
+    group, states = bucket.group, bucket.states
+    if rms is None:
+        rms = torch.stack([state["param_rms"] for state in states])
+    else:
+        rms = rms.to(states[0]["param_rms"].dtype)
+        torch._foreach_copy_([state["param_rms"] for state in states], list(rms.unbind()))
+    sizes = rms.clamp(min=group["param_min_rms"])
+    if not (bucket.size_update and bucket.step > 0):
+        return sizes, None
     period = group["size_update_period"]
-    beta2_period = beta2 ** period
-    buffered = torch.stack([state["scale_grads"] for state in states])
+    beta2_period = group["betas"][1] ** period
+    buffers = torch.stack([state["scale_grads"] for state in states])
     q = torch.stack([state["scale_exp_avg_sq"] for state in states])
-    q.mul_(beta2_period).add_((buffered * buffered).mean(1), alpha=1.0 - beta2_period)
+    q.mul_(beta2_period).add_((buffers * buffers).mean(1), alpha=1.0 - beta2_period)
     torch._foreach_copy_([state["scale_exp_avg_sq"] for state in states], list(q.unbind()))
-    step_size = [-group["lr"] * group["scalar_lr_scale"] * math.sqrt(1.0 - beta2_period ** ((t + 1) // period))
-                 for t in steps]
-    rms = torch.stack([state["param_rms"] for state in states])
-    ss = buffered.sum(1) * torch.tensor(step_size, dtype=q.dtype).to(q.device, non_blocking=True) / (q.sqrt() + eps)
-    ss = torch.where(rms < min_rms, torch.zeros_like(ss), ss).clamp(-0.1, 0.1)
-    return torch.minimum(ss, (max_rms - rms) / rms)
+    step_size = -group["size_lr"] * math.sqrt(1.0 - beta2_period ** ((bucket.step + 1) // period))
+    size_steps = buffers.sum(1) * step_size / (q.sqrt() + group["eps"])
+    size_steps = torch.where(rms < group["param_min_rms"], 0.0, size_steps).clamp(-0.1, 0.1)
+    return sizes, torch.minimum(size_steps, (group["param_max_rms"] - rms) / rms)
 
 
-__all__ = ["CLIPPING_SCOPES", "ScaledAdam", "named_groups"]
+# ------------------------------------------------------------------------------ the Triton route
+
+def _fused_sums(buckets: list[Bucket], clipping: bool) -> list[Sums]:
+    """The statistics pass where one is needed (see :mod:`.kernels.scaled_adam`): ``||g||^2`` with
+    clipping, ``<P, g>`` and ``RMS(P)`` when a size update is due; one launch per device and dtype."""
+    due = any(b.size_update for b in buckets)
+    out = [Sums() for _ in buckets]
+    if not (clipping or due):
+        return out
+    from .kernels import scaled_adam as launchers
+    for indices in _launch_groups(buckets):
+        params = [p for i in indices for p in buckets[i].params]
+        sums = launchers.sums(params, [g for i in indices for g in buckets[i].grads], grad_squares=clipping,
+                              param_products=due)
+        numels = launchers.numels(params)
+        start = 0
+        for i in indices:
+            rows = slice(start, start + len(buckets[i].params))
+            start = rows.stop
+            out[i].grad_sq = sums[rows, 0] if clipping else None
+            if due and buckets[i].sized:
+                out[i].dots = sums[rows, 1]
+                out[i].rms = (sums[rows, 2] / numels[rows]).sqrt() if buckets[i].size_update else None
+    return out
+
+
+def _fused_step(buckets: list[Bucket], sums: list[Sums], factor: torch.Tensor | None) -> None:
+    """The update pass, one launch per device and dtype for all of the scope's fused buckets, each
+    tensor's scales from :func:`_sizes`; ``<P, g>`` is summed in the pass where no statistics pass
+    ran, and buffered after it."""
+    from .kernels import scaled_adam as launchers
+    for indices in _launch_groups(buckets):
+        params = [p for i in indices for p in buckets[i].params]
+        scales = torch.zeros(len(params), 3, dtype=torch.float32, device=params[0].device)
+        scales[:, 0] = 1.0 if factor is None else factor
+        scales[:, 1] = 1.0
+        summed_here = [i for i in indices if buckets[i].sized and sums[i].dots is None]
+        dots = scales.new_zeros(len(params)) if summed_here else None
+        rows, start, where = [], 0, {}
+        for i in indices:
+            bucket, n = buckets[i], len(buckets[i].params)
+            where[i] = slice(start, start + n)
+            start += n
+            beta2, correction, eps, step_size, beta1, bound = _values(bucket)
+            rows += [(beta2, 1.0 - beta2, correction, eps, step_size, beta1, float(bound is not None),
+                      bound or 0.0)] * n
+            if not bucket.sized:
+                continue
+            if sums[i].dots is not None:
+                _record_dots(bucket, sums[i].dots, factor)
+            sizes, size_steps = _sizes(bucket, sums[i].rms)
+            scales[where[i], 1] = sizes
+            if size_steps is not None:
+                scales[where[i], 2] = size_steps
+        launchers.update(params, [g for i in indices for g in buckets[i].grads],
+                         [v for i in indices for v in buckets[i].exp_avg_sqs],
+                         [d for i in indices for d in buckets[i].deltas], rows, scales, dots)
+        for i in summed_here:
+            _record_dots(buckets[i], dots[where[i]], None)
+
+
+def _launch_groups(buckets: list[Bucket]) -> list[list[int]]:
+    """Indices of the buckets sharing a (device, dtype), each list one launch."""
+    groups: dict[tuple, list[int]] = {}
+    for i, bucket in enumerate(buckets):
+        groups.setdefault((bucket.params[0].device, bucket.params[0].dtype), []).append(i)
+    return list(groups.values())
+
+
+__all__ = ["CLIPPING_SCOPES", "ScaledAdam", "named_groups", "scaled_adam_update"]

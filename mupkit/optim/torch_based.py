@@ -1,17 +1,15 @@
 """muP-aware drop-in replacements for ``torch.optim.Adam``, ``AdamW`` and ``SGD``.
 
-They run torch's own kernels (single-tensor, foreach or fused, chosen by the usual
-``foreach=``/``fused=`` arguments) with each group's ``lr * lr_scale``, weight decay per policy
-and ``eps * eps_scale`` (see :mod:`mupkit.optim.scaled`). Pass ``mupkit.param_groups(model)``,
-or plain parameters (all scales 1: torch's class, up to the rounding of its fused CPU kernel;
-``fused=False`` gives torch's CPU default bitwise).
+They run torch's own algorithms (single-tensor, foreach or fused) with each group's effective
+``lr * lr_scale``, weight decay per policy and ``eps * eps_scale`` (:class:`.base.Optimizer`).
+Pass ``mupkit.param_groups(model)``, or plain parameters (all scales 1: torch's class, up to
+the rounding of its fused CPU kernel; ``fused=False`` gives torch's CPU default bitwise).
 
-``fused=True`` with CUDA parameters runs mupkit's Triton kernel instead (when Triton is
-installed): one launch per (device, dtype) for every group, where torch's fused kernels launch
-once per group; the state layout is torch's fused one (``step`` on the device). ``amsgrad``,
-``capturable`` and ``differentiable`` keep torch's kernels. By default (no ``fused``/``foreach``
-given) a step is fused: torch's kernel on the CPU, the Triton kernel on CUDA
-(:func:`group_fused_by_default`).
+Paths (:mod:`.dispatch`): by default a step is fused, torch's fused kernel on the CPU and
+mupkit's Triton kernel on CUDA, one launch per (device, dtype) for every group where torch's
+fused kernels launch once per group; the state layout is then torch's fused one (``step`` on
+the device). ``fused=True`` on CUDA chooses the Triton kernel too. ``amsgrad``, ``capturable``
+and ``differentiable`` steps run torch's kernels, as torch chooses them.
 """
 
 from __future__ import annotations
@@ -21,95 +19,78 @@ from typing import Any
 import torch
 
 from ..rules import FAMILIES
-from .master import MasterWeights
-from .scaled import ScaledGroups
-from .tensors import by_device_and_dtype, device_steps, plain_dense
+from . import dispatch
+from .base import Optimizer
+from .groups import resolve_groups
+from .tensors import by_device_and_dtype, device_steps
+
+#: group options only torch's kernels implement
+TORCH_ONLY = ("amsgrad", "capturable", "differentiable")
 
 
-def triton_route(optimizer: torch.optim.Optimizer) -> bool:
-    """Whether ``step()`` takes the Triton kernel: ``fused=True`` on CUDA tensors, Triton present,
-    and none of the options only torch's kernels implement."""
-    from . import kernels
-    groups = optimizer.param_groups
-    if not all(g.get("fused") for g in groups) or any(g.get(k) for g in groups
-                                                       for k in ("amsgrad", "capturable", "differentiable")):
-        return False
-    return kernels.triton_available() and all(p.is_cuda for g in groups for p in g["params"])
+class _TorchAlgorithm(Optimizer):
+    """A ``torch.optim`` algorithm (:attr:`torch_class`, also a base class of the subclass)
+    stepped by the template of :class:`.base.Optimizer`; subclasses give the Triton route's
+    inputs (:meth:`_kernel_inputs`) and launch (:meth:`_launch`)."""
+
+    torch_class: type[torch.optim.Optimizer]
+
+    kernels = dispatch.Kernels(cpu_fused=True)
+    keeps_state_dtypes = False  # torch casts loaded state to the parameter's dtype; so do these
+
+    def __init__(self, params, *args, weight_decay_policy: str | None = None, master_weights: bool = False,
+                 **kwargs):
+        if kwargs.get("decoupled_weight_decay") and not self.family.decoupled_wd:
+            raise ValueError(f"{type(self).__name__}(decoupled_weight_decay=True) is AdamW; use mupkit.optim.AdamW "
+                             f"so the weight-decay multipliers follow the decoupled rule.")
+        self._set_options(weight_decay_policy, master_weights)
+        self.torch_class.__init__(self, resolve_groups(params, self.family), *args, **kwargs)
+        self.defaults["master_weights"] = master_weights
+
+    def _effective_group(self, group: dict[str, Any], path: str) -> dict[str, Any]:
+        """The base's values, and the flags that make torch's step take ``path``."""
+        effective = super()._effective_group(group, path)
+        if any(group.get(k) for k in TORCH_ONLY) and group.get("fused") is None and group.get("foreach") is None:
+            effective["path"] = "torch"  # torch's own default for these options
+        elif path in ("fused", "foreach", "single"):
+            effective.update(fused=path == "fused", foreach=path == "foreach")
+        return effective
+
+    def _update(self, groups: list[dict[str, Any]]) -> None:
+        triton = [g for g in groups if g["path"] == "fused" and not any(g.get(k) for k in TORCH_ONLY)
+                  and all(dispatch.kernel_device(p) for p in g["params"])]
+        rest = [g for g in groups if not any(g is t for t in triton)]
+        if triton:
+            self._triton_step(triton)
+        if rest:
+            saved = self.param_groups
+            self.param_groups = rest
+            try:
+                self.torch_class.step(self)
+            finally:
+                self.param_groups = saved
+
+    def _triton_step(self, groups: list[dict[str, Any]]) -> None:
+        columns: list[list[Any]] = []
+        for group in groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if params:
+                lists = (params, [p.grad for p in params], *self._kernel_inputs(group, params))
+                columns = columns or [[] for _ in lists]
+                for column, new in zip(columns, lists):
+                    column.extend(new)
+        if columns:
+            dispatch.check_fused(type(self).__name__, columns[0], self.kernels)
+            for bucket in by_device_and_dtype(*columns):
+                self._launch(*bucket)
 
 
-def group_fused_by_default(group: dict[str, Any]) -> bool:
-    """Whether a group that chose no implementation (``fused`` and ``foreach`` None, no
-    ``differentiable`` or ``capturable`` step) runs fused: on the CPU torch's fused kernel, when
-    all its parameters are plain dense floating-point CPU tensors (one pass over each tensor,
-    4.5x faster than torch's default for-loop there: 25M-parameter GPT, 2 threads; the results
-    differ from the for-loop's only by rounding); on CUDA the Triton kernel, when
-    :func:`.kernels.fused_by_default` holds for them (or, with groups that chose another path,
-    torch's fused CUDA kernel)."""
-    if group.get("fused") is not None or group.get("foreach") is not None or group.get("differentiable") \
-            or group.get("capturable"):
-        return False
-    params = group["params"]
-    if all(plain_dense(p) and p.device.type == "cpu" and p.is_floating_point() for p in params):
-        return True
-    from . import kernels
-    return kernels.fused_by_default(params)
-
-
-class TritonFused:
-    """Mixin: the default and Triton routes of ``step()``; subclasses define
-    ``_group_inputs(group, params)`` -> the kernel's tensor lists after params and grads, then the
-    value rows (one per parameter), and ``_launch`` (one launch per device and dtype).
-
-    Default (``fused=None``, ``foreach=None``): fused (:func:`group_fused_by_default`), else torch's own
-    default. ``fused=True`` on CUDA: the Triton kernel (:func:`triton_route`)."""
-
-    def step(self, closure=None):
-        loss = self._loss(closure)  # on the model's own parameters, before any master copy is swapped in
-        defaulted = [group for group, yes in zip(self.param_groups, self._fused_by_default()) if yes]
-        for group in defaulted:
-            group["fused"] = True
-        try:
-            with self._master_weights():
-                self._triton_step() if triton_route(self) else super().step()
-        finally:
-            for group in defaulted:
-                group["fused"] = None
-        return loss
-
-    def _triton_step(self) -> None:
-        with torch.no_grad(), self._merged_groups(), self._effective_hyperparameters():  # equal groups: one row
-            columns: list[list[Any]] = []
-            for group in self.param_groups:
-                params = [p for p in group["params"] if p.grad is not None]
-                if params:
-                    lists = (params, [p.grad for p in params], *self._group_inputs(group, params))
-                    columns = columns or [[] for _ in lists]
-                    for column, new in zip(columns, lists):
-                        column.extend(new)
-            if columns:
-                from . import kernels
-                kernels.check_fused(type(self).__name__, columns[0])
-                for bucket in by_device_and_dtype(*columns):
-                    self._launch(*bucket)
-
-    def _fused_by_default(self) -> list[bool]:
-        """:func:`group_fused_by_default` per group, decided when the groups are first stepped and
-        again whenever they are replaced (``load_state_dict``), added (``add_param_group``) or
-        change their choice of path: a per-step check of every parameter would cost ~5 us per
-        group."""
-        key = (id(self.param_groups), tuple((g.get("fused"), g.get("foreach"), g.get("differentiable"),
-                                             g.get("capturable")) for g in self.param_groups))
-        if getattr(self, "_fused_default_key", None) != key:
-            self._fused_default_key, self._fused_default = key, [group_fused_by_default(g) for g in self.param_groups]
-        return self._fused_default
-
-
-class _AdamKernel(TritonFused):
+class _AdamFamily(_TorchAlgorithm):
     """The Triton route's inputs for Adam (``decoupled = False``) and AdamW (``True``)."""
 
     decoupled: bool
 
-    def _group_inputs(self, group: dict[str, Any], params: list[torch.Tensor]):
+    def _kernel_inputs(self, group: dict[str, Any], params: list[torch.Tensor]):
         from .kernels.elementwise import adam_row
         states = [self.state[p] for p in params]
         for p, state in zip(params, states):
@@ -131,26 +112,29 @@ class _AdamKernel(TritonFused):
             adam(ps, gs, ms, vs, ss, rs)
 
 
-class Adam(_AdamKernel, MasterWeights, ScaledGroups, torch.optim.Adam):
+class Adam(_AdamFamily, torch.optim.Adam):
     """``torch.optim.Adam`` (L2 weight decay added to the gradient) with muP group scales."""
 
     family = FAMILIES["adam"]
+    torch_class = torch.optim.Adam
     decoupled = False
 
 
-class AdamW(_AdamKernel, MasterWeights, ScaledGroups, torch.optim.AdamW):
+class AdamW(_AdamFamily, torch.optim.AdamW):
     """``torch.optim.AdamW`` (decoupled weight decay) with muP group scales."""
 
     family = FAMILIES["adamw"]
+    torch_class = torch.optim.AdamW
     decoupled = True
 
 
-class SGD(TritonFused, MasterWeights, ScaledGroups, torch.optim.SGD):
+class SGD(_TorchAlgorithm, torch.optim.SGD):
     """``torch.optim.SGD`` with muP group scales (TP5 Table 8 SGD column)."""
 
     family = FAMILIES["sgd"]
+    torch_class = torch.optim.SGD
 
-    def _group_inputs(self, group: dict[str, Any], params: list[torch.Tensor]):
+    def _kernel_inputs(self, group: dict[str, Any], params: list[torch.Tensor]):
         from .kernels.elementwise import sgd_row
         buffers, rows = [], []
         for p in params:
@@ -175,3 +159,6 @@ class SGD(TritonFused, MasterWeights, ScaledGroups, torch.optim.SGD):
             return
         for bs, ps, gs, rs in by_device_and_dtype(buffers, params, grads, rows):  # one launch per buffer dtype too
             sgd(ps, gs, bs, rs)
+
+
+__all__ = ["Adam", "AdamW", "SGD"]
