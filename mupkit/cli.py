@@ -13,6 +13,8 @@ import sys
 from .coord_check import METRICS, coord_check
 from .optim import BY_NAME
 from .rules import DEPTH_RULES, PARAMETRIZATIONS, get_parametrization
+from .sweep_plan import SEARCHES
+from .tasks import HPARAMS, SCHEDULES
 from .transfer import sweep
 from .zoo import BUILTIN, load_definition, load_task, transfer_models
 
@@ -76,25 +78,56 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--csv", help="write the records table here")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
-    t = sub.add_parser("transfer", help="sweep the LR at several widths and find where the optimum sits",
-                       description="HP-transfer sweep (muTransfer): train each (parametrization, width, LR, seed) "
-                                   "on real data (digits for mlp/cnn, stdlib text for transformers), print the "
-                                   "optimum per width, its drift, and the LR to use at --target-width. Trials are "
-                                   "appended to --results and skipped on a rerun, so an interrupted sweep resumes.")
+    t = sub.add_parser("transfer", help="sweep HPs at several widths, horizons and batch sizes; fit the optimum",
+                       description="HP-transfer sweep (muTransfer and beyond): train each (parametrization, width, "
+                                   "steps, batch, hyperparameters, seed) on real data (digits for mlp/cnn, stdlib "
+                                   "text for transformers), print the optimum per point, its drift, its power law "
+                                   "along each varied axis with a bootstrap interval, per-HP sensitivity, and the LR "
+                                   "to use at the --target-* values. Trials are appended to --results and skipped on "
+                                   "a rerun, so an interrupted sweep resumes. --workers/--storage run trials in "
+                                   "parallel through an Optuna study (pip install 'mupkit[sweep]').")
     t.add_argument("--model", default="mlp", help=f"{' | '.join(transfer_models())} | PATH.py:FUNC (the file defines "
                                                   f"train(model, hparams, seed) -> losses)")
     t.add_argument("--widths", type=int, nargs="+", help="widths (default: the model's range)")
     t.add_argument("--base", type=int, help="base width (default: the smallest width)")
     t.add_argument("--param", nargs="+", default=["sp", "mup"], help="parametrizations, one panel each")
     t.add_argument("--log2-lrs", type=float, nargs="+", help="LR grid as log2 exponents (default: the model's)")
-    t.add_argument("--steps", type=int, default=200, help="training steps per trial")
+    t.add_argument("--hparam", type=_hparam, nargs="*", default=[], metavar="NAME=E1,E2,...",
+                   help=f"another swept hyperparameter as log2 exponents, e.g. init_mult=-1,0,1 "
+                        f"({', '.join(HPARAMS[1:])}; weight_decay as its log2 too)")
+    t.add_argument("--search", choices=SEARCHES, default="grid", help="grid: every combination; random: --trials "
+                                                                      "points drawn by Optuna's RandomSampler")
+    t.add_argument("--trials", type=int, help="random search: how many hyperparameter points")
+    t.add_argument("--steps", type=int, nargs="+", default=[200], help="training steps per trial; several values "
+                                                                       "sweep the token horizon")
+    t.add_argument("--batches", type=int, nargs="+", help="batch sizes (default: the task's); several sweep it")
+    t.add_argument("--schedule", choices=SCHEDULES, default="constant",
+                   help="LR schedule after warmup; with power the swept lr is the Power scheduler's a")
     t.add_argument("--seeds", type=int, default=2)
     t.add_argument("--results", default="transfer.jsonl", help="JSONL file of trials (resumed from)")
+    t.add_argument("--workers", type=int, default=1, help="trials at once (one per GPU, else CPU processes with the "
+                                                          "cores split); >1 runs through an Optuna study")
+    t.add_argument("--storage", help="Optuna storage URL shared by every process of the sweep (default with "
+                                     "--workers > 1: sqlite next to --results); e.g. postgresql://host/db on a cluster")
+    t.add_argument("--study-name", help="the Optuna study (default: a digest of the sweep's trials)")
     t.add_argument("--out", default="transfer.png", help="figure path ('' for none)")
     t.add_argument("--target-width", type=int, help="print the recommended LR for this width")
+    t.add_argument("--target-steps", type=int, help="... at this many steps (with --target-batch: tokens)")
+    t.add_argument("--target-batch", type=int, help="... at this batch size")
     t.add_argument("--kwargs", type=_kwarg, nargs="*", default=[], help="fixed constructor kwargs: key=value")
-    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.add_argument("--quiet", action="store_true", help="no progress")
     return top
+
+
+def _hparam(text: str) -> tuple[str, list[float]]:
+    name, sep, values = text.partition("=")
+    if not sep or name not in HPARAMS[1:]:
+        raise argparse.ArgumentTypeError(f"--hparam expects NAME=E1,E2,... with NAME in {HPARAMS[1:]}, got {text!r}")
+    try:
+        return name, [2.0 ** float(e) for e in values.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--hparam {text!r}: the values are log2 exponents, e.g. {name}=-1,0,1") \
+            from None
 
 
 def run_transfer(args: argparse.Namespace) -> int:
@@ -104,13 +137,29 @@ def run_transfer(args: argparse.Namespace) -> int:
     base = args.base or widths[0]
     for name in args.param:
         get_parametrization(name)
-    lrs = [2.0 ** e for e in (args.log2_lrs or task.log2_lrs)]
-    result = sweep(definition.constructor, widths, base={"width": base}, grid={"lr": lrs},
-                   train=task.trainer(args.steps), parametrizations=args.param, seeds=args.seeds,
-                   results=args.results or None,
-                   kwargs=lambda p: {**task.kwargs(p, base), **dict(args.kwargs)}, tag=f"steps={args.steps}",
-                   show_progress=not args.quiet)
-    print(result.summary(target=args.target_width))
+    grid = {"lr": [2.0 ** e for e in (args.log2_lrs or task.log2_lrs)], **dict(args.hparam)}
+    if len(args.steps) > 1 and not args.batches:
+        raise ValueError("several --steps sweep the token horizon (tokens = steps x batch): give --batches too")
+    one_run = len(args.steps) == 1 and not args.batches and args.schedule == "constant"
+    if one_run:  # the classic sweep: its trials (tag steps=N) resume from results written before runs existed
+        plan = dict(train=task.trainer(args.steps[0]), tag=f"steps={args.steps[0]}")
+    else:
+        runs = [{"steps": s, **({"batch": b} if b else {}), "schedule": args.schedule}
+                for s in args.steps for b in (args.batches or [None])]
+        plan = dict(trainer=task.trainer, runs=runs)
+    result = sweep(definition.constructor, widths, base={"width": base}, grid=grid, parametrizations=args.param,
+                   seeds=args.seeds, results=args.results or None,
+                   kwargs=lambda p: {**task.kwargs(p, base), **dict(args.kwargs)}, search=args.search,
+                   trials=args.trials, workers=args.workers, storage=args.storage, study_name=args.study_name,
+                   show_progress=not args.quiet, **plan)
+    axes = {"batch": args.target_batch} if args.target_batch else {}
+    if args.target_steps:
+        batches = [args.target_batch] if args.target_batch else args.batches or []
+        if len(batches) != 1:
+            raise ValueError("--target-steps needs the target's batch to count tokens (steps x batch): give "
+                             "--target-batch, or sweep one --batches value")
+        axes["tokens"] = args.target_steps * batches[0]
+    print(result.summary(args.target_width, **axes))
     if args.out:
         result.plot(args.out)
         print(f"figure: {args.out}")
@@ -158,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
             return run_coord_check(args)
         if args.command == "transfer":
             return run_transfer(args)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, ImportError) as err:
         print(f"mupkit: error: {err}", file=sys.stderr)
         return 2
     return 2

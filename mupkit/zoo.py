@@ -14,6 +14,7 @@ model by name, or a user's model from ``PATH.py:FUNC``.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import pathlib
 from dataclasses import dataclass, field
@@ -42,12 +43,13 @@ def _no_kwargs(parametrization: str, base: int) -> dict[str, Any]:
 @dataclass(frozen=True)
 class TransferTask:
     """What ``mupkit transfer`` needs for a model besides its constructor: default widths and LR
-    grid (``log2`` exponents), the trainer (``steps -> train(model, hparams, seed) -> losses``)
-    and fixed kwargs per parametrization and base width."""
+    grid (``log2`` exponents), the trainer (``trainer(steps, batch=..., schedule=...) ->
+    train(model, hparams, seed) -> losses``, the knobs of :mod:`mupkit.tasks`) and fixed kwargs
+    per parametrization and base width."""
 
     widths: tuple[int, ...]
     log2_lrs: tuple[int, ...]
-    trainer: Callable[[int], TrainFn]
+    trainer: Callable[..., TrainFn]
     kwargs: KwargsFn = _no_kwargs
 
 
@@ -150,31 +152,32 @@ def _umup_kwargs(parametrization: str, base: int) -> dict[str, Any]:
 
 BUILTIN: dict[str, ModelDefinition] = {
     "mlp": ModelDefinition(models.mlp, (64, 128, 256, 512, 1024),
-                           lr={"adam": 1e-2, "adamw": 1e-2, "sgd": 1.0, "adafactor": 0.1},
+                           lr={"adam": 1e-2, "adamw": 1e-2, "sgd": 1.0, "adafactor": 0.1, "muon": 0.02},
                            transfer=TransferTask((64, 128, 256, 512, 1024), tuple(range(-14, -3)),
-                                                 lambda steps: digits(steps=steps))),
+                                                 lambda steps, **knobs: digits(steps=steps, **knobs))),
     "cnn": ModelDefinition(models.cnn, (32, 64, 128, 256, 512),
-                           lr={"adam": 3e-3, "adamw": 3e-3, "sgd": 0.3, "adafactor": 0.03},
+                           lr={"adam": 3e-3, "adamw": 3e-3, "sgd": 0.3, "adafactor": 0.03, "muon": 0.02},
                            transfer=TransferTask((16, 32, 64, 128), tuple(range(-13, -3)),
-                                                 lambda steps: digits(steps=steps, images=True),
+                                                 lambda steps, **knobs: digits(steps=steps, images=True, **knobs),
                                                  kwargs=lambda parametrization, base: {"in_channels": 1})),
     "resmlp": ModelDefinition(models.resmlp, (64, 128, 256, 512, 1024)),
     "transformer": ModelDefinition(models.gpt, (64, 128, 256, 512, 1024),
-                                   lr={"adam": 3e-3, "adamw": 3e-3, "sgd": 0.3, "adafactor": 0.03},
+                                   lr={"adam": 3e-3, "adamw": 3e-3, "sgd": 0.3, "adafactor": 0.03, "muon": 0.02},
                                    kwargs=_gpt_check_kwargs, batch=_token_batch, depth_batch=_token_batch_for_depth,
                                    transfer=TransferTask((64, 128, 256, 512), tuple(range(-13, -4)),
-                                                         lambda steps: text_lm(steps=steps),
+                                                         lambda steps, **knobs: text_lm(steps=steps, **knobs),
                                                          kwargs=_gpt_transfer_kwargs)),
     "umup-transformer": ModelDefinition(
         TransformerDecoder, (64, 128, 256, 512, 1024), lr={"adam": 0.1, "adamw": 0.1, "sgd": 0.1, "adafactor": 0.03},
         kwargs=_umup_kwargs, batch=_token_batch,
         loss=lambda logits, targets: unit_cross_entropy(logits.flatten(0, -2), targets.flatten()),
-        transfer=TransferTask((64, 128, 256, 512), tuple(range(-5, 3)), lambda steps: text_lm(steps=steps),
+        transfer=TransferTask((64, 128, 256, 512), tuple(range(-5, 3)),
+                              lambda steps, **knobs: text_lm(steps=steps, **knobs),
                               kwargs=_umup_kwargs)),
 }
 for _name, _constructor in (("hf-gpt2", hf.gpt2), ("hf-llama", hf.llama)):
     BUILTIN[_name] = ModelDefinition(_constructor, (64, 128, 256, 512, 1024), lr={"adam": 1e-3, "adamw": 1e-3,
-                                     "sgd": 0.3, "adafactor": 0.03}, kwargs=_hf_kwargs, batch=_token_batch)
+                                     "sgd": 0.3, "adafactor": 0.03, "muon": 0.02}, kwargs=_hf_kwargs, batch=_token_batch)
 BUILTIN["resnet"] = BUILTIN["resmlp"]
 BUILTIN["gpt"] = BUILTIN["transformer"]
 
@@ -233,4 +236,13 @@ def load_task(spec: str) -> ModelDefinition:
         raise ValueError(f"--model {spec!r}: {spec.rpartition(':')[0]} must define train(model, hparams, seed) -> "
                          f"losses, the training run each sweep point makes")
     return ModelDefinition(constructor, (64, 128, 256, 512, 1024),
-                           transfer=TransferTask((64, 128, 256, 512), tuple(range(-12, -3)), lambda steps: train))
+                           transfer=TransferTask((64, 128, 256, 512), tuple(range(-12, -3)),
+                                                 functools.partial(_user_trainer, spec, train)))
+
+
+def _user_trainer(spec: str, train: TrainFn, steps: int, **knobs: Any) -> TrainFn:
+    """A user file's ``train``: it sets its own steps, batch and schedule, so other knobs are refused."""
+    if knobs:
+        raise ValueError(f"--model {spec!r}: its train(model, hparams, seed) sets its own training knobs; "
+                         f"{sorted(knobs)} (--batches, --schedule) apply to built-in models only")
+    return train

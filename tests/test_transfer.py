@@ -96,13 +96,13 @@ def test_optimum_fit_drift_and_recommendation():
     assert o64.grid_best == 2 ** -7 and o64.fitted == pytest.approx(2 ** -7.3, rel=1e-9) and not o64.at_edge
     assert o256.fitted == pytest.approx(2 ** -6.8, rel=1e-9)
     assert s.drift("mup") == 0.0  # both grid minima at 2^-7
-    value, how = s.recommend("mup", 4096)
-    assert value == pytest.approx(2 ** -6.8) and "transferred" in how
+    rec = s.recommend("mup", 4096)
+    assert rec.value == pytest.approx(2 ** -6.8) and "transferred" in rec.how and rec.low <= rec.value <= rec.high
 
     drifting = synthetic({64: 2 ** -5.2, 256: 2 ** -7.0, 1024: 2 ** -8.8}, lrs=[2.0 ** k for k in range(-12, -2)])
     assert drifting.drift("mup") == 4.0
-    value, how = drifting.recommend("mup", 4096)
-    assert math.log2(value) == pytest.approx(-10.6, abs=0.05) and "extrapolated" in how  # -0.9 per width doubling
+    rec = drifting.recommend("mup", 4096)
+    assert math.log2(rec.value) == pytest.approx(-10.6, abs=0.05) and "extrapolated" in rec.how  # -0.9 per doubling
 
     edge = synthetic({64: 2 ** -12})
     assert edge.optima("mup")[0].at_edge and edge.optima("mup")[0].fitted == LRS[0]
@@ -113,8 +113,7 @@ def test_drift_counts_the_whole_excursion_of_the_optimum():
     s = synthetic({64: 2 ** -7, 128: 2 ** -5, 256: 2 ** -7})  # out two grid steps and back
     assert [o.grid_best for o in s.optima("mup")] == [2 ** -7, 2 ** -5, 2 ** -7]
     assert s.drift("mup") == 2.0
-    value, how = s.recommend("mup", 1024)
-    assert "extrapolated" in how
+    assert "extrapolated" in s.recommend("mup", 1024).how
 
 
 def test_diverged_trials_count_as_infinite_loss():
@@ -223,3 +222,93 @@ def test_committed_sweeps_show_transfer_under_mup_and_drift_under_sp(results, mo
     assert len({r["hparams"]["lr"] for r in records if r["parametrization"] == "mup"}) >= 5
     assert len({r["seed"] for r in records}) >= 2
     assert s.drift("mup") <= 1.0 and s.drift("sp") >= 2.0, s.summary()
+
+
+def test_every_committed_results_file_still_loads_and_analyses():
+    """Each JSONL under examples/ and coord_checks/ reads back, and its sweep records give optima
+    (files written before runs, search and workers existed included)."""
+    root = pathlib.Path(__file__).parents[1]
+    files = sorted(root.glob("examples/*.jsonl")) + sorted(root.glob("coord_checks/**/*.jsonl"))
+    assert any(f.name == "transfer_gpt.jsonl" for f in files)
+    for path in files:
+        records = [r for r in load_records(path) if "hparams" in r]
+        assert records, path
+        for model in {r["model"] for r in records}:
+            s = Sweep([r for r in records if r["model"] == model], replicates=2)
+            for p in s.parametrizations:
+                assert s.optima(p) and all(o.fitted > 0 for o in s.optima(p)), (path, model, p)
+
+
+@pytest.mark.parametrize("schedule", ["wsd", "power"])
+def test_text_task_schedules_and_multipliers_change_training(schedule):
+    kwargs = dict(max_len=16, depth=1, base_width=32)
+
+    def model():
+        torch.manual_seed(0)
+        return mupkit.build(models.gpt, base=dict(width=32, **kwargs), target=dict(width=32, **kwargs),
+                            parametrization="mup")
+
+    train = tasks.text_lm(steps=6, batch=4, context=16, warmup=2, limit=50_000, schedule=schedule)
+    lr = 2.0 ** -7 if schedule == "wsd" else 2.0 ** -2  # power: the lr is the scheduler's a
+    plain = train(model(), {"lr": lr}, 0)
+    assert len(plain) == 6 and plain == train(model(), {"lr": lr}, 0)  # deterministic per seed
+    extras = ({"init_mult": 0.25}, {"output_mult": 4.0}, {"attn_temp": 2.0}, {"weight_decay": 0.5})
+    for extra in extras if schedule == "wsd" else extras[:1]:
+        assert train(model(), {"lr": lr, **extra}, 0) != plain, extra
+    with pytest.raises(ValueError, match=r"does not know hyperparameters \['momentum'\]"):
+        train(model(), {"lr": lr, "momentum": 0.9}, 0)
+    mlp = mupkit.build(models.mlp, base=dict(width=32), target=dict(width=32), parametrization="mup")
+    with pytest.raises(ValueError, match="attn_temp needs mupkit.models.Attention"):
+        tasks.digits(steps=2)(mlp, {"lr": 1e-3, "attn_temp": 2.0}, 0)
+
+
+def test_cli_sweeps_horizon_and_batch_and_recommends_a_target(tmp_path, capsys):
+    args = ["transfer", "--model", "mlp", "--widths", "32", "--param", "mup", "--log2-lrs", "-10", "-8", "-6", "-4",
+            "--steps", "10", "20", "--batches", "8", "16", "--schedule", "wsd", "--seeds", "1",
+            "--results", str(tmp_path / "h.jsonl"), "--out", "", "--quiet"]
+    assert cli(args + ["--target-steps", "80", "--target-batch", "16"]) == 0
+    out = capsys.readouterr().out
+    assert "along tokens at batch=8" in out and "along batch at tokens=160" in out
+    assert "recommended lr at batch=16 tokens=1280" in out
+    runs = {json.dumps(r["run"], sort_keys=True) for r in load_records(tmp_path / "h.jsonl")}
+    assert len(runs) == 4 and all('"schedule": "wsd"' in r for r in runs)
+    assert cli(args + ["--target-steps", "80"]) == 2
+    assert "--target-steps needs the target's batch" in capsys.readouterr().err
+    assert cli(args) == 0 and len(load_records(tmp_path / "h.jsonl")) == 4 * 4  # resumed: nothing new
+    assert cli(["transfer", "--model", "mlp", "--steps", "10", "20", "--quiet"]) == 2
+    assert "give --batches too" in capsys.readouterr().err
+
+
+def test_committed_multi_hp_random_search_finds_the_lr_only_optimum_and_ranks_sensitivity():
+    """examples/transfer_multi_hp.jsonl (random search over LR, init and output multipliers,
+    weight decay) puts the LR optimum within one grid step of the LR-only sweep's
+    (examples/transfer_digits.jsonl) at each width, and reports a sensitivity for all four HPs."""
+    root = pathlib.Path(__file__).parents[1] / "examples"
+    random_search = Sweep(load_records(root / "transfer_multi_hp.jsonl"), replicates=20)
+    lr_only = Sweep([r for r in load_records(root / "transfer_digits.jsonl")
+                     if r["model"] == "mupkit.models.mlp" and r["parametrization"] == "mup"])
+    reference = {o.size["width"]: o.grid_best for o in lr_only.optima("mup")}
+    for o in random_search.optima("mup"):
+        assert abs(math.log2(o.grid_best / reference[o.size["width"]])) <= 1.0, (o, reference)
+    assert len({r["hparams"]["init_mult"] for r in random_search.records}) > 2  # the other HPs did vary
+    for sens in random_search.sensitivity("mup").values():
+        assert {s.hparam for s in sens} == {"lr", "init_mult", "output_mult", "weight_decay"}
+        assert all(s.cost >= 0 for s in sens)
+    assert "sensitivity at width=64" in random_search.summary()
+
+
+def test_committed_horizon_sweep_predicts_the_held_out_optimum_within_one_grid_step():
+    """examples/transfer_horizon.jsonl: fitted on horizons T..4T (batch 16 and 32, width 32, and
+    width 64 at T), the optimum predicted at 8T lands within one grid step (factor 2) of the one
+    measured at 8T, for width 32 and for width 128 (README, "Transfer across token horizon")."""
+    records = load_records(pathlib.Path(__file__).parents[1] / "examples" / "transfer_horizon.jsonl")
+    proxy = Sweep([r for r in records if r["run"]["steps"] < 1600], replicates=50)
+    held_out = Sweep([r for r in records if r["run"]["steps"] == 1600], replicates=5)
+    assert proxy.varied_axes("mup") == ["width", "tokens", "batch"]
+    for fit in proxy.fits("mup", "tokens"):
+        low, high = fit.law.intervals["tokens"]
+        assert low <= fit.law.exponents["tokens"] <= high
+    target_tokens = 1600 * 16 * 64
+    for o in held_out.optima("mup"):
+        rec = proxy.recommend("mup", width=o.size["width"], tokens=target_tokens, batch=16)
+        assert abs(math.log2(o.fitted / rec.value)) <= 1.0, (o, rec)
