@@ -8,6 +8,7 @@ CompleteP) of the residual MLP and the transformer:
     python coord_checks/run.py mlp cnn    # some
     python coord_checks/run.py depth      # only the depth section
     python coord_checks/run.py umup       # only the u-muP section
+    python coord_checks/run.py muon       # only the Muon section
 """
 
 from __future__ import annotations
@@ -46,6 +47,62 @@ def umup_section(rows: list[tuple[str, ...]]) -> list[str]:
     return lines + [""] + [f"### {n}, {o}, u-muP\n\n![{n} {o} u-muP]({fig})\n" for n, o, _, _, fig in rows]
 
 
+class DoubleScaledMuon(mupkit.optim.Muon):
+    """Control: Adam's hidden LR rule ``1/m_in`` applied to the orthogonalized matrices on top of
+    Muon's own shape factor (the double scaling of Megatron-LM #3715)."""
+
+    def __init__(self, params, **kwargs):
+        def adam_rule(group):
+            scales = group["mupkit_scales"]
+            if not scales["muon"]["orthogonalize"]:
+                return group
+            return {**group, "mupkit_scales": {**scales, "muon": {**scales["muon"], **scales["adam"]}}}
+        super().__init__([adam_rule(g) for g in params], **kwargs)
+
+
+MUON_MODELS = ["mlp", "cnn", "transformer", "hf-llama"]
+#: (label, parametrization, optimizer): muP with Muon, and the two controls that must fail
+MUON_VARIANTS = [("muP + Muon", "mup", "muon"), ("(a) SP rules, Muon (no muP for the AdamW part)", "sp", "muon"),
+                 ("(b) muP + Muon with Adam's 1/fan_in on the matrices", "mup", DoubleScaledMuon)]
+MUON_METRIC = "delta_rms"
+
+
+def run_muon(name: str) -> tuple[str, ...]:
+    """One model under the three :data:`MUON_VARIANTS` (2 seeds, 4 steps), each judged by its
+    activations' change since init and by every parameter's relative update; figures (activations):
+    (a), then (b), above muP + Muon."""
+    d = BUILTIN[name]
+    base = min(d.widths)
+    checks = [mupkit.coord_check(d.constructor, list(d.widths), parametrization=p, optimizer=optim,
+                                 lr=d.lr_for("muon"), steps=4, seeds=2, batch=d.batch_for("muon"), kwargs=d.kwargs(p, base),
+                                 loss=d.loss, updates=True, show_progress=False) for _, p, optim in MUON_VARIANTS]
+    checks[0].plot(str(HERE / f"{name}_muon.png"), compare=checks[1], metric=MUON_METRIC)
+    checks[0].plot(str(HERE / f"{name}_muon-double-scaled.png"), compare=checks[2], metric=MUON_METRIC)
+    return tuple(c.verdict(metric=MUON_METRIC).summary() + "<br>" + c.verdict(metric="l1", kind="update").summary()
+                 for c in checks)
+
+
+def muon_section(rows: list[tuple[str, ...]]) -> list[str]:
+    lines = ["## Muon", "",
+             "`mupkit.optim.Muon` (Newton-Schulz for the hidden matrices, its AdamW part for the rest; muP family "
+             "`muon`, the spectral rule of `mupkit/spectral.py`), 2 seeds, 4 steps, lr 0.02 for both parts. The "
+             f"verdict is the first line of each cell: the activations' change since init (`{MUON_METRIC}`). The "
+             "second line fits every parameter's relative update `||W_t - W_(t-1)||_F / ||W_0||_F` (`update`) against "
+             "slope 0, which is not the law for these updates: a Muon step has Theta(1) spectral norm but rank <= the "
+             "batch's tokens, so its Frobenius norm is width-free while `||W_0||_F ~ sqrt(width)`, and a hidden "
+             "matrix's slope is -1/2 under correct muP. Read that line as a measurement: muP + Muon's worst hidden "
+             "slopes are -0.47..-0.53 (the -1/2 law), (b)'s -0.94..-1.36 (1/width smaller steps on top). (a) SP + "
+             "Muon fails the activations on every model; (b) Adam's `1/fan_in` on top of Muon's shape factor fails "
+             "them where the hidden matrices' own term shows (CNN, Llama) and hides behind the layers around them "
+             "(`W dh` stays Theta(1)) in the MLP and GPT, where only its update slopes show it. Figures: "
+             "`<model>_muon.png` (a) above muP + Muon, `<model>_muon-double-scaled.png` (b) above muP + Muon "
+             "(activations).",
+             "", "| model | muP + Muon | " + " | ".join(v[0] for v in MUON_VARIANTS[1:]) + " |", "|---|---|---|---|"]
+    lines += [f"| {n} | {a} | {b} | {c} |" for n, a, b, c in rows]
+    return lines + [""] + [f"### {n}, Muon\n\n![{n} muon]({n}_muon.png)\n\n![{n} muon double scaled]"
+                           f"({n}_muon-double-scaled.png)\n" for n, *_ in rows]
+
+
 DEPTHS = [2, 4, 8, 16, 32]
 DEPTH_PARAMS = ["mup", "depth-mup", "completep"]
 
@@ -82,6 +139,16 @@ def depth_section(depth_rows: list[tuple[str, ...]]) -> list[str]:
 
 
 def main(names: list[str]) -> None:
+    if names and names[0] == "muon":  # only the Muon section, (re)placed before the u-muP section
+        readme = (HERE / "README.md").read_text()
+        if "## Muon" in readme:
+            head, _, tail = readme.partition("## Muon")
+            readme = head + tail[tail.index("\n## ", 1) + 1:] if "\n## " in tail[1:] else head
+        head, sep, tail = readme.partition("## u-muP")
+        lines = muon_section([(n, *run_muon(n)) for n in names[1:] or MUON_MODELS])
+        (HERE / "README.md").write_text(head.rstrip("\n") + "\n\n" + "\n".join(lines) + "\n" + sep + tail)
+        print("\n".join(lines))
+        return
     if names == ["umup"]:  # only the u-muP section, inserted before the depth section
         readme = (HERE / "README.md").read_text()
         head, _, depth = readme.partition("## Depth")

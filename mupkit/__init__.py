@@ -13,7 +13,7 @@ from .forward_checks import ForwardScalingWarning
 from .infer import NoDepthRuleWarning, TraceWarning, infer_plan
 from .coord_check import CoordCheck, coord_check
 from .explain import explain
-from .groups import param_groups
+from .groups import muon_param_groups, param_groups
 from .plan import ParamSpec, Plan, plan_of
 from .roles import Role
 from .rules import FAMILIES, PARAMETRIZATIONS
@@ -21,5 +21,5 @@ from .rules import FAMILIES, PARAMETRIZATIONS
 __version__ = "0.1.0"
 
 __all__ = ["CoordCheck", "FAMILIES", "ForwardScalingWarning", "NoDepthRuleWarning", "TraceWarning", "PARAMETRIZATIONS", "ParamSpec", "Plan", "Role", "build",
-           "coord_check", "explain", "infer_plan", "load_bsh", "models", "nn", "optim", "param_groups", "parametrize",
+           "coord_check", "explain", "infer_plan", "load_bsh", "models", "muon_param_groups", "nn", "optim", "param_groups", "parametrize",
            "plan_from_base_shapes", "plan_of", "save_bsh", "unit"]

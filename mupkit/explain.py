@@ -4,14 +4,25 @@ from __future__ import annotations
 
 from torch import nn
 
-from .plan import Plan, plan_of
+from .plan import ParamSpec, Plan, plan_of
+from .rules import FAMILIES
 
 COLUMNS = ("name", "role", "shape", "m_in", "m_out", "m_L", "init std", "fwd mult", "Adam LR x", "SGD LR x",
-           "Adafactor LR x", "AdamW WD x", "Adam eps x", "role from")
+           "Adafactor LR x", "Muon LR x", "AdamW WD x", "Adam eps x", "role from")
 
 
 def _fmt(x: float | None) -> str:
     return "-" if x is None else f"{x:.4g}"
+
+
+def _muon(spec: ParamSpec) -> str:
+    """The Muon LR multiplier of a hidden matrix (``"original"``, then ``"match_rms_adamw"``), or
+    who steps the parameter instead."""
+    if not FAMILIES["muon"].steps(spec.role):
+        return "(AdamW part)"
+    if "muon" not in spec.scales:
+        return "(no rule)"
+    return f"{_fmt(spec.scales['muon'].lr)} / {_fmt(spec.scales['muon-rms'].lr)}"
 
 
 def explain_rows(plan: Plan) -> list[tuple[str, ...]]:
@@ -33,7 +44,7 @@ def explain_rows(plan: Plan) -> list[tuple[str, ...]]:
             role += " (not the model output)"
         rows.append((name, role, "x".join(map(str, s.target)) or "()", _fmt(s.m_in), _fmt(s.m_out),
                      _fmt(s.m_depth) if s.block else "-", _fmt(s.init_std), fwd, _fmt(s.scales["adam"].lr),
-                     _fmt(s.scales["sgd"].lr), _fmt(s.scales["adafactor"].lr), _fmt(s.scales["adamw"].wd),
+                     _fmt(s.scales["sgd"].lr), _fmt(s.scales["adafactor"].lr), _muon(s), _fmt(s.scales["adamw"].wd),
                      _fmt(s.scales["adam"].eps), s.role_source or "-"))
     return rows
 
@@ -47,6 +58,10 @@ def explain(model_or_plan: nn.Module | Plan) -> str:
     an embedding, in which case the multiplier is applied to the readout's input (shown as
     ``x... at <module>``). With depth scaling, ``m_L = L / L_base`` for parameters of repeated
     blocks, and the last layer of each residual branch shows its absorbed branch multiplier.
+    "Muon LR x": the spectral multiplier of a hidden matrix under ``mupkit.optim.Muon`` for
+    ``adjust_lr_fn`` ``"original"`` / ``"match_rms_adamw"``, ``[sqrt(A/B)/adjust(A,B)] /
+    [sqrt(A0/B0)/adjust(A0,B0)]`` (:mod:`mupkit.spectral`); the other roles are stepped by Muon's
+    AdamW part with the AdamW multipliers.
     An ``output`` parameter that does not produce the model's output (an MoE router) says so;
     "role from" is where its axes came from (the usage trace, ``layouts=``, the module type, or
     the shape alone). Warnings about the forward (attention at ``1/sqrt(d)``, width-dependent

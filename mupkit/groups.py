@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import inspect
 import numbers
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
 from .plan import plan_of, plan_owner
-from .rules import FAMILIES, PARAMETRIZATIONS, Family
+from .rules import FAMILIES, MUON_FAMILIES, PARAMETRIZATIONS, Family
 
 #: torch optimizer classes -> family (entrywise-normalized ones are "adam"-like; see mup/optim.py)
 TORCH_FAMILIES = {
     "Adam": "adam", "Adamax": "adam", "NAdam": "adam", "RAdam": "adam", "RMSprop": "adam",
-    "Adagrad": "adam", "AdamW": "adamw", "SGD": "sgd", "ASGD": "sgd",
+    "Adagrad": "adam", "AdamW": "adamw", "SGD": "sgd", "ASGD": "sgd", "Muon": "muon",
 }
 
 WEIGHT_DECAY_POLICIES = ("coupled", "independent")
@@ -98,7 +98,6 @@ def param_groups(model: nn.Module, *, optimizer: Any = None, lr: float | None = 
     if weight_decay_policy is not None and weight_decay_policy not in WEIGHT_DECAY_POLICIES:
         raise ValueError(f"weight_decay_policy={weight_decay_policy!r}; use one of {WEIGHT_DECAY_POLICIES}")
     plan = plan_of(model)
-    owner = plan_owner(model)
     family = None if optimizer is None else resolve_family(optimizer)
     if family is not None and not isinstance(optimizer, str):  # a class or an instance: fill its defaults
         cls = optimizer if isinstance(optimizer, type) else type(optimizer)
@@ -111,6 +110,12 @@ def param_groups(model: nn.Module, *, optimizer: Any = None, lr: float | None = 
         raise ValueError("lr/weight_decay/eps were given without optimizer=..., so mupkit cannot tell how to "
                          "scale them. Pass optimizer='adam'|'adamw'|'sgd' (or the optimizer class), or drop "
                          "them and pass the groups to a mupkit.optim optimizer, which scales them itself.")
+    if family is not None and family.roles is not None:
+        raise ValueError(f"param_groups(optimizer={optimizer!r}): torch.optim.Muon steps 2-D hidden matrices only, "
+                         f"and the rest of the model (embeddings, readout, vectors) needs another optimizer with its "
+                         f"own muP rule. Use muon_groups, adam_groups = mupkit.muon_param_groups(model, lr=..., "
+                         f"adam_lr=...) and give each set to its optimizer, or mupkit.optim.Muon("
+                         f"mupkit.param_groups(model), lr=...), which steps both.")
     if family is not None and lr is None:
         raise ValueError(f"param_groups(optimizer={optimizer!r}) needs lr=...: a torch or third-party optimizer "
                          f"ignores 'lr_scale', so mupkit must write each group's concrete lr (otherwise every "
@@ -120,16 +125,26 @@ def param_groups(model: nn.Module, *, optimizer: Any = None, lr: float | None = 
                          f"{family.name!r} adds weight decay to the gradient; use an AdamW-like optimizer or "
                          f"weight_decay_policy='coupled'.")
 
+    return _grouped(model, family, lr, weight_decay, eps, weight_decay_policy)
+
+
+def _grouped(model: nn.Module, family: Family | None, lr, weight_decay, eps, weight_decay_policy: str | None,
+             select: Callable[[Any], bool] | None = None) -> list[dict[str, Any]]:
+    """The groups of :func:`param_groups` (of the parameters whose spec ``select`` accepts)."""
+    plan = plan_of(model)
+    plan_policy = _default_weight_decay_policy(plan.parametrization)
     groups: dict[tuple, dict[str, Any]] = {}
-    for name, p in owner.named_parameters():
+    for name, p in plan_owner(model).named_parameters():
         if not p.requires_grad:
             continue
         if name not in plan:
             raise ValueError(f"parameter {name!r} (shape {tuple(p.shape)}) is not in the model's mupkit plan; it was "
                              f"added after the plan was made. Rebuild the model with mupkit.build.")
         spec = plan[name]
+        if select is not None and not select(spec):
+            continue
         if family is None:
-            key = tuple(sorted((f, s.lr, s.wd, s.eps) for f, s in spec.scales.items()))
+            key = tuple(sorted((f, s.lr, s.wd, s.eps, _steps_itself(f, spec)) for f, s in spec.scales.items()))
         else:
             s = spec.scales[family.name]
             key = (s.lr, s.wd, s.eps)
@@ -143,6 +158,68 @@ def param_groups(model: nn.Module, *, optimizer: Any = None, lr: float | None = 
         group["params"].append(p)
         group["param_names"].append(name)
     return list(groups.values())
+
+
+def muon_param_groups(model: nn.Module, *, lr: float, adam_lr: float, adjust_lr_fn: str | None = None,
+                      weight_decay: float | None = None, adam: Any = torch.optim.AdamW,
+                      adam_weight_decay: float | None = None, adam_eps: float | None = None,
+                      weight_decay_policy: str | None = None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Concrete groups for ``torch.optim.Muon`` and its companion: ``(muon_groups, adam_groups)``.
+
+    ``muon_groups``: the hidden matrices (roles from the plan, not ``ndim``), each group with
+    ``lr = lr * mult`` from the spectral rule of ``adjust_lr_fn``'s family (:mod:`mupkit.spectral`;
+    1 at the base width, so the groups equal plain ``torch.optim.Muon`` there), ``weight_decay``
+    per policy (default: ``torch.optim.Muon``'s 0.1) and ``adjust_lr_fn`` itself. ``adam_groups``:
+    every other trainable parameter (embeddings, readouts, vectors, scalars) with ``adam``'s
+    family rule at ``adam_lr`` (``adam``: a class or family name; its defaults fill
+    ``adam_weight_decay``/``adam_eps`` as in :func:`param_groups`)::
+
+        muon_groups, adam_groups = mupkit.muon_param_groups(model, lr=0.02, adam_lr=3e-4)
+        opts = [torch.optim.Muon(muon_groups), torch.optim.AdamW(adam_groups)]
+
+    ``torch.optim.Muon`` takes 2-D parameters and reads ``(fan_out, fan_in)`` from ``shape[:2]``,
+    so a hidden conv kernel or an ``(in, out)`` matrix (HF ``Conv1D``) is refused: use
+    :class:`mupkit.optim.Muon`, which reshapes kernels and reads the plan's fan axes.
+    """
+    if adjust_lr_fn not in MUON_FAMILIES:
+        raise ValueError(f"adjust_lr_fn={adjust_lr_fn!r}; use None, 'original' or 'match_rms_adamw'")
+    if weight_decay_policy is not None and weight_decay_policy not in WEIGHT_DECAY_POLICIES:
+        raise ValueError(f"weight_decay_policy={weight_decay_policy!r}; use one of {WEIGHT_DECAY_POLICIES}")
+    family = FAMILIES[MUON_FAMILIES[adjust_lr_fn]]
+    plan = plan_of(model)
+    plan_policy = _default_weight_decay_policy(plan.parametrization)
+    if weight_decay is None:
+        weight_decay = _class_default(torch.optim.Muon, "weight_decay")
+    muon_groups = _grouped(model, family, lr, weight_decay, None, weight_decay_policy or plan_policy,
+                           select=lambda spec: family.steps(spec.role))
+    for group in muon_groups:
+        group["adjust_lr_fn"] = adjust_lr_fn
+        for name, p in zip(group["param_names"], group["params"]):
+            spec = plan[name]
+            if p.ndim != 2 or spec.fan_out_axis != 0:
+                raise ValueError(f"parameter {name!r} (shape {tuple(p.shape)}, fan-out axis {spec.fan_out_axis}) is "
+                                 f"a hidden matrix, but torch.optim.Muon takes 2-D (fan_out, fan_in) parameters only "
+                                 f"(it reads its adjust_lr_fn fans from shape[:2]); use mupkit.optim.Muon, which "
+                                 f"reshapes conv kernels to (out, in*k*k) and reads the plan's fan axes.")
+    adam_family = resolve_family(adam)
+    if adam_family.roles is not None:
+        raise ValueError(f"adam={adam!r} must be an Adam-family optimizer (the companion of Muon), e.g. "
+                         f"torch.optim.AdamW")
+    if not isinstance(adam, str):
+        cls = adam if isinstance(adam, type) else type(adam)
+        adam_weight_decay = _class_default(cls, "weight_decay") if adam_weight_decay is None else adam_weight_decay
+        adam_eps = _class_default(cls, "eps") if adam_eps is None and adam_family.has_eps else adam_eps
+    adam_policy = weight_decay_policy or (plan_policy if adam_family.decoupled_wd else "coupled")
+    adam_groups = _grouped(model, adam_family, adam_lr, adam_weight_decay, adam_eps, adam_policy,
+                           select=lambda spec: not family.steps(spec.role))
+    return muon_groups, adam_groups
+
+
+def _steps_itself(family: str, spec) -> bool | None:
+    """For a family that steps some roles only (Muon: hidden matrices): whether it steps ``spec``
+    with its own rule (else its companion, AdamW, does); None for families that step every role."""
+    fam = FAMILIES[family]
+    return None if fam.roles is None else fam.steps(spec.role)
 
 
 def _class_default(cls: type, name: str) -> float | None:
@@ -177,6 +254,9 @@ def _new_group(spec, family: Family | None, lr, weight_decay, eps, policy: str) 
     if family is None:
         group["mupkit_scales"] = {f: {"lr_scale": s.lr, "wd_scale": s.wd, "eps_scale": s.eps}
                                   for f, s in spec.scales.items()}
+        for f, entry in group["mupkit_scales"].items():
+            if FAMILIES[f].roles is not None:
+                entry["orthogonalize"] = _steps_itself(f, spec)
         return group
     s = spec.scales[family.name]
     group.update(lr_scale=s.lr, wd_scale=s.wd, eps_scale=s.eps, mupkit_family=family.name, mupkit_concrete=True)

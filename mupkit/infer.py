@@ -286,7 +286,10 @@ def tied_readout_multipliers(specs: Mapping[str, ParamSpec], param: Parametrizat
         for module in spec.tied_readouts:
             m = spec.m_out  # the shared width dim: the embedding's fan-out is the readout's fan-in
             for fname, fam in FAMILIES.items():
-                readout_lr = scales_for(out_rule, fam, m, 1.0).lr
+                stepped_by = fam if fam.steps(Role.OUTPUT) else FAMILIES[fam.companion]  # Muon: its AdamW part
+                if fname not in spec.scales or stepped_by.update not in out_rule.lr:
+                    continue
+                readout_lr = scales_for(out_rule, stepped_by, m, 1.0).lr
                 if not abs(readout_lr - spec.scales[fname].lr) <= 1e-12 * max(1.0, readout_lr):
                     raise ValueError(f"parameter {spec.name!r} is tied between an input layer and readout "
                                      f"{module!r}, but {param.name!r} gives them different {fname} LR "

@@ -15,7 +15,7 @@ from typing import Any, Iterator, Mapping
 from torch import nn
 
 from .roles import Role
-from .rules import FAMILIES, DepthRule, RoleRule, Scales, scales_for
+from .rules import DepthRule, RoleRule, Scales, family_scales
 from .shapes import ParamShapes, width_multipliers
 
 PLAN_ATTR = "_mupkit_plan"
@@ -90,11 +90,13 @@ def make_spec(name: str, shapes: ParamShapes, role: Role, rule: RoleRule, *, m_i
               init_scale: float, absorbed: float, lr_absorbed: float | None = None, depth: DepthRule | None = None,
               m_depth: float = 1.0, **fields: Any) -> ParamSpec:
     """The one way a :class:`ParamSpec` is made: ``rule`` at ``(m_in, m_out)`` gives the LR /
-    WD / eps multipliers of every optimizer family, with the forward multiplier ``absorbed``
+    WD / eps multipliers of every optimizer family (:func:`mupkit.rules.family_scales`; the
+    spectral rule of a Muon-stepped matrix from its base shape and fan axes), with the forward multiplier ``absorbed``
     folded in (:func:`mupkit.rules.absorb`; ``lr_absorbed`` when the optimizer sees another
     factor, e.g. a u-muP bias under its weight's ``A_W``) and the depth rule inside blocks."""
-    scales = {f: scales_for(rule, fam, m_in, m_out, absorbed=absorbed if lr_absorbed is None else lr_absorbed,
-                            depth=depth, m_depth=m_depth) for f, fam in FAMILIES.items()}
+    scales = family_scales(rule, role, shapes.base, (fields.get("fan_out_axis"), fields.get("fan_in_axis")),
+                           m_in, m_out, absorbed=absorbed if lr_absorbed is None else lr_absorbed, depth=depth,
+                           m_depth=m_depth)
     return ParamSpec(name=name, role=role, base=shapes.base, target=shapes.target, infinite=shapes.infinite,
                      m_in=m_in, m_out=m_out, init_scale=init_scale, scales=scales, absorbed=absorbed,
                      m_depth=m_depth, **fields)

@@ -5,20 +5,27 @@ multipliers (``m = dim / base_dim``), so it equals 1 at the base size: muP and S
 there exactly. Tables are written in the Table 8 form of Tensor Programs V (Yang et al. 2022,
 App. J: "alternative (equivalent) muP formulation", the one microsoft/mup implements):
 
-=========  ===========  ==============  ==========  ================  ==============
-role       init std     forward mult    Adam LR     SGD LR            Adafactor LR
-=========  ===========  ==============  ==========  ================  ==============
-input      1            1               1           m_out             1
-vector     1            1               1           m_out             1
-hidden     m_in^-1/2    1               m_in^-1     m_out / m_in      m_in^-1/2
-output     1            m_in^-1         1           m_in              1
-scalar     1            1               1           1                 1
-=========  ===========  ==============  ==========  ================  ==============
+=========  ===========  ==============  ==========  ================  ==============  ==============
+role       init std     forward mult    Adam LR     SGD LR            Adafactor LR    Muon LR
+=========  ===========  ==============  ==========  ================  ==============  ==============
+input      1            1               1           m_out             1               (AdamW's)
+vector     1            1               1           m_out             1               (AdamW's)
+hidden     m_in^-1/2    1               m_in^-1     m_out / m_in      m_in^-1/2       spectral
+output     1            m_in^-1         1           m_in              1               (AdamW's)
+scalar     1            1               1           1                 1               (AdamW's)
+=========  ===========  ==============  ==========  ================  ==============  ==============
 
 The Adafactor column (parameter scaling on) is derived, not tabulated in TP5: its step is
 ``rho * RMS(W)`` times a gradient-scale-free direction, so its LR exponent is Adam's minus the
 init-scale exponent (Everett et al. 2024, Sec. 3; abc-parametrization algebra): hidden
 ``m_in^-1 / m_in^-1/2``; input and output ``1``. A test checks this identity on every row.
+
+The Muon columns (families ``muon`` and ``muon-rms``, one per ``torch.optim.Muon``
+``adjust_lr_fn``) are derived from the spectral condition (:mod:`mupkit.spectral`): a hidden
+matrix gets ``[sqrt(A/B) / adjust(A, B)] / [sqrt(A0/B0) / adjust(A0, B0)]`` from its base and
+target shapes (1 for ``"original"`` when fan-out >= fan-in, ``m^-1/2`` for a square matrix under
+``"match_rms_adamw"``); the other roles are stepped by Muon's AdamW part with the ``adamw``
+family's multipliers (:attr:`Family.roles`). See docs/muon.md for the derivation.
 
 u-muP (:data:`UMUP`) is a table of the same form evaluated at the parameters' own fans (as if
 the base width were 1), with the forward multipliers applied by unit-scaled ops.
@@ -41,6 +48,7 @@ from dataclasses import dataclass, field
 from typing import Mapping
 
 from .roles import Role
+from .spectral import SpectralLR, matrix_fans
 
 
 @dataclass(frozen=True)
@@ -72,6 +80,11 @@ class Family:
     ``"adafactor"`` updates are relative to the parameter's RMS (Adafactor with parameter
     scaling; Shazeer & Stern 2018, Sec. 8): ``W' = c W`` steps ``c`` times further by itself, so
     ``lr_power = 0``, and its decay ``W *= 1 - rho wd`` does not involve ``lr``, so ``wd_power = 0``.
+
+    ``"muon"``/``"muon-rms"`` updates are orthogonalized (invariant to the gradient's scale, as
+    Adam's are), so absorbing ``c`` maps them like AdamW's. ``roles``: the roles the optimizer
+    steps with this family's rule (None: every role); Muon orthogonalizes hidden matrices only
+    and steps the other roles with :attr:`companion`'s rule (its AdamW part).
     """
 
     name: str
@@ -81,6 +94,12 @@ class Family:
     has_eps: bool
     decoupled_wd: bool
     eps_power: int = -1
+    roles: frozenset[Role] | None = None
+    companion: str | None = None
+
+    def steps(self, role: Role) -> bool:
+        """Whether this family's own rule steps a parameter of ``role`` (else :attr:`companion`'s)."""
+        return self.roles is None or role in self.roles
 
 
 FAMILIES: dict[str, Family] = {
@@ -89,16 +108,27 @@ FAMILIES: dict[str, Family] = {
     "sgd": Family("sgd", "sgd", lr_power=2, wd_power=2, has_eps=False, decoupled_wd=False, eps_power=0),
     "adafactor": Family("adafactor", "adafactor", lr_power=0, wd_power=0, has_eps=True, decoupled_wd=True,
                         eps_power=1),
+    "muon": Family("muon", "muon", lr_power=1, wd_power=1, has_eps=False, decoupled_wd=True, eps_power=0,
+                   roles=frozenset({Role.HIDDEN}), companion="adamw"),
+    "muon-rms": Family("muon-rms", "muon-rms", lr_power=1, wd_power=1, has_eps=False, decoupled_wd=True,
+                       eps_power=0, roles=frozenset({Role.HIDDEN}), companion="adamw"),
 }
+
+#: the family of each ``torch.optim.Muon`` ``adjust_lr_fn`` (None is ``"original"``)
+MUON_FAMILIES = {None: "muon", "original": "muon", "match_rms_adamw": "muon-rms"}
+
+#: every family's LR rule keyed by :attr:`Family.update`: 1 (tables override per role)
+_ALL_ONE = {"adam": ONE, "sgd": ONE, "adafactor": ONE, "muon": ONE, "muon-rms": ONE}
 
 
 @dataclass(frozen=True)
 class RoleRule:
-    """One row of a parametrization table. ``lr`` is keyed by :attr:`Family.update`."""
+    """One row of a parametrization table. ``lr`` is keyed by :attr:`Family.update`; a
+    :class:`~mupkit.spectral.SpectralLR` rule depends on the matrix's base fans too."""
 
     init: Power = ONE
     forward: Power = ONE
-    lr: Mapping[str, Power] = field(default_factory=lambda: {"adam": ONE, "sgd": ONE, "adafactor": ONE})
+    lr: Mapping[str, Power | SpectralLR] = field(default_factory=lambda: dict(_ALL_ONE))
     eps: Power = ONE
 
 
@@ -170,14 +200,13 @@ class Parametrization:
     weight_decay_policy: str = "coupled"
 
 
-_VECTOR_LIKE = RoleRule(lr={"adam": ONE, "sgd": Power(b=1), "adafactor": ONE})
-
 MUP = Parametrization("mup", {
-    Role.INPUT: _VECTOR_LIKE,
-    Role.VECTOR: _VECTOR_LIKE,
+    Role.INPUT: RoleRule(lr={**_ALL_ONE, "sgd": Power(b=1)}),
+    Role.VECTOR: RoleRule(lr={**_ALL_ONE, "sgd": Power(b=1)}),
     Role.HIDDEN: RoleRule(init=Power(a=-0.5), lr={"adam": Power(a=-1), "sgd": Power(a=-1, b=1),
-                                                  "adafactor": Power(a=-0.5)}),
-    Role.OUTPUT: RoleRule(forward=Power(a=-1), lr={"adam": ONE, "sgd": Power(a=1), "adafactor": ONE}),
+                                                  "adafactor": Power(a=-0.5), "muon": SpectralLR("original"),
+                                                  "muon-rms": SpectralLR("match_rms_adamw")}),
+    Role.OUTPUT: RoleRule(forward=Power(a=-1), lr={**_ALL_ONE, "sgd": Power(a=1)}),
     Role.SCALAR: RoleRule(),
 })
 
@@ -221,15 +250,23 @@ def absorbed_init_scale(rule: RoleRule, m_in: float, m_out: float) -> float:
 
 
 def scales_for(rule: RoleRule, family: Family, m_in: float, m_out: float, absorbed: float = 1.0,
-               depth: DepthRule | None = None, m_depth: float = 1.0) -> Scales:
+               depth: DepthRule | None = None, m_depth: float = 1.0,
+               base_fans: tuple[int, int] | None = None) -> Scales:
     """LR, coupled-WD and eps multipliers of one parameter, with forward mult ``absorbed`` folded in.
 
     For the ``adafactor`` family, ``eps`` scales the RMS floor ``eps2`` and follows the init
     scale, so a zero-initialized tensor steps as its muP init would. ``depth``/``m_depth``: the
     parametrization's depth rule and the parameter's depth multiplier (1 outside repeated
     blocks; ``absorbed`` includes the branch multiplier when the parameter ends a branch).
+    ``base_fans``: ``(fan_out, fan_in)`` of the base matrix, for a spectral (Muon) rule.
     """
-    lr = rule.lr[family.update](m_in, m_out)
+    lr_rule = rule.lr[family.update]
+    if isinstance(lr_rule, SpectralLR):
+        if base_fans is None:
+            raise ValueError(f"the {family.name!r} rule needs the matrix's base fans (base_fans=)")
+        lr = lr_rule.at(base_fans, m_in, m_out)
+    else:
+        lr = lr_rule(m_in, m_out)
     wd = 1.0 / lr  # coupled: lr * wd as at the base width; the depth rule adds no WD factor
     eps = rule.init(m_in, m_out) if family.update == "adafactor" else rule.eps(m_in, m_out)
     if depth is not None:
@@ -237,6 +274,26 @@ def scales_for(rule: RoleRule, family: Family, m_in: float, m_out: float, absorb
         if family.update == "adam":
             eps = depth.eps(max(m_in, m_out), m_depth)
     return absorb(Scales(lr=lr, wd=wd, eps=eps), family, absorbed)
+
+
+def family_scales(rule: RoleRule, role: Role, base: tuple[int, ...], fan_axes: tuple[int | None, int | None],
+                  m_in: float, m_out: float, absorbed: float = 1.0, depth: DepthRule | None = None,
+                  m_depth: float = 1.0) -> dict[str, Scales]:
+    """:func:`scales_for` of every family for one parameter. A family that does not step
+    ``role`` itself (Muon: only hidden matrices) gets its companion's multipliers (AdamW's), as
+    its optimizer steps the parameter with the companion's rule; a family that would step it but
+    has no rule for it (a table without a Muon column, a hidden tensor that is not one matrix)
+    is left out, so an optimizer of that family refuses the parameter instead of guessing."""
+    out = {}
+    fans = matrix_fans(base, *fan_axes)
+    for name, family in FAMILIES.items():
+        stepped_by = family if family.steps(role) else FAMILIES[family.companion]
+        lr_rule = rule.lr.get(stepped_by.update)
+        if lr_rule is None or (isinstance(lr_rule, SpectralLR) and fans is None):
+            continue
+        out[name] = scales_for(rule, stepped_by, m_in, m_out, absorbed=absorbed, depth=depth, m_depth=m_depth,
+                               base_fans=fans)
+    return out
 
 
 def absorb(scales: Scales, family: Family, c: float) -> Scales:

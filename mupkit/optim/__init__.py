@@ -3,6 +3,7 @@
 from .adafactor import Adafactor
 from .adam_atan2 import AdamAtan2
 from .dadapt import DAdaptAdaGrad, DAdaptAdam, DAdaptLion, DAdaptSGD, Prodigy
+from .muon import Muon
 from .scaled_adam import ScaledAdam
 from .schedules import Eden, Eden2
 from .torch_based import SGD, Adam, AdamW
@@ -11,7 +12,7 @@ from .torch_based import SGD, Adam, AdamW
 BY_NAME = {"adam": Adam, "adamw": AdamW, "sgd": SGD, "adam-atan2": AdamAtan2, "adafactor": Adafactor,
            "dadapt-adam": DAdaptAdam, "dadapt-sgd": DAdaptSGD, "dadapt-lion": DAdaptLion,
            "dadapt-adagrad": DAdaptAdaGrad, "prodigy": Prodigy,
-           "scaled-adam": ScaledAdam}
+           "scaled-adam": ScaledAdam, "muon": Muon}
 
 
 def get_optimizer(name: str) -> type:
@@ -25,4 +26,4 @@ def get_optimizer(name: str) -> type:
 
 
 __all__ = ["Adafactor", "Adam", "AdamAtan2", "AdamW", "BY_NAME", "DAdaptAdaGrad", "DAdaptAdam", "DAdaptLion",
-           "DAdaptSGD", "Eden", "Eden2", "Prodigy", "SGD", "ScaledAdam", "get_optimizer"]
+           "DAdaptSGD", "Eden", "Eden2", "Muon", "Prodigy", "SGD", "ScaledAdam", "get_optimizer"]
