@@ -168,12 +168,7 @@ class Adafactor(Optimizer):
         the first step, torch's keys and shapes) and shard layout."""
         names = group.get("param_names")
         out = []
-        for index, p in enumerate(group["params"]):
-            if p.grad is None:
-                continue
-            if p.grad.is_sparse:
-                raise RuntimeError(f"Adafactor got a sparse gradient for a parameter of shape {tuple(p.shape)}; "
-                                   f"it needs dense gradients (e.g. nn.Embedding(sparse=False)).")
+        for index, p in self._with_grads(group):
             state = self.state[p]
             plain = dispatch.plain_dense(p)  # else a DTensor: its shard, and views of its state's shards
             info = ShardInfo(p.shape, None) if plain else shard_info(names[index] if names else f"#{index}", p)

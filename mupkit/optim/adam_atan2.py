@@ -103,12 +103,7 @@ class AdamAtan2(Optimizer):
 
     def _gather(self, group: dict[str, Any]):
         params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            if p.grad.is_sparse:
-                raise RuntimeError(f"AdamAtan2 got a sparse gradient for a parameter of shape {tuple(p.shape)}; "
-                                   f"it needs dense gradients (e.g. nn.Embedding(sparse=False)).")
+        for _, p in self._with_grads(group):
             state = self.state[p]
             if not state:
                 state["step"] = torch.tensor(0.0)

@@ -114,6 +114,17 @@ class Optimizer(torch.optim.Optimizer):
             effective["eps"] = group["eps"] * group["eps_scale"]
         return effective
 
+    def _with_grads(self, group: dict[str, Any]):
+        """``(index, p)`` for each parameter of ``group`` that has a gradient; a sparse gradient is
+        refused (the algorithms need dense ones)."""
+        for index, p in enumerate(group["params"]):
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError(f"{type(self).__name__} got a sparse gradient for a parameter of shape "
+                                   f"{tuple(p.shape)}; it needs dense gradients (e.g. nn.Embedding(sparse=False)).")
+            yield index, p
+
     def _update(self, groups: list[dict[str, Any]]) -> None:
         """The algorithm's step of every parameter with a gradient in ``groups`` (effective values)."""
         raise NotImplementedError

@@ -178,12 +178,7 @@ class Muon(Optimizer):
     def _orthogonalized_step(self, group: dict[str, Any]) -> None:
         names = group.get("param_names")
         jobs: list[tuple[torch.Tensor, Callable[[torch.Tensor], None]]] = []
-        for i, p in enumerate(group["params"]):
-            if p.grad is None:
-                continue
-            if p.grad.is_sparse:
-                raise RuntimeError(f"Muon got a sparse gradient for a parameter of shape {tuple(p.shape)}; it needs "
-                                   f"dense gradients.")
+        for i, p in self._with_grads(group):
             state = self.state[p]
             if "momentum_buffer" not in state:
                 state["momentum_buffer"] = torch.zeros_like(p, dtype=state_dtype(p),
