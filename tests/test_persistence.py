@@ -178,7 +178,11 @@ def test_distributed_world_size_two_matches_single_process(mode, arch, optim, dt
         result = torch.load(out)
         clipping = [torch.load(f"{out}.clipping{rank}") for rank in range(2)]
     assert result["scales"] == scales(MODELS[arch][0]())
-    reference, reference_clipping = single_process_reference(2, arch, optim, dtype)
+    if optim.startswith("scaled-adam"):  # resmlp's zero-initialized biases: ScaledAdam says they stay frozen
+        with pytest.warns(UserWarning, match="all zeros at their first step"):
+            reference, reference_clipping = single_process_reference(2, arch, optim, dtype)
+    else:
+        reference, reference_clipping = single_process_reference(2, arch, optim, dtype)
     assert clipping[0] == clipping[1]  # every rank made the same clipping decisions
     assert [count for _, count in clipping[0]] == [count for _, count in reference_clipping]
     for (threshold, _), (expected, _) in zip(clipping[0], reference_clipping):
