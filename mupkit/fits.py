@@ -65,7 +65,8 @@ def fit_power_law(points: Sequence[tuple[Mapping[str, float], float]], axes: Seq
     ``x[a]`` for each of ``axes``). The points must span the axes (``len(axes) + 1`` independent
     ones at least; with exactly that many the law interpolates them)."""
     if not axes:
-        raise ValueError("fit_power_law needs at least one axis")
+        raise ValueError("fit_power_law(axes=[]) has nothing to fit; name the axes the points vary along, "
+                         "e.g. axes=[\"tokens\"] or [\"width\", \"batch\"]")
     X = np.array([[1.0] + [math.log2(x[a]) for a in axes] for x, _ in points])
     y = np.log2([v for _, v in points])
     if np.linalg.matrix_rank(X) < len(axes) + 1:

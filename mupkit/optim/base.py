@@ -19,6 +19,8 @@ Subclasses set :attr:`family` (the muP rule family their groups' scales come fro
 
 from __future__ import annotations
 
+import abc
+
 from typing import Any
 
 import torch
@@ -31,7 +33,7 @@ from .master import master_weights
 from .tensors import restore_saved_dtypes
 
 
-class Optimizer(torch.optim.Optimizer):
+class Optimizer(torch.optim.Optimizer, abc.ABC):
     """A ``torch.optim.Optimizer`` whose param groups carry muP multipliers.
 
     ``weight_decay_policy``: ``"coupled"`` (effective wd = ``weight_decay * wd_scale``) or
@@ -125,9 +127,9 @@ class Optimizer(torch.optim.Optimizer):
                                    f"{tuple(p.shape)}; it needs dense gradients (e.g. nn.Embedding(sparse=False)).")
             yield index, p
 
+    @abc.abstractmethod
     def _update(self, groups: list[dict[str, Any]]) -> None:
         """The algorithm's step of every parameter with a gradient in ``groups`` (effective values)."""
-        raise NotImplementedError
 
     def load_state_dict(self, state_dict: dict) -> None:
         """torch's, then: groups saved before ``master_weights`` existed take the constructor's

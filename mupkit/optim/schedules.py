@@ -16,6 +16,8 @@ multipliers of mupkit's optimizers apply on top (they scale each group's ``lr`` 
 
 from __future__ import annotations
 
+import abc
+
 import math
 
 from torch.optim.lr_scheduler import LRScheduler
@@ -109,14 +111,15 @@ def _phases(warmup_steps: int, decay_steps: int, total_steps: int | None) -> Non
                          f"{total_steps}; shorten the warmup or the decay")
 
 
-class _PiecewiseSchedule(LRScheduler):
-    """Warmup, a middle phase, a cooldown: ``get_lr`` asks :meth:`factor` per group."""
+class _PiecewiseSchedule(LRScheduler, abc.ABC):
+    """Warmup, a middle phase, a cooldown: ``get_lr`` asks :meth:`lr_at` per group."""
 
     def get_lr(self) -> list[float]:
         return [self.lr_at(self.last_epoch, base) for base in self.base_lrs]
 
-    def lr_at(self, step: int, base_lr: float) -> float:  # pragma: no cover - every subclass defines it
-        raise NotImplementedError
+    @abc.abstractmethod
+    def lr_at(self, step: int, base_lr: float) -> float:
+        """The lr at ``step`` of a group whose initial lr is ``base_lr``."""
 
 
 class WSD(_PiecewiseSchedule):
