@@ -57,6 +57,10 @@ def synthetic_batch(model: nn.Module, *, batch_size: int = 32, seq_len: int = 16
         model.train(was_training)
     if isinstance(out, (tuple, list)):
         out = out[0]
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"{type(model).__name__} returns a {type(out).__name__}, not a tensor of logits, so no "
+                        f"targets can be made for it; wrap it to return the logits (HF causal LMs: "
+                        f"mupkit.integrations.hf.CausalLM) or pass batch=(inputs, targets) and loss=.")
     classes = out.shape[-1]
     y = torch.randn(out.shape, generator=gen) if classes == 1 else \
         torch.randint(0, classes, out.shape[:-1], generator=gen)

@@ -178,3 +178,19 @@ def test_plot_legend_names_lines_absent_at_init(tmp_path, monkeypatch):
     monkeypatch.setattr(Figure, "savefig", capture)
     c.plot(str(tmp_path / "cc.png"))
     assert any(label.startswith("4") for label in seen["labels"]), seen  # the zero-init readout
+
+
+def test_a_model_that_returns_no_tensor_is_told_to_wrap_it():
+    """An HF-style output object instead of logits: the synthetic batch says how to fix it."""
+    from mupkit.data import synthetic_batch
+
+    class Output(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(4, 3)
+
+        def forward(self, x):
+            return {"logits": self.linear(x)}
+
+    with pytest.raises(TypeError, match="returns a dict, not a tensor of logits.*CausalLM.*batch="):
+        synthetic_batch(Output())
