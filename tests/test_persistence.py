@@ -192,6 +192,8 @@ def test_distributed_world_size_two_matches_single_process(mode, arch, optim, dt
     tol = dict(rtol=1e-9, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-6)
     if optim in ("dadapt-adam", "prodigy"):  # the global d's reduction-order rounding scales every step of
         tol = dict(rtol=1e-5, atol=5e-6)  # the run: 0.7e-6 to 2.5e-6 at most, by init, on weights of ~0.1
+    if optim.startswith("scaled-adam"):  # the single process stacks its same-shape tensors (mupkit.optim.stacked):
+        tol = dict(rtol=1e-5, atol=5e-6)  # RMS(P) and <P, g> summed in another order again; up to 2.3e-6 seen
     for name, p in reference.items():
         torch.testing.assert_close(result["params"][name], p.detach(), **tol)
 

@@ -90,7 +90,7 @@ class Adafactor(Optimizer):
     """
 
     family = FAMILIES["adafactor"]
-    kernels = dispatch.Kernels(deterministic=False)
+    kernels = dispatch.Kernels(deterministic=False, stacked=True)
 
     def __init__(self, params, lr: float | None = None, *, mode: str = "torch", beta1: float | None = None,
                  beta2_decay: float = -0.8, eps: tuple[float | None, float] | None = None,
@@ -146,6 +146,9 @@ class Adafactor(Optimizer):
             tensors = self._gather(group)
             if not tensors:
                 continue
+            if group["path"] == "stacked":
+                self._stacked_update(tensors, group)
+                continue
             steps = advance_steps([t.state["step"] for t in tensors])
             settings = _settings(group)
             rows = [_row(group, step) for step in steps]
@@ -162,6 +165,30 @@ class Adafactor(Optimizer):
             dispatch.check_fused(type(self).__name__, [t.param for t, _, _ in fused], self.kernels)
             from .kernels.adafactor import adafactor as launch
             launch(fused)
+
+    def _stacked_update(self, tensors: list[StepTensors], group: dict[str, Any]) -> None:
+        """:func:`adafactor_update` once per stack of same-shape tensors (:mod:`.stacked`; per-tensor
+        statistics over each row), its members one by one in the rare case their steps differ."""
+        settings = _settings(group)
+        for kind in (True, False):  # factored, then unfactored
+            chosen = [t for t in tensors if t.factored == kind]
+            if not chosen:
+                continue
+            moments = [[t.moment[0] for t in chosen], [t.moment[1] for t in chosen]] if kind else \
+                [[t.moment for t in chosen]]
+            momentum = [[t.exp_avg for t in chosen]] if chosen[0].exp_avg is not None else []
+            steps = [t.state["step"] for t in chosen]
+            columns = [*moments, *momentum, steps]
+            for stack in self._stacks([t.param for t in chosen], [t.grad for t in chosen], columns):
+                values = stack.state[-1].add_(1).tolist()
+                if values.count(values[0]) != len(values):
+                    _run_eager([chosen[i] for i in stack.members], settings, [_row(group, t) for t in values],
+                               "foreach")
+                    continue
+                moment = (stack.state[0], stack.state[1]) if kind else stack.state[0]
+                adafactor_update(stack.param, stack.grad, moment, stack.state[-2] if momentum else None,
+                                 chosen[stack.members[0]].info, *_row(group, values[0]), settings, rows=True)
+                stack.write_back()
 
     def _gather(self, group: dict[str, Any]) -> list[StepTensors]:
         """Every parameter of ``group`` with a gradient: its local shard, gradient, state (made on
@@ -278,13 +305,14 @@ def _at_least_1d(t: torch.Tensor) -> torch.Tensor:
 
 def adafactor_update(p: ops.Tensors, g: ops.Tensors, moment, exp_avg: ops.Tensors | None,
                      info: ShardInfo | list[ShardInfo], rho: ops.Scalars, omb: ops.Scalars, decay: ops.Scalars,
-                     settings: Settings) -> None:
+                     settings: Settings, rows: bool = False) -> None:
     """One Adafactor step of a parameter (or, on lists, of each), in place.
 
     ``moment``: ``(R, C)`` of a factored parameter (or of lists), else ``V``; ``rho``, ``omb``
     (``1 - beta2_t``) and ``decay`` (torch mode's ``1 - lr wd``): :func:`_row`'s values. The
     step size ``alpha_0 = rho max(eps2, RMS(p))`` (Sec. 8) is measured before the decay, the
-    clipping ``max(1, RMS(U) / d)`` (Sec. 6) on the direction, both over all shards."""
+    clipping ``max(1, RMS(U) / d)`` (Sec. 6) on the direction, both over all shards. ``rows``:
+    ``p`` is a stack of parameters of ``info``'s shape (:mod:`.stacked`), each row stepped as one."""
     dtype = _dtype(exp_avg if exp_avg is not None else moment[1] if isinstance(moment, tuple) else moment)
     work, g = ops.to_dtype(p, dtype), ops.to_dtype(g, dtype)
     if settings.maximize:
@@ -292,18 +320,18 @@ def adafactor_update(p: ops.Tensors, g: ops.Tensors, moment, exp_avg: ops.Tensor
     infos = info if ops.is_list(p) else [info]
     alpha0 = torch.as_tensor(rho, dtype=torch.float64, device=_device(p))
     if settings.scale_parameter:
-        alpha0 = alpha0 * global_rms(_as_list(work), infos).double().clamp(min=settings.rms_floor)
+        alpha0 = alpha0 * _rms(work, infos, rows).double().clamp(min=settings.rms_floor)
     u = _direction(g, moment, info, omb, settings)
-    clip = (global_rms(_as_list(u), infos).double() / settings.clip_threshold).clamp(min=1.0)
+    clip = (_rms(u, infos, rows).double() / settings.clip_threshold).clamp(min=1.0)
     scale = alpha0 * settings.lr_scale / clip
     if settings.weight_decay:
-        ops.mul_(work, _values(1.0 - settings.weight_decay * alpha0, p) if settings.hf else decay)
+        ops.mul_(work, _values(1.0 - settings.weight_decay * alpha0, work, rows) if settings.hf else decay)
     if exp_avg is None and ops.is_list(p):
-        ops.addcmul_(work, u, _values(-scale, p))  # p += U (-scale): one multi-tensor op
+        ops.addcmul_(work, u, _values(-scale, work))  # p += U (-scale): one multi-tensor op
     elif exp_avg is None:
-        ops.add_(work, u, alpha=_values(-scale, p))
+        ops.add_(work, u, alpha=_values(-scale, work, rows))
     else:
-        ops.mul_(u, _values(scale, p))
+        ops.mul_(u, _values(scale, work, rows))
         ops.mul_(exp_avg, settings.beta1)
         ops.add_(exp_avg, u, alpha=1.0 - settings.beta1)
         ops.add_(work, exp_avg, alpha=-1.0)
@@ -390,11 +418,21 @@ def _device(x: ops.Tensors) -> torch.device:
     return x[0].device if ops.is_list(x) else x.device
 
 
-def _values(t: torch.Tensor, like: ops.Tensors):
+def _rms(x: ops.Tensors, infos: list[ShardInfo], rows: bool) -> torch.Tensor:
+    """RMS of each tensor (:func:`.sharding.global_rms`), or of each row of a stack."""
+    if rows:
+        return x.flatten(1).square().mean(1).sqrt()
+    return global_rms(_as_list(x), infos)
+
+
+def _values(t: torch.Tensor, like: ops.Tensors, rows: bool = False):
     """Per-tensor values (a 1-D tensor) as ops take them for ``like``: for lists the tensor's
     entries (0-dim tensors: no host sync, and on the CPU torch's multi-tensor ops take them
     faster than Python floats, which they wrap as tensors one by one); for one tensor a Python
-    float on the CPU (reading it costs no sync there) and the 0-dim entry elsewhere."""
+    float on the CPU (reading it costs no sync there) and the 0-dim entry elsewhere; for a stack
+    (``rows``) one value per row, ``(n, 1, ..., 1)`` in its dtype."""
+    if rows:
+        return t.to(like.dtype).view((-1,) + (1,) * (like.dim() - 1))
     if ops.is_list(like):
         return list(t.unbind())
     return t.reshape(()) if t.is_cuda or torch.compiler.is_compiling() else t.item()

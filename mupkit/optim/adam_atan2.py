@@ -32,6 +32,7 @@ from . import dispatch, ops
 from .base import Optimizer
 from .compiled import run_compiled
 from .sharding import local_tensors
+from .stacked import Stack
 from .tensors import advance_steps, by_device_and_dtype, device_steps, state_dtype
 
 FORMULATIONS = ("lucidrains", "fused")
@@ -49,7 +50,7 @@ class AdamAtan2(Optimizer):
     """
 
     family = FAMILIES["adamw"]
-    kernels = dispatch.Kernels()
+    kernels = dispatch.Kernels(stacked=True)
 
     def __init__(self, params, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.99),
                  weight_decay: float = 0.0, *, a: float | None = None, b: float | None = None,
@@ -82,6 +83,10 @@ class AdamAtan2(Optimizer):
                 for column, values in zip(fused, (params, grads, exp_avgs, exp_avg_sqs, device_steps(
                         [self.state[p] for p in params], params), [_kernel_row(group)] * len(params))):
                     column.extend(values)
+                continue
+            if group["path"] == "stacked":
+                for stack in self._stacks(params, grads, [exp_avgs, exp_avg_sqs, steps]):
+                    _stacked_update(stack, group)
                 continue
             rows = [_row(group, t) for t in advance_steps(steps)]
             if group["maximize"]:
@@ -133,6 +138,22 @@ def adam_atan2_update(p: ops.Tensors, g: ops.Tensors, m: ops.Tensors, v: ops.Ten
     ops.mul_(work, decay)
     ops.add_(work, update, alpha=ops.negated(step_size))
     ops.write_back(p, work)
+
+
+def _stacked_update(stack: Stack, group: dict[str, Any]) -> None:
+    """:func:`adam_atan2_update` on a stack (its members one by one with their own values, in
+    the rare case that their step counts differ)."""
+    m, v, steps = stack.state
+    values = steps.add_(1).tolist()
+    if values.count(values[0]) != len(values):
+        params, grads = stack.params, [p.grad for p in stack.params]
+        grads = ops.neg(grads) if group["maximize"] else grads
+        rows = [_row(group, t) for t in values]
+        adam_atan2_update(params, grads, list(m.unbind()), list(v.unbind()), *(ops.scalars(c) for c in zip(*rows)))
+        return
+    grad = stack.grad.neg_() if group["maximize"] else stack.grad
+    adam_atan2_update(stack.param, grad, m, v, *_row(group, values[0]))
+    stack.write_back()
 
 
 def _dtype(m: ops.Tensors) -> torch.dtype:

@@ -11,7 +11,8 @@
 4. groups whose values are all equal joined into one (:func:`.groups.merge_equal_groups`), so
    a multi-tensor call or a kernel covers them together;
 5. ``self._update(groups)``: the algorithm, which subclasses implement, given the effective
-   groups (each with its ``"path"``).
+   groups (each with its ``"path"``); then the stacked state this step did not use is
+   released (:class:`.stacked.StackCache`).
 
 Subclasses set :attr:`family` (the muP rule family their groups' scales come from) and
 :attr:`kernels` (what :mod:`.dispatch` may choose), and implement :meth:`_update`.
@@ -27,7 +28,7 @@ import torch
 
 from ..groups import WEIGHT_DECAY_POLICIES, effective_weight_decay
 from ..rules import Family
-from . import dispatch
+from . import dispatch, stacked
 from .groups import SCALE_KEYS, merge_equal_groups, resolve_groups
 from .master import master_weights
 from .tensors import restore_saved_dtypes
@@ -102,6 +103,8 @@ class Optimizer(torch.optim.Optimizer, abc.ABC):
             paths = dispatch.group_paths(self, self.kernels)
             groups = merge_equal_groups([self._effective_group(g, path) for g, path in zip(self.param_groups, paths)])
             self._update(groups)
+            if "_stack_cache" in self.__dict__:
+                self._stack_cache.end_step()
         return loss
 
     def _effective_group(self, group: dict[str, Any], path: str) -> dict[str, Any]:
@@ -126,6 +129,24 @@ class Optimizer(torch.optim.Optimizer, abc.ABC):
                 raise RuntimeError(f"{type(self).__name__} got a sparse gradient for a parameter of shape "
                                    f"{tuple(p.shape)}; it needs dense gradients (e.g. nn.Embedding(sparse=False)).")
             yield index, p
+
+    def _stacks(self, params: list[torch.Tensor], grads: list[torch.Tensor] | None,
+                 state: list[list[torch.Tensor]]) -> list[stacked.Stack]:
+        """:func:`.stacked.stacks` of a group's ``params`` with this optimizer's stacked state (not
+        pickled: torch's ``__getstate__`` keeps defaults, state and groups only)."""
+        cache = self.__dict__.get("_stack_cache")
+        if cache is None:
+            cache = self.__dict__["_stack_cache"] = stacked.StackCache()
+        return stacked.stacks(cache, params, grads, state)
+
+    def _stacked_columns(self, columns: list[list[torch.Tensor]]
+                         ) -> tuple[list[stacked.Stack], list[list[torch.Tensor]]]:
+        """A group's ``[params, grads, *state]`` columns as :meth:`_stacks` and the same columns
+        of stacks (a foreach update runs on them as on the tensors; :meth:`.stacked.Stack.write_back`
+        stores the parameters after it)."""
+        stacks = self._stacks(columns[0], columns[1], columns[2:])
+        return stacks, [[s.param for s in stacks], [s.grad for s in stacks],
+                        *(list(c) for c in zip(*(s.state for s in stacks)))]
 
     @abc.abstractmethod
     def _update(self, groups: list[dict[str, Any]]) -> None:

@@ -32,7 +32,8 @@ Paths (:mod:`.dispatch`): DAdaptAdam and Prodigy have one function per pass
 (:func:`dadapt_adam_step` = :func:`dadapt_adam_moments` then :func:`dadapt_adam_apply`;
 :func:`prodigy_sums`, :func:`prodigy_step`) for the single-tensor, foreach and opt-in compiled
 paths, and Triton kernels (:mod:`.kernels.dadapt`, fp32, tested against them) that keep ``d``
-on the device. The others step tensor by tensor.
+on the device. The others step tensor by tensor. On the CPU, small tensors in few shapes step
+as one stack per shape (:mod:`.stacked`): the same functions, or loop bodies, on the stacks.
 
 Fixes of the references: the sums are device tensors reduced once per step (the eager paths
 read the new ``d`` once per step, the kernels never), not one ``.item()`` per tensor; sharded
@@ -68,7 +69,7 @@ class _DAdapted(Optimizer):
     holds numbers either way."""
 
     shared_keys: tuple[str, ...] = ("d", "k")
-    kernels = dispatch.Kernels(dtypes=(), foreach=False)
+    kernels = dispatch.Kernels(dtypes=(), foreach=False, stacked=True)
 
     def __init__(self, params, defaults: dict[str, Any], decouple: bool):
         if not defaults["lr"] > 0:
@@ -150,21 +151,37 @@ class _DAdapted(Optimizer):
         total = torch.stack(terms).sum(0) if terms else torch.zeros(width, dtype=torch.float64, device=device)
         return self._all_reduce(total).tolist()
 
-    @staticmethod
-    def _grad(group: dict[str, Any], p: torch.Tensor) -> torch.Tensor:
-        """The local gradient, with L2 decay added to a copy (never to ``p.grad``)."""
-        g = local_tensor(p.grad)
-        return g.add(local_tensor(p), alpha=group["l2"]) if group["l2"] else g
+    def _items(self, group: dict[str, Any], keys: tuple[str, ...],
+               init: Callable[[dict[str, Any], torch.Tensor], None]):
+        """``(items, stacks)``: ``(p, g, state)`` of each parameter of ``group`` with a gradient (the
+        rank-local tensors, ``state`` its tensors under ``keys``, made by ``init`` at the first
+        step), or of each stack of them (``"stacked"``: the stacks, to write back after the step)."""
+        params = [p for _, p in self._with_grads(group)]
+        for p in params:
+            if not self.state[p]:
+                init(self.state[p], p)
+        columns = [[self.state[p][key] for p in params] for key in keys]
+        if group["path"] == "stacked" and params:
+            stacks = self._stacks(params, [p.grad for p in params], columns)
+            return [(s.param, s.grad, s.state) for s in stacks], stacks
+        return list(zip(local_tensors(params)[0], local_tensors([p.grad for p in params])[0],
+                        zip(*local_tensors(*columns)) if columns else [()] * len(params))), []
 
-    @staticmethod
-    def _decay(group: dict[str, Any], p: torch.Tensor, dlr: float) -> None:
-        if group["decay"]:
-            local = local_tensor(p)
-            local.add_(local, alpha=-group["decay"] * dlr)
-
-    def _view(self, p: torch.Tensor) -> dict[str, Any]:
-        """``p``'s state with rank-local views of DTensor entries (in-place updates reach them)."""
-        return {k: local_tensor(v) if isinstance(v, torch.Tensor) else v for k, v in self.state[p].items()}
+    def _stacked(self, gathered: list[tuple[dict[str, Any], list[list[Any]]]]):
+        """``gathered`` with each ``"stacked"`` group's ``[params, grads, *state]`` columns
+        replaced by columns of stacks (:meth:`_stacked_columns`; a state column of ``None``, a
+        state the group does not keep, stays ``None`` per stack), and the stacks to write back."""
+        out, stacks = [], []
+        for group, columns in gathered:
+            if group["path"] == "stacked":
+                kept = [i for i, column in enumerate(columns) if column[0] is not None]
+                group_stacks, stacked = self._stacked_columns([columns[i] for i in kept])
+                stacks += group_stacks
+                columns = [[None] * len(group_stacks)] * len(columns)
+                for i, column in zip(kept, stacked):
+                    columns[i] = column
+            out.append((group, columns))
+        return out, stacks
 
     def _count(self, params: list[torch.Tensor]) -> None:
         for p in params:
@@ -194,9 +211,9 @@ def _bias_correction(group: dict[str, Any], k: float | torch.Tensor) -> float | 
 def _run(fn: Callable[..., None], path: str, columns: list[list[torch.Tensor]], values: tuple[float, ...],
          sums: torch.Tensor | None = None) -> None:
     """``fn(*tensors, [sums], *values)`` over a group's tensors by its path: tensor by tensor
-    (``"single"``), per (device, dtype) list (``"foreach"``), or compiled (``"compiled"``, each
-    tensor's sums in a row of its own, added after). ``sums`` (float64) accumulates what ``fn``
-    adds to it."""
+    (``"single"``), per (device, dtype) list (``"foreach"``, and ``"stacked"`` on columns of
+    stacks), or compiled (``"compiled"``, each tensor's sums in a row of its own, added after).
+    ``sums`` (float64) accumulates what ``fn`` adds to it."""
     if path == "compiled":
         rows = [] if sums is None else list(torch.zeros(len(columns[0]), sums.numel(), dtype=sums.dtype,
                                                         device=sums.device).unbind())
@@ -205,7 +222,7 @@ def _run(fn: Callable[..., None], path: str, columns: list[list[torch.Tensor]], 
             sums.add_(torch.stack(rows).sum(0))
         return
     extra = () if sums is None else (sums,)
-    if path == "foreach":
+    if path in ("foreach", "stacked"):  # "stacked": columns of stacks (:meth:`_DAdapted._stacked`)
         for bucket in by_device_and_dtype(*local_tensors(*columns)):
             fn(*bucket, *extra, *values)
     else:
@@ -236,14 +253,15 @@ def dadapt_adam_moments(p, g, m, v, s, sums, eps, num_scale, beta1, m_scale, bet
     ``v``), ``m <- beta1 m + m_scale g``, ``v <- beta2 v + (1 - beta2) g^2``, ``s' = root s +
     s_scale g``: the reference's op sequence."""
     g = _with_l2(g, p, l2)
-    num = ops.total_dot(g, ops.div(s, ops.add_scalar_(ops.sqrt(v), eps))) * num_scale
+    quotient = ops.div_into(s, ops.add_scalar_(ops.sqrt(v), eps))
+    num = ops.total_dot(g, quotient) * num_scale
     ops.mul_(m, beta1)
     ops.add_(m, g, alpha=m_scale)
     ops.mul_(v, beta2)
     ops.addcmul_(v, g, g, one_minus_beta2)
     ops.mul_(s, root)
     ops.add_(s, g, alpha=s_scale)
-    _add_sums(sums, num, ops.total_abs(s) * r)
+    _add_sums(sums, num, ops.total_abs(s, into=quotient) * r)
 
 
 def dadapt_adam_apply(p, m, v, eps, decay) -> None:
@@ -273,7 +291,7 @@ class DAdaptAdam(_DAdapted):
     """
 
     family = FAMILIES["adamw"]
-    kernels = dispatch.Kernels(dtypes=FUSED_DTYPES)
+    kernels = dispatch.Kernels(dtypes=FUSED_DTYPES, stacked=True)
     shared_keys = ("d", "numerator", "k")
 
     def __init__(self, params, lr: float = 1.0, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
@@ -291,6 +309,8 @@ class DAdaptAdam(_DAdapted):
         one_pass = isinstance(shared["k"], torch.Tensor) or shared["k"] > 0  # d adapted: the update may go first
         gathered = [(group, self._gather(group)) for group in groups]
         gathered = [(group, columns) for group, columns in gathered if columns[0]]
+        counted = [columns[0] for _, columns in gathered]
+        gathered, stacks = self._stacked(gathered)
         on_device = one_pass and bool(gathered) and all(group["path"] == "fused" for group, _ in gathered)
         if not on_device:
             shared = _host(shared)
@@ -312,9 +332,11 @@ class DAdaptAdam(_DAdapted):
         if not one_pass and new["k"] > shared["k"]:  # the reference skips the update while every gradient is 0
             for path, columns, values in applies:
                 _run(dadapt_adam_apply, "single" if path == "compiled" else path, columns, values)
+        for stack in stacks:
+            stack.write_back()
         if one_pass or new["k"] > shared["k"]:
-            for _, columns in gathered:
-                self._count(columns[0])
+            for params in counted:
+                self._count(params)
 
     def _gather(self, group: dict[str, Any]) -> list[list[torch.Tensor]]:
         """The group's ``[params, grads, exp_avgs, exp_avg_sqs, s]`` with a gradient (state made
@@ -391,10 +413,11 @@ def prodigy_sums(p, g, p0, s, sums, l2, num_scale, beta3, s_scale, r) -> None:
     """Pass 1 of a Prodigy step of a (flat, ``slice_p``-sliced) parameter or list, in place: with
     ``g <- g + l2 p``, ``sums += [num_scale <g, p0 - p>, r ||s'||_1]``, ``s' = beta3 s + s_scale g``."""
     g = _with_l2(g, p, l2)
-    num = ops.total_dot(g, ops.sub(p0, p)) * num_scale  # weight 1: see the module doc
+    displacement = ops.sub(p0, p)
+    num = ops.total_dot(g, displacement) * num_scale  # weight 1: see the module doc
     ops.mul_(s, beta3)
     ops.add_(s, g, alpha=s_scale)
-    _add_sums(sums, num, ops.total_abs(s) * r)
+    _add_sums(sums, num, ops.total_abs(s, into=displacement) * r)
 
 
 def _prodigy_step(p, g, m, v, l2, beta1, m_scale, beta2, v_scale, eps_d, decay, step) -> None:
@@ -435,7 +458,7 @@ class Prodigy(_DAdapted):
     """
 
     family = FAMILIES["adamw"]
-    kernels = dispatch.Kernels(dtypes=FUSED_DTYPES, takes_group=lambda group: group["slice_p"] == 1)
+    kernels = dispatch.Kernels(dtypes=FUSED_DTYPES, stacked=True, takes_group=lambda group: group["slice_p"] == 1)
     shared_keys = ("d", "d_max", "numerator", "k", "d_hat", "d_denom")
 
     def __init__(self, params, lr: float = 1.0, betas: tuple[float, float] = (0.9, 0.999), beta3: float | None = None,
@@ -458,6 +481,8 @@ class Prodigy(_DAdapted):
         beta1 = top["betas"][0]
         gathered = [(group, self._gather(group, beta1)) for group in groups]
         gathered = [(group, columns) for group, columns in gathered if columns[0]]
+        counted = [columns[0] for _, columns in gathered]
+        gathered, stacks = self._stacked(gathered)
         on_device = bool(gathered) and all(group["path"] == "fused" for group, _ in gathered)
         old = self._shared() if on_device else _host(self._shared())
         d, d0 = old["d"], top["d0"]
@@ -470,7 +495,11 @@ class Prodigy(_DAdapted):
             if group["path"] == "fused":
                 self._launch_sums([p, g, p0, s], group, [d / d0 * dlr, d / d0 * d], sums)
                 continue
-            sliced = [_sliced(t, group["slice_p"]) for t in (p, g)]
+            if group["path"] == "stacked":  # each row is a parameter; a row of 0-dim p0s is one column
+                sliced = [[t.flatten(1)[:, ::group["slice_p"]] for t in column] for column in (p, g)]
+                p0 = [z.view(-1, 1) if z.dim() == 1 else z for z in p0]
+            else:
+                sliced = [_sliced(t, group["slice_p"]) for t in (p, g)]
             if group["path"] == "foreach":
                 p0 = [z.expand(x.shape) if z.dim() == 0 else z for z, x in zip(p0, local_tensors(sliced[0])[0])]
             s_scale = d / d0 * (d if group["safeguard_warmup"] else dlr)
@@ -488,8 +517,11 @@ class Prodigy(_DAdapted):
                                   [d, new["d"], step, step if beta1 > 0 else step * new["d"]])
             else:
                 _run(fn, group["path"], [p, g, *momentum, v], _step_values(group, top, d, new["d"], step))
-            if on_device or live:
-                self._count(p)
+        for stack in stacks:
+            stack.write_back()
+        if on_device or live:
+            for params in counted:
+                self._count(params)
 
     def _gather(self, group: dict[str, Any], beta1: float) -> list[list[torch.Tensor]]:
         """The group's ``[params, grads, exp_avgs, p0s, s, exp_avg_sqs]`` with a gradient
@@ -610,40 +642,43 @@ class DAdaptSGD(_DAdapted):
     def _update(self, groups: list[dict[str, Any]]) -> None:
         top = self.param_groups[0]
         d, k, lr = top["d"], top["k"], top["lr"]
-        live = [(group, p) for group in groups for p in group["params"] if p.grad is not None]
-        grads = {id(p): self._grad(group, p) for group, p in live}
         if k == 0:  # the first gradient's norm fixes the scale of dlr (one reduction)
             # of the raw gradient, without weight decay, as the reference effectively computes it
+            live = [(group, p) for group in groups for _, p in self._with_grads(group)]
             terms = [torch.stack([local_tensor(p.grad).square().sum(), torch.zeros((), dtype=p.dtype, device=p.device)])
                      .to(torch.float64) for group, p in live if group["lr"] > 0]
-            g_sq, _ = self._reduce(terms, grads[id(live[0][1])] if live else None)
+            g_sq, _ = self._reduce(terms, local_tensor(live[0][1].grad) if live else None)
             if g_sq == 0:
                 return
             self._store(dict(g0_norm=math.sqrt(g_sq)))
         dlr = d * lr / top["g0_norm"]
+        items = [(group, *self._items(group, ("z", "x0", "s"), _sgd_state)) for group in groups]
         terms, like = [], None
-        for group, p in live:
-            state, g = self.state[p], grads[id(p)]
-            if not state:
-                state["z"], state["x0"] = p.detach().clone(), p.detach().clone()
-                state["s"] = torch.zeros_like(p.detach())
+        for group, entries, _ in items:
             if group["lr"] > 0.0:
-                r, view = group["r"], self._view(p)
-                num = torch.dot(g.flatten(), view["s"].flatten()) * (r * dlr)
-                view["s"].add_(g, alpha=dlr)
-                terms.append(torch.stack([num, (view["s"] * view["s"]).sum() * r]).to(torch.float64))
-                like = g
+                for p, g, (_, _, s) in entries:
+                    g = _with_l2(g, p, group["l2"])
+                    num = torch.dot(g.flatten(), s.flatten()) * (group["r"] * dlr)
+                    s.add_(g, alpha=dlr)
+                    terms.append(torch.stack([num, torch.dot(s.flatten(), s.flatten()) * group["r"]]).to(torch.float64))
+                    like = g
         delta, sk_sq = self._reduce(terms, like)
         numerator = top["numerator"] + delta
         if sk_sq == 0:
             return
         d = max(d, min(2 * numerator / math.sqrt(sk_sq), d * top["growth_rate"]))
         self._store(dict(numerator=numerator, d=d, k=k + 1))
-        for group, p in live:
-            view = self._view(p)
-            torch.sub(view["x0"], view["s"], alpha=group["r"], out=view["z"])
-            local_tensor(p).mul_(group["momentum"]).add_(view["z"], alpha=1 - group["momentum"])
-        return
+        for group, entries, stacks in items:
+            for p, _, (z, x0, s) in entries:
+                torch.sub(x0, s, alpha=group["r"], out=z)
+                p.mul_(group["momentum"]).add_(z, alpha=1 - group["momentum"])
+            for stack in stacks:
+                stack.write_back()
+
+
+def _sgd_state(state: dict[str, Any], p: torch.Tensor) -> None:
+    state["z"], state["x0"] = p.detach().clone(), p.detach().clone()
+    state["s"] = torch.zeros_like(p.detach())
 
 
 class DAdaptLion(_DAdapted):
@@ -669,28 +704,28 @@ class DAdaptLion(_DAdapted):
         terms, like = [], None
         for group in groups:
             r = group["r"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                g, local, state = local_tensor(p.grad), local_tensor(p), self.state[p]
-                if not state:
-                    state["exp_avg"], state["s"] = torch.zeros_like(p.detach()), torch.zeros_like(p.detach())
-                view = self._view(p)
-                m, s = view["exp_avg"], view["s"]
-                self._decay(group, p, dlr)
+            entries, stacks = self._items(group, ("exp_avg", "s"), _lion_state)
+            for p, g, (m, s) in entries:
+                if group["decay"]:
+                    p.add_(p, alpha=-group["decay"] * dlr)
                 update = m.mul(beta1).add_(g, alpha=1 - beta1).sign_()
-                local.add_(update, alpha=-r * dlr)
+                p.add_(update, alpha=-r * dlr)
                 m.mul_(beta2).add_(g, alpha=(1 - beta2) * dlr)
                 num = torch.dot(update.flatten(), s.flatten()) * (r * dlr)
                 s.mul_(root).add_(update, alpha=(1 - root) * dlr)
                 terms.append(torch.stack([num, s.abs().sum() * r]).to(torch.float64))
                 like = g
+            for stack in stacks:
+                stack.write_back()
         num, den = self._reduce(terms, like)
         numerator = root * top["numerator"] + (1 - root) * num
         if den == 0:
             return
         self._store(dict(numerator=numerator, d=max(d, numerator / ((1 - root) * den)), k=top["k"] + 1))
-        return
+
+
+def _lion_state(state: dict[str, Any], p: torch.Tensor) -> None:
+    state["exp_avg"], state["s"] = torch.zeros_like(p.detach()), torch.zeros_like(p.detach())
 
 
 class DAdaptAdaGrad(_DAdapted):
@@ -715,29 +750,18 @@ class DAdaptAdaGrad(_DAdapted):
         d = top["d"]
         dlr = d * top["lr"]
         terms, like = [], None
-        for group in groups:
-            r, eps = group["r"], group["eps"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise ValueError(f"DAdaptAdaGrad got a sparse gradient for a parameter of shape {tuple(p.shape)}; "
-                                     f"mupkit's version takes dense gradients (e.g. nn.Embedding(sparse=False)).")
-                g = self._grad(group, p)
-                state = self.state[p]
-                if not state:
-                    state["alphak"] = torch.full_like(p.detach(), 1e-6)
-                    state["sk"], state["x0"] = torch.zeros_like(p.detach()), p.detach().clone()
-                view = self._view(p)
-                a, sk = view["alphak"], view["sk"]
-                old_q = a.sqrt().add_(eps)
+        items = [(group, *self._items(group, ("alphak", "sk", "x0"), _adagrad_state)) for group in groups]
+        for group, entries, _ in items:
+            for p, g, (a, sk, _) in entries:
+                g = _with_l2(g, p, group["l2"])
+                old_q = a.sqrt().add_(group["eps"])
                 old_sksq, old_l1 = (sk * sk).div(old_q).sum(), sk.abs().sum()
                 a.add_(g * g)
-                q = a.sqrt().add_(eps)
+                q = a.sqrt().add_(group["eps"])
                 g_sq = (g * g).div(q).sum()
                 sk.add_(g, alpha=dlr)
                 terms.append(torch.stack([g_sq, (sk * sk).div(q).sum() - old_sksq, sk.abs().sum() - old_l1])
-                             .to(torch.float64) * r)
+                             .to(torch.float64) * group["r"])
                 like = g
         g_sq, sksq_change, skl1_change = self._reduce(terms, like, width=3)
         sksq_weighted, skl1 = top["sksq_weighted"] + sksq_change, top["skl1"] + skl1_change
@@ -746,15 +770,17 @@ class DAdaptAdaGrad(_DAdapted):
         gsq_weighted = top["gsq_weighted"] + dlr * dlr * g_sq
         d = max(d, min((sksq_weighted - gsq_weighted) / skl1, d * top["growth_rate"]))
         self._store(dict(gsq_weighted=gsq_weighted, skl1=skl1, sksq_weighted=sksq_weighted, d=d))
-        for group in groups:
-            r, eps = group["r"], group["eps"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                view = self._view(p)
-                z = view["x0"] - r * view["sk"] / view["alphak"].sqrt().add_(eps)
-                local_tensor(p).mul_(group["momentum"]).add_(z, alpha=1 - group["momentum"])
-        return
+        for group, entries, stacks in items:
+            for p, _, (a, sk, x0) in entries:
+                z = x0 - group["r"] * sk / a.sqrt().add_(group["eps"])
+                p.mul_(group["momentum"]).add_(z, alpha=1 - group["momentum"])
+            for stack in stacks:
+                stack.write_back()
+
+
+def _adagrad_state(state: dict[str, Any], p: torch.Tensor) -> None:
+    state["alphak"] = torch.full_like(p.detach(), 1e-6)
+    state["sk"], state["x0"] = torch.zeros_like(p.detach()), p.detach().clone()
 
 
 __all__ = ["DAdaptAdaGrad", "DAdaptAdam", "DAdaptLion", "DAdaptSGD", "Prodigy"]

@@ -1,7 +1,8 @@
 """Which implementation runs a param group's step: the one place that decides.
 
 Paths: ``"single"`` (the algorithm's per-tensor update function, tensor by tensor), ``"foreach"``
-(the same function over lists, one ``torch._foreach_*`` call per op), ``"fused"`` (one Triton
+(the same function over lists, one ``torch._foreach_*`` call per op), ``"stacked"`` (the same
+function over stacks of the same-shape tensors, :mod:`.stacked`), ``"fused"`` (one Triton
 launch for every fused group's tensors; for ``Adam``/``AdamW``/``SGD`` on the CPU, torch's fused
 CPU kernel) and ``"compiled"`` (``torch.compile`` of the per-tensor function).
 
@@ -16,8 +17,10 @@ Triton installed                  dtype (and, for kernels that sum with atomic a
                                   deterministic mode is off)
 CUDA otherwise (DTensor shards)   ``"foreach"`` (torch's own CUDA default)
 CPU, algorithm with a CPU kernel  ``"fused"`` (torch's fused CPU kernel: Adam, AdamW, SGD)
-CPU, tensors of < 2^16 elements   ``"foreach"`` (the per-op cost is shared by the list)
-on average
+CPU, tensors of < 2^16 elements   ``"stacked"`` where the algorithm offers it and the tensors
+on average                        come in at most ``len / 4`` shapes (each op runs once per
+                                  shape), else ``"foreach"`` (the per-op cost is shared by
+                                  the list)
 CPU otherwise                     ``"single"`` (each tensor's ops run while it is in cache)
 ================================  ==========================================================
 
@@ -39,10 +42,13 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-PATHS = ("single", "foreach", "fused", "compiled")
+PATHS = ("single", "foreach", "stacked", "fused", "compiled")
 
-#: mean elements per tensor under which a CPU group defaults to the multi-tensor path
+#: mean elements per tensor under which a CPU group defaults to the multi-tensor (or stacked) path
 CPU_SMALL_TENSOR = 1 << 16
+
+#: tensors per shape (on average) from which a small-tensor CPU group defaults to ``"stacked"``
+STACK_PER_SHAPE = 4
 
 #: the flags a group may carry to choose its path
 FLAGS = ("fused", "compiled", "foreach")
@@ -55,13 +61,15 @@ class Kernels:
     ``dtypes``: parameter dtypes its Triton kernel takes (empty: no kernel); ``deterministic``:
     whether the kernel's sums are (False: atomic adds, not a default under torch's deterministic
     mode); ``cpu_fused``: a fused CPU kernel exists (torch's, for the torch-based optimizers);
-    ``foreach``: the multi-tensor path exists; ``takes_group``: whether the kernel takes a group's
+    ``foreach``: the multi-tensor path exists; ``stacked``: the update takes stacks of
+    same-shape tensors (:mod:`.stacked`); ``takes_group``: whether the kernel takes a group's
     hyperparameters (None: every group's; a group it does not take gets the eager default)."""
 
     dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.float16)
     deterministic: bool = True
     cpu_fused: bool = False
     foreach: bool = True
+    stacked: bool = False
     takes_group: Callable[[dict[str, Any]], bool] | None = None
 
 
@@ -97,8 +105,12 @@ def default_path(params: Sequence[torch.Tensor], kernels: Kernels) -> str:
         return "foreach" if kernels.foreach else "single"
     if kernels.cpu_fused and all(p.device.type == "cpu" and plain_dense(p) and p.is_floating_point() for p in params):
         return "fused"
-    small = sum(p.numel() for p in params) < CPU_SMALL_TENSOR * len(params)
-    return "foreach" if kernels.foreach and small else "single"
+    if sum(p.numel() for p in params) >= CPU_SMALL_TENSOR * len(params):
+        return "single"
+    if kernels.stacked and all(plain_dense(p) for p in params) and \
+            len({(p.shape, p.dtype) for p in params}) * STACK_PER_SHAPE <= len(params):
+        return "stacked"
+    return "foreach" if kernels.foreach else "single"
 
 
 def chosen_path(group: dict[str, Any], kernels: Kernels) -> str:
@@ -165,5 +177,5 @@ def check_fused(name: str, tensors: Sequence[torch.Tensor], kernels: Kernels) ->
                                f"{t.stride()}; make the parameter contiguous or use fused=False.")
 
 
-__all__ = ["CPU_SMALL_TENSOR", "FLAGS", "Kernels", "PATHS", "check_flags", "check_fused", "chosen_path",
-           "default_path", "group_paths", "interpreted", "kernel_device", "plain_dense", "triton_available"]
+__all__ = ["CPU_SMALL_TENSOR", "FLAGS", "Kernels", "PATHS", "STACK_PER_SHAPE", "check_flags", "check_fused",
+           "chosen_path", "default_path", "group_paths", "interpreted", "kernel_device", "plain_dense", "triton_available"]

@@ -174,6 +174,14 @@ def norms(x: Tensors) -> torch.Tensor:
     return torch.stack(torch._foreach_norm(x))
 
 
+def div_into(x: Tensors, y: Tensors) -> Tensors:
+    """``x / y``; on one tensor written into ``y``, a temporary the caller gives up (one large
+    allocation fewer on the CPU), on lists new tensors."""
+    if not is_list(x):
+        return torch.div(x, y, out=y)
+    return torch._foreach_div(x, y)
+
+
 def div(x: Tensors, y: Tensors) -> Tensors:
     """``x / y`` (``y``: tensors like ``x``, or a scalar), new tensors."""
     return torch._foreach_div(x, y) if is_list(x) else torch.div(x, y)
@@ -213,11 +221,12 @@ def total_dot(x: Tensors, y: Tensors) -> torch.Tensor:
     return torch.stack([torch.dot(a.reshape(-1), b.reshape(-1)) for a, b in zip(x, y)]).to(torch.float64).sum()
 
 
-def total_abs(x: Tensors) -> torch.Tensor:
+def total_abs(x: Tensors, into: Tensors | None = None) -> torch.Tensor:
     """``sum(|x|)`` over every element (of every tensor of a list), a float64 0-dim tensor: each
-    tensor's sum in its dtype, summed in float64."""
+    tensor's sum in its dtype, summed in float64. ``into``: a temporary like ``x`` that may hold
+    ``|x|`` (one large allocation fewer on the CPU)."""
     if not is_list(x):
-        return x.abs().sum().to(torch.float64)
+        return (x.abs() if into is None else torch.abs(x, out=into)).sum().to(torch.float64)
     return torch.stack(torch._foreach_norm(x, 1)).to(torch.float64).sum()
 
 
@@ -249,6 +258,6 @@ def minimum_(x: Tensors, s: Scalars) -> Tensors:
 
 
 __all__ = ["Scalars", "Tensors", "add", "add_", "add_scalar_", "addcdiv_", "addcmul_", "atan2_", "clamp_",
-           "copy_", "div", "is_list", "lerp_", "maximum", "maximum_", "minimum_", "mul", "mul_", "neg",
+           "copy_", "div", "div_into", "is_list", "lerp_", "maximum", "maximum_", "minimum_", "mul", "mul_", "neg",
            "negated", "norms", "rsqrt", "rsqrt_", "scalars", "sqrt", "sqrt_", "sub", "to_dtype", "total_abs",
            "total_dot", "write_back"]

@@ -66,9 +66,13 @@ from ..rules import FAMILIES
 from . import dispatch, ops
 from .base import Optimizer
 from .sharding import ShardInfo, all_sum, global_rms, local_tensor, shard_info, state_like
+from .stacked import Stack
 from .tensors import by_device_and_dtype, state_dtype
 
 CLIPPING_SCOPES = ("group", "all")
+
+#: the per-tensor state of a sized tensor besides its moments (made at its first step)
+SCALE_KEYS = ("param_rms", "scale_exp_avg_sq", "scale_grads")
 
 #: the early steps at which the clipping threshold is first set, from fewer recorded norms
 EARLY_CLIPPING_STEPS = (10, 20, 40)
@@ -104,6 +108,24 @@ class Bucket:
     deltas: list[torch.Tensor] = field(default_factory=list)
     states: list[dict[str, Any]] = field(default_factory=list)
     infos: list[ShardInfo] = field(default_factory=list)
+    #: the ``"stacked"`` path's stacks (:mod:`.stacked`): then ``params``, ``grads``,
+    #: ``exp_avg_sqs`` and ``deltas`` hold one stack each, ``states`` and ``infos`` their members
+    stacks: list[Stack] | None = None
+
+    def per_tensor(self, key: str) -> torch.Tensor:
+        """The members' state ``key`` (a 0-dim or 1-D tensor each) stacked: ``(n, ...)``."""
+        if self.stacks:
+            return torch.cat([stack.state[SCALE_KEYS.index(key) + 2] for stack in self.stacks])
+        return torch.stack([state[key] for state in self.states])
+
+    def set_per_tensor(self, key: str, values: torch.Tensor) -> None:
+        """Store :meth:`per_tensor`'s ``values`` (``(n, ...)``) back into the members' state ``key``."""
+        if self.stacks:
+            parts = values.split([len(stack.params) for stack in self.stacks])
+            for stack, part in zip(self.stacks, parts):
+                stack.state[SCALE_KEYS.index(key) + 2].copy_(part)
+            return
+        torch._foreach_copy_([state[key] for state in self.states], list(values.unbind()))
 
     @property
     def size_update(self) -> bool:
@@ -129,7 +151,7 @@ class ScaledAdam(Optimizer):
     sums are atomic adds, so they are not the default under ``torch.use_deterministic_algorithms``."""
 
     family = FAMILIES["adafactor"]
-    kernels = dispatch.Kernels(deterministic=False)
+    kernels = dispatch.Kernels(deterministic=False, stacked=True)
     #: arguments under which a zero-initialized tensor trains: an RMS floor like Adafactor's eps2
     #: (scaled per tensor by its muP init scale, so a zero-init muP readout steps like Adam's)
     zero_init_kwargs = {"param_min_rms": 1.0e-3}
@@ -186,7 +208,8 @@ class ScaledAdam(Optimizer):
         holders = {id(g): g["params"][0] for g in self.param_groups}
         first = self.param_groups[0]["params"][0]
         for key, scope in scopes.items():
-            buckets = [bucket for group in scope for bucket in self._gather(group)]
+            buckets = [self._stacked(b) if b.group["path"] == "stacked" else b
+                       for group in scope for b in self._gather(group)]
             if not buckets:
                 continue
             holder = None if scope[0]["clipping_scale"] is None else self.state[holders.get(key, first)]
@@ -205,39 +228,57 @@ class ScaledAdam(Optimizer):
             if fused:
                 _fused_step(fused, fused_sums, factor)
             for bucket in buckets:
+                for stack in bucket.stacks or ():
+                    stack.write_back()
                 for state in bucket.states:
                     state["step"] += 1
+
+    def _stacked(self, bucket: Bucket) -> Bucket:
+        """``bucket`` as stacks of its same-shape tensors (:mod:`.stacked`), members in stack order."""
+        scales = [[state[key] for state in bucket.states] for key in SCALE_KEYS] if bucket.sized else []
+        stacks = self._stacks(bucket.params, bucket.grads, [bucket.exp_avg_sqs, bucket.deltas, *scales])
+        order = [i for stack in stacks for i in stack.members]
+        return Bucket(bucket.group, bucket.step, bucket.sized, [s.param for s in stacks], [s.grad for s in stacks],
+                      [s.state[0] for s in stacks], [s.state[1] for s in stacks], [bucket.states[i] for i in order],
+                      [bucket.infos[i] for i in order], stacks)
 
     def _gather(self, group: dict[str, Any]) -> list[Bucket]:
         """The group's parameters with a gradient, by (step, sized); state made at a first step."""
         names = group.get("param_names")
         buckets: dict[tuple[int, bool], Bucket] = {}
         fresh: list[tuple[str, Bucket, int]] = []
+        whole: dict[torch.Size, ShardInfo] = {}  # one layout per shape of the unsharded tensors
         for index, p in enumerate(group["params"]):
-            if p.grad is None:
+            grad = p.grad
+            if grad is None:
                 continue
-            if p.grad.is_sparse:
+            if grad.is_sparse:
                 name = names[index] if names else f"#{index} of its group"
                 raise RuntimeError(f"ScaledAdam got a sparse gradient for parameter {name} of shape "
                                    f"{tuple(p.shape)}; it needs dense gradients (e.g. nn.Embedding(sparse=False)).")
             state = self.state[p]
-            info = shard_info(names[index] if names else f"#{index} of its group", p)
+            plain = dispatch.plain_dense(p)
+            if plain:
+                info = whole.get(p.shape) or whole.setdefault(p.shape, ShardInfo(p.shape, None))
+            else:
+                info = shard_info(names[index] if names else f"#{index} of its group", p)
             if not state:
                 state["step"] = 0
                 state["exp_avg_sq"] = state_like(torch.zeros_like(local_tensor(p), dtype=state_dtype(p)), p, info,
                                                  tuple(p.shape))
                 state["delta"] = state_like(torch.zeros_like(local_tensor(p), dtype=state_dtype(p)), p, info,
                                             tuple(p.shape))
-            sized = info.numel > 1
+            sized = (p.numel() if plain else info.numel) > 1
             bucket = buckets.get((state["step"], sized))
             if bucket is None:
                 bucket = buckets[(state["step"], sized)] = Bucket(group, state["step"], sized)
             if sized and "param_rms" not in state:
                 fresh.append((names[index] if names else f"#{index} of its group", bucket, len(bucket.params)))
-            bucket.params.append(local_tensor(p))
-            bucket.grads.append(local_tensor(p.grad))
-            bucket.exp_avg_sqs.append(local_tensor(state["exp_avg_sq"]))
-            bucket.deltas.append(local_tensor(state["delta"]))
+            local = _itself if plain else local_tensor
+            bucket.params.append(local(p))
+            bucket.grads.append(local(grad))
+            bucket.exp_avg_sqs.append(local(state["exp_avg_sq"]))
+            bucket.deltas.append(local(state["delta"]))
             bucket.states.append(state)
             bucket.infos.append(info)
         if fresh:
@@ -264,6 +305,10 @@ class ScaledAdam(Optimizer):
                           f"uses U(-0.1, 0.1) * initial_scale for biases), or raise param_min_rms (e.g. 1e-3, "
                           f"Adafactor's floor; mupkit scales it with each tensor's muP init scale).",
                           stacklevel=3)
+
+
+def _itself(t: torch.Tensor) -> torch.Tensor:
+    return t
 
 
 # ------------------------------------------------------------------------------ clipping
@@ -307,7 +352,7 @@ def _scaled_norm(buckets: list[Bucket], sums: list[Sums]) -> torch.Tensor:
     total = None
     for bucket, s in zip(buckets, sums):
         if bucket.sized:
-            rms = torch.stack([state["param_rms"] for state in bucket.states]).to(s.grad_sq.dtype)
+            rms = bucket.per_tensor("param_rms").to(s.grad_sq.dtype)
             part = (s.grad_sq * rms.square()).sum()
         else:
             part = s.grad_sq.sum() * bucket.group["scalar_lr_scale"] ** 2
@@ -378,6 +423,15 @@ def _eager_sums(bucket: Bucket, clipping: bool) -> Sums:
     sums = Sums()
     dtype = bucket.exp_avg_sqs[0].dtype
     grads = ops.to_dtype(bucket.grads, dtype)
+    if bucket.stacks:  # whole CPU tensors, a row per member
+        if clipping:
+            sums.grad_sq = torch.cat([g.flatten(1).square().sum(1) for g in grads])
+        if bucket.sized:
+            works = ops.to_dtype(bucket.params, dtype)
+            sums.dots = torch.cat([(w * g).flatten(1).sum(1) for w, g in zip(works, grads)])
+            if bucket.size_update:
+                sums.rms = torch.cat([w.flatten(1).square().mean(1) for w in works]).sqrt()
+        return sums
     if clipping:
         sums.grad_sq = all_sum(ops.norms(grads).square(), bucket.infos)
     if bucket.sized:
@@ -393,12 +447,19 @@ def _eager_step(bucket: Bucket, sums: Sums, factor: torch.Tensor | None) -> None
     """The bucket's sizes, then :func:`scaled_adam_update` over it: one call on lists
     (``"foreach"``, per device and dtype) or one per tensor (``"single"``)."""
     n = len(bucket.params)
-    size, size_step = [1.0] * n, None
+    sizes, steps = None, None
     if bucket.sized:
         _record_dots(bucket, sums.dots, factor)
         sizes, steps = _sizes(bucket, sums.rms)
-        size, size_step = list(sizes.unbind()), None if steps is None else list(steps.unbind())
     values = _values(bucket)
+    if bucket.stacks:  # one call per stack, each member's values in a row
+        size = [1.0] * n if sizes is None else _rows(sizes, bucket.stacks)
+        size_step = [None] * n if steps is None else _rows(steps, bucket.stacks)
+        for stack, size, steps in zip(bucket.stacks, size, size_step):
+            scaled_adam_update(stack.param, stack.grad, stack.state[0], stack.state[1], factor, *values, size, steps)
+        return
+    size = [1.0] * n if sizes is None else list(sizes.unbind())
+    size_step = None if steps is None else list(steps.unbind())
     columns = (bucket.params, bucket.grads, bucket.exp_avg_sqs, bucket.deltas, size, size_step or [None] * n)
     if bucket.group["path"] == "foreach":
         for ps, gs, vs, ds, size, steps in by_device_and_dtype(*columns):
@@ -409,15 +470,20 @@ def _eager_step(bucket: Bucket, sums: Sums, factor: torch.Tensor | None) -> None
         scaled_adam_update(p, g, v, d, factor, *values, size, steps)
 
 
+def _rows(values: torch.Tensor, stacks: list[Stack]) -> list[torch.Tensor]:
+    """One value per member (1-D, in stack order) as a ``(n, 1, ..., 1)`` tensor per stack."""
+    parts = values.split([len(stack.params) for stack in stacks])
+    return [part.view(stack.rows) for part, stack in zip(parts, stacks)]
+
+
 def _record_dots(bucket: Bucket, dots: torch.Tensor, factor: torch.Tensor | None) -> None:
     """Buffer this step's ``<P, g>`` of each sized tensor, times the clipping ``factor`` (0 where
     it is 0), in slot ``step % size_update_period``: one stack, one write, one multi-tensor copy."""
     if factor is not None:
         dots = (dots * factor).nan_to_num_(0.0, 0.0, 0.0)
-    buffers = [state["scale_grads"] for state in bucket.states]
-    stacked = torch.stack(buffers)
-    stacked[:, bucket.step % bucket.group["size_update_period"]] = dots
-    torch._foreach_copy_(buffers, list(stacked.unbind()))
+    buffers = bucket.per_tensor("scale_grads")
+    buffers[:, bucket.step % bucket.group["size_update_period"]] = dots
+    bucket.set_per_tensor("scale_grads", buffers)
 
 
 def _sizes(bucket: Bucket, rms: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -426,19 +492,19 @@ def _sizes(bucket: Bucket, rms: torch.Tensor | None) -> tuple[torch.Tensor, torc
     buffered ``<P, g>``: stacked over the bucket, a fixed number of ops."""
     group, states = bucket.group, bucket.states
     if rms is None:
-        rms = torch.stack([state["param_rms"] for state in states])
+        rms = bucket.per_tensor("param_rms")
     else:
         rms = rms.to(states[0]["param_rms"].dtype)
-        torch._foreach_copy_([state["param_rms"] for state in states], list(rms.unbind()))
+        bucket.set_per_tensor("param_rms", rms)
     sizes = rms.clamp(min=group["param_min_rms"])
     if not (bucket.size_update and bucket.step > 0):
         return sizes, None
     period = group["size_update_period"]
     beta2_period = group["betas"][1] ** period
-    buffers = torch.stack([state["scale_grads"] for state in states])
-    q = torch.stack([state["scale_exp_avg_sq"] for state in states])
+    buffers = bucket.per_tensor("scale_grads")
+    q = bucket.per_tensor("scale_exp_avg_sq")
     q.mul_(beta2_period).add_((buffers * buffers).mean(1), alpha=1.0 - beta2_period)
-    torch._foreach_copy_([state["scale_exp_avg_sq"] for state in states], list(q.unbind()))
+    bucket.set_per_tensor("scale_exp_avg_sq", q)
     step_size = -group["size_lr"] * math.sqrt(1.0 - beta2_period ** ((bucket.step + 1) // period))
     size_steps = buffers.sum(1) * step_size / (q.sqrt() + group["eps"])
     size_steps = torch.where(rms < group["param_min_rms"], 0.0, size_steps).clamp(-0.1, 0.1)
