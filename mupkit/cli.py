@@ -11,7 +11,8 @@ import ast
 import sys
 
 from .coord_check import METRICS, coord_check
-from .optim import BY_NAME
+from .groups import resolve_family
+from .optim import BY_NAME, get_optimizer
 from .rules import DEPTH_RULES, PARAMETRIZATIONS, get_parametrization
 from .sweep_plan import SEARCHES
 from .tasks import HPARAMS, SCHEDULES
@@ -101,6 +102,9 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--steps", type=int, nargs="+", default=[200], help="training steps per trial; several values "
                                                                        "sweep the token horizon")
     t.add_argument("--batches", type=int, nargs="+", help="batch sizes (default: the task's); several sweep it")
+    t.add_argument("--optim", help=f"the optimizer of every trial (built-in tasks; default adamw): "
+                                   f"{' | '.join(BY_NAME)}; muon: Newton-Schulz for the hidden matrices, its AdamW "
+                                   f"part for the rest")
     t.add_argument("--schedule", choices=SCHEDULES, default="constant",
                    help="LR schedule after warmup; with power the swept lr is the Power scheduler's a")
     t.add_argument("--seeds", type=int, default=2)
@@ -130,6 +134,25 @@ def _hparam(text: str) -> tuple[str, list[float]]:
             from None
 
 
+def _optimizer_knobs(name: str | None, parametrizations: list[str]) -> dict[str, str]:
+    """The trainer knob for ``--optim``, its name as :data:`~mupkit.optim.BY_NAME` spells it (none
+    when not given: the task's default, AdamW), after checking that every swept parametrization
+    has an LR rule for each role the optimizer's family steps itself (u-muP's table has no Muon
+    column, so Muon would refuse its matrices)."""
+    if name is None:
+        return {}
+    cls = get_optimizer(name)
+    family = resolve_family(cls)
+    for p in parametrizations:
+        missing = [role.value for role, rule in get_parametrization(p).rules.items()
+                   if family.steps(role) and family.update not in rule.lr]
+        if missing:
+            raise ValueError(f"--optim {name}: the {p!r} parametrization has no {family.name!r} LR rule for its "
+                             f"{', '.join(missing)} parameters; use another --param (mup, sp) or --optim (adamw, "
+                             f"adam, sgd, adafactor)")
+    return {"optimizer": next(key for key, value in BY_NAME.items() if value is cls)}
+
+
 def run_transfer(args: argparse.Namespace) -> int:
     definition = load_task(args.model)
     task = definition.transfer
@@ -137,14 +160,16 @@ def run_transfer(args: argparse.Namespace) -> int:
     base = args.base or widths[0]
     for name in args.param:
         get_parametrization(name)
+    knobs = _optimizer_knobs(args.optim, args.param)
     grid = {"lr": [2.0 ** e for e in (args.log2_lrs or task.log2_lrs)], **dict(args.hparam)}
     if len(args.steps) > 1 and not args.batches:
         raise ValueError("several --steps sweep the token horizon (tokens = steps x batch): give --batches too")
     one_run = len(args.steps) == 1 and not args.batches and args.schedule == "constant"
     if one_run:  # the classic sweep: its trials (tag steps=N) resume from results written before runs existed
-        plan = dict(train=task.trainer(args.steps[0]), tag=f"steps={args.steps[0]}")
+        optim = f" optim={knobs['optimizer']}" if knobs.get("optimizer", "adamw") != "adamw" else ""  # AdamW: old tag
+        plan = dict(train=task.trainer(args.steps[0], **knobs), tag=f"steps={args.steps[0]}{optim}")
     else:
-        runs = [{"steps": s, **({"batch": b} if b else {}), "schedule": args.schedule}
+        runs = [{"steps": s, **({"batch": b} if b else {}), "schedule": args.schedule, **knobs}
                 for s in args.steps for b in (args.batches or [None])]
         plan = dict(trainer=task.trainer, runs=runs)
     result = sweep(definition.constructor, widths, base={"width": base}, grid=grid, parametrizations=args.param,

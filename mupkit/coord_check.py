@@ -11,8 +11,12 @@ recorded twice, as ``name#1``), at step 0 (init) and after each step:
 Tensor leaves of tuple/list/dict outputs are recorded as ``name[i]`` / ``name[key]``; ``None``
 is skipped. Optionally module inputs (``inputs=True``), parameters (``params=True``) and the
 relative update ``||W_t - W_(t-1)|| / ||W_0||`` (``updates=True``; NaN for a parameter that is zero at
-init, which has no scale to relate to). See :mod:`mupkit.verdict` for the fit
-and :mod:`mupkit.plotting` for the figure.
+init, which has no scale to relate to). Each update row also carries ``law``, the width dependence
+muP predicts for it (:func:`update_laws`): ``sqrt(min(A, B, rows) / min(A, B))`` for a matrix the
+optimizer orthogonalizes (Muon; the "Relative updates" law of :mod:`mupkit.spectral`, slope -1/2
+while the matrix is wider than the rows it multiplies per step), 1 for every other parameter
+(entrywise-normalized steps whose muP LR and init scales keep ``r`` width-free). See
+:mod:`mupkit.verdict` for the fit and :mod:`mupkit.plotting` for the figure.
 
 Depth checks (``depths=[...]``): module names inside repeated blocks are made comparable across
 depths: block 0 keeps its name, the last block is named ``<container>.last``, the others are not
@@ -50,14 +54,21 @@ from .build import build
 from .forward_checks import ForwardScalingWarning
 from .infer import NoDepthRuleWarning, infer_plan
 from .data import Batch, synthetic_batch
-from .groups import param_groups
-from .plan import Plan
+from .groups import param_groups, resolve_family
+from .plan import Plan, plan_of
 from .progress import progress
 from .roles import Role
-from .rules import DepthRule
+from .rules import MUP, DepthRule, Family
 from .shapes import Constructor, matches, name_template
+from .spectral import SpectralLR, matrix_fans, relative_update_factor
 
 METRICS = ("l1", "rms", "delta_rms")
+
+
+class UpdateRegimeWarning(UserWarning):
+    """An orthogonalized matrix multiplies more rows per step than its narrower side at some
+    checked width: its update is full rank there, outside muP's rank-limited limit that the
+    relative-update law is stated for (:mod:`mupkit.spectral`, "Relative updates")."""
 
 
 @dataclass
@@ -184,6 +195,65 @@ def _zero_init_kwargs(optimizer: Any) -> dict[str, Any]:
     return dict(getattr(cls, "zero_init_kwargs", {}))
 
 
+def _family(optimizer: Any) -> Family:
+    """The muP family of ``optimizer`` (a mupkit name, a mupkit class, a torch class)."""
+    return resolve_family(mupkit_optim.get_optimizer(optimizer) if isinstance(optimizer, str) else optimizer)
+
+
+def orthogonalized(plan: Plan, family: Family) -> dict[str, tuple[int, int]]:
+    """``name -> (fan_out, fan_in)`` of the parameters ``family`` orthogonalizes at the plan's
+    target size: those it steps itself (:meth:`Family.steps`) under a spectral LR rule in muP's
+    table (:class:`~mupkit.spectral.SpectralLR`: Muon's hidden matrices, conv kernels as
+    ``(out, in * k)``); empty for families that step entrywise."""
+    out = {}
+    for name, spec in plan.items():
+        rule = MUP.rules[spec.role].lr.get(family.update)
+        fans = matrix_fans(spec.target, spec.fan_out_axis, spec.fan_in_axis)
+        if family.steps(spec.role) and isinstance(rule, SpectralLR) and fans is not None:
+            out[name] = fans
+    return out
+
+
+@contextlib.contextmanager
+def _rows_per_step(model: nn.Module, matrices: Mapping[str, tuple[int, int]]):
+    """Count, over the forwards inside the block, the rows each matrix multiplies: its module's
+    output elements over the fan-out (tokens of a linear layer, batch x positions of a conv), summed
+    over calls. A matrix whose module output does not carry its fan-out on the last axis (linear) or
+    axis 1 (conv) is left out: unknown, :func:`update_laws` then takes muP's rank-limited limit."""
+    rows: dict[str, int] = {}
+
+    def hook(name: str, fan_out: int) -> Callable:
+        def count(module, args, out):
+            leaf = next((t for _, t in _tensor_leaves(out)), None)
+            if leaf is not None and fan_out in (leaf.shape[-1], leaf.shape[1] if leaf.ndim > 2 else None):
+                rows[name] = rows.get(name, 0) + leaf.numel() // fan_out
+        return count
+    handles = [model.get_submodule(_owner(n)).register_forward_hook(hook(n, fans[0])) for n, fans in matrices.items()]
+    try:
+        yield rows
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def update_laws(matrices: Mapping[str, tuple[int, int]], rows: Mapping[str, int]) -> dict[str, float]:
+    """``name -> law`` of the relative update's width dependence for the orthogonalized
+    ``matrices``: :func:`~mupkit.spectral.relative_update_factor` of its fans and rows per step
+    (every other parameter's law is 1: width-free)."""
+    return {n: relative_update_factor(fans, rows.get(n)) for n, fans in matrices.items()}
+
+
+def _warn_full_rank(width: int, matrices: Mapping[str, tuple[int, int]], rows: Mapping[str, int]) -> None:
+    """:class:`UpdateRegimeWarning` naming the matrices that multiply more rows than ``min(A, B)``."""
+    full = [f"{n} {fans} x {rows[n]} rows" for n, fans in matrices.items() if rows.get(n, 0) > min(fans)]
+    if full:
+        warnings.warn(UpdateRegimeWarning(
+            f"at width {width} {len(full)} orthogonalized matrices multiply more rows per step than their narrower "
+            f"side ({', '.join(full[:3])}{', ...' if len(full) > 3 else ''}): their updates are full rank, where the "
+            f"relative-update law flattens to slope 0, outside muP's rank-limited limit (width >> rows). Use a "
+            f"batch with fewer tokens (or images, or positions) to check that limit."), stacklevel=3)
+
+
 def _optimizer(model: nn.Module, optimizer: Any, lr: float, kwargs: Mapping[str, Any]) -> torch.optim.Optimizer:
     cls = mupkit_optim.get_optimizer(optimizer) if isinstance(optimizer, str) else optimizer
     if hasattr(cls, "family"):  # mupkit optimizer: reads the per-family scales itself
@@ -258,7 +328,10 @@ def coord_check(constructor: Constructor, widths: Sequence[int] | int, *, base: 
     gets its ``zero_init_kwargs`` (ScaledAdam: ``param_min_rms=1e-3``, a floor that mupkit
     scales with each tensor's muP init scale), unless ``optimizer_kwargs`` set them.
     ``readout``, ``layouts``, ``branch_outputs``, ``example_inputs``: passed to
-    :func:`mupkit.build` (``example_inputs`` defaults to the batch's inputs).
+    :func:`mupkit.build` (``example_inputs`` defaults to the batch's inputs). ``updates``: also
+    record each parameter's relative update per step with its ``law`` (module docstring), which
+    ``verdict(kind="update")`` fits as the expected slope; an orthogonalized matrix that multiplies
+    more rows per step than its narrower side gives an :class:`UpdateRegimeWarning`.
 
     Modules whose outputs depend on no parameter (rotary tables, masks: the plan's
     ``constant_modules``) are not recorded; modules returning the model's output (a readout
@@ -317,7 +390,13 @@ def coord_check(constructor: Constructor, widths: Sequence[int] | int, *, base: 
             x, y = _first_batch(batch, device)
         loss_fn = loss or default_loss
         opt = _optimizer(model, optimizer, lr, optimizer_kwargs or {})
-        rows = _run(model, opt, x, y, loss_fn, steps, inputs or bool(depths), params, updates, judged)
+        matrices = orthogonalized(plan_of(model), _family(optimizer)) if updates else {}
+        rows, counted = _run(model, opt, x, y, loss_fn, steps, inputs or bool(depths), params, updates, judged,
+                             matrices)
+        if matrices:
+            _warn_full_rank(width, matrices, counted)
+            laws = update_laws(matrices, counted)
+            rows = [{**r, "law": laws.get(r["module"], 1.0)} if r["kind"] == "update" else r for r in rows]
         if depths:
             rows = _comparable_across_depth(rows, {c: len(model.get_submodule(c)) for c in containers})
         records.extend({"width": width, **({"depth": depth} if depth else {}), "seed": seed, **row} for row in rows)
@@ -383,17 +462,23 @@ def _comparable_across_depth(rows: list[dict[str, Any]], blocks: Mapping[str, in
     return out
 
 
-def _run(model, opt, x, y, loss_fn, steps, inputs, params, updates, judged) -> list[dict[str, Any]]:
+def _run(model, opt, x, y, loss_fn, steps, inputs, params, updates, judged,
+         matrices) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """The records of ``steps`` steps on ``(x, y)``, and the rows each of ``matrices`` multiplies per step."""
     recorder = _Recorder(model, inputs, judged)
     rows: list[dict[str, Any]] = []
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     init_norms = [p.detach().norm().item() for _, p in named] if updates else []  # 0: no scale to relate to
+    rows_per_step: dict[str, int] = {}
     try:
         for step in range(steps + 1):
             recorder.new_step(step)
             if params:
                 rows.extend({"module": n, "kind": "param", "step": step, **_stats(p)} for n, p in named)
-            out = model(x)
+            with _rows_per_step(model, matrices if step == 0 else {}) as counted:
+                out = model(x)
+            if step == 0:
+                rows_per_step = counted
             if step == steps:
                 break
             value = loss_fn(out, y)
@@ -408,7 +493,7 @@ def _run(model, opt, x, y, loss_fn, steps, inputs, params, updates, judged) -> l
                              "l1": (p.detach() - old).norm().item() / norm if norm > 0 else math.nan})
     finally:
         recorder.close()
-    return recorder.rows + rows
+    return recorder.rows + rows, rows_per_step
 
 
 def default_loss(out: Any, target: torch.Tensor) -> torch.Tensor:

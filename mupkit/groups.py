@@ -16,6 +16,7 @@ from .rules import FAMILIES, MUON_FAMILIES, PARAMETRIZATIONS, Family
 TORCH_FAMILIES = {
     "Adam": "adam", "Adamax": "adam", "NAdam": "adam", "RAdam": "adam", "RMSprop": "adam",
     "Adagrad": "adam", "AdamW": "adamw", "SGD": "sgd", "ASGD": "sgd", "Muon": "muon",
+    "SOAP": "shampoo",  # heavyball.SOAP: Adam in Shampoo's eigenbasis (docs/shampoo.md)
 }
 
 WEIGHT_DECAY_POLICIES = ("coupled", "independent")

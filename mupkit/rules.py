@@ -15,6 +15,18 @@ output     1            m_in^-1         1           m_in              1         
 scalar     1            1               1           1                 1               (AdamW's)
 =========  ===========  ==============  ==========  ================  ==============  ==============
 
+and for the ``shampoo`` family (same init and forward multipliers):
+
+=========  ====================  ======================
+role       Shampoo LR            Shampoo eps (damping)
+=========  ====================  ======================
+input      m_out^1/2             m_out^-1/2
+vector     1                     m_out^-1
+hidden     (m_out / m_in)^1/2    (m_in / m_out)^1/2
+output     m_in^1/2              m_in^-1/2
+scalar     1                     1
+=========  ====================  ======================
+
 The Adafactor column (parameter scaling on) is derived, not tabulated in TP5: its step is
 ``rho * RMS(W)`` times a gradient-scale-free direction, so its LR exponent is Adam's minus the
 init-scale exponent (Everett et al. 2024, Sec. 3; abc-parametrization algebra): hidden
@@ -26,6 +38,19 @@ matrix gets ``[sqrt(A/B) / adjust(A, B)] / [sqrt(A0/B0) / adjust(A0, B0)]`` from
 target shapes (1 for ``"original"`` when fan-out >= fan-in, ``m^-1/2`` for a square matrix under
 ``"match_rms_adamw"``); the other roles are stepped by Muon's AdamW part with the ``adamw``
 family's multipliers (:attr:`Family.roles`). See docs/muon.md for the derivation.
+
+The Shampoo table (family ``shampoo``: heavyball's SOAP, Shampoo's eigenbasis with Adam inside;
+docs/shampoo.md) follows the one-step argument of Ishikawa & Karakida 2024 (ICLR, Sec. 4; not
+checked against their Table 1): once its damping is negligible, a preconditioned matrix steps ``lr * U V^T`` (the gradient's polar factor,
+spectral norm 1 whatever the gradient's scale), so the spectral condition gives LR
+``sqrt(m_out / m_in)`` for input and hidden matrices and, with the readout's ``1/m_in`` forward
+multiplier, ``m_in^1/2`` in this table (``m_in^-1/2`` once absorbed); vectors are stepped by
+SOAP's plain Adam (LR 1). The damping (SOAP's ``eps``, a floor on ``sqrt(v)`` in the rotated
+basis) must keep a fixed ratio to the gradient's singular values, ``sqrt(m_in / m_out)`` (input
+``m_out^-1/2``, hidden 1, readout ``m_in^-1/2`` here, ``m_in^1/2`` once absorbed), and to a
+vector's gradient entries, ``m_out^-1``: a fixed eps moves SOAP from Shampoo's regime (signal
+normalized, the rest damped) towards Adam's (every rotated coordinate normalized) as width
+grows, which no LR rule can follow (:attr:`RoleRule.damping`).
 
 u-muP (:data:`UMUP`) is a table of the same form evaluated at the parameters' own fans (as if
 the base width were 1), with the forward multipliers applied by unit-scaled ops.
@@ -85,6 +110,10 @@ class Family:
     Adam's are), so absorbing ``c`` maps them like AdamW's. ``roles``: the roles the optimizer
     steps with this family's rule (None: every role); Muon orthogonalizes hidden matrices only
     and steps the other roles with :attr:`companion`'s rule (its AdamW part).
+
+    ``"shampoo"`` updates (SOAP: Adam in the eigenbasis of Shampoo's factors) are invariant to
+    the gradient's scale once the damping follows it, so absorbing ``c`` maps lr and wd as
+    AdamW's; SOAP's eps floors ``sqrt(v)`` in gradient units (``eps_power = -1``).
     """
 
     name: str
@@ -112,13 +141,14 @@ FAMILIES: dict[str, Family] = {
                    roles=frozenset({Role.HIDDEN}), companion="adamw"),
     "muon-rms": Family("muon-rms", "muon-rms", lr_power=1, wd_power=1, has_eps=False, decoupled_wd=True,
                        eps_power=0, roles=frozenset({Role.HIDDEN}), companion="adamw"),
+    "shampoo": Family("shampoo", "shampoo", lr_power=1, wd_power=1, has_eps=True, decoupled_wd=True),
 }
 
 #: the family of each ``torch.optim.Muon`` ``adjust_lr_fn`` (None is ``"original"``)
 MUON_FAMILIES = {None: "muon", "original": "muon", "match_rms_adamw": "muon-rms"}
 
 #: every family's LR rule keyed by :attr:`Family.update`: 1 (tables override per role)
-_ALL_ONE = {"adam": ONE, "sgd": ONE, "adafactor": ONE, "muon": ONE, "muon-rms": ONE}
+_ALL_ONE = {"adam": ONE, "sgd": ONE, "adafactor": ONE, "muon": ONE, "muon-rms": ONE, "shampoo": ONE}
 
 
 @dataclass(frozen=True)
@@ -130,6 +160,9 @@ class RoleRule:
     forward: Power = ONE
     lr: Mapping[str, Power | SpectralLR] = field(default_factory=lambda: dict(_ALL_ONE))
     eps: Power = ONE
+    #: eps rules of preconditioning families keyed by :attr:`Family.update` (their damping sits
+    #: in the gradient's units and must follow its scale); the other families use ``eps``
+    damping: Mapping[str, Power] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -201,12 +234,16 @@ class Parametrization:
 
 
 MUP = Parametrization("mup", {
-    Role.INPUT: RoleRule(lr={**_ALL_ONE, "sgd": Power(b=1)}),
-    Role.VECTOR: RoleRule(lr={**_ALL_ONE, "sgd": Power(b=1)}),
+    Role.INPUT: RoleRule(lr={**_ALL_ONE, "sgd": Power(b=1), "shampoo": Power(b=0.5)},
+                         damping={"shampoo": Power(b=-0.5)}),
+    Role.VECTOR: RoleRule(lr={**_ALL_ONE, "sgd": Power(b=1)}, damping={"shampoo": Power(b=-1)}),
     Role.HIDDEN: RoleRule(init=Power(a=-0.5), lr={"adam": Power(a=-1), "sgd": Power(a=-1, b=1),
                                                   "adafactor": Power(a=-0.5), "muon": SpectralLR("original"),
-                                                  "muon-rms": SpectralLR("match_rms_adamw")}),
-    Role.OUTPUT: RoleRule(forward=Power(a=-1), lr={**_ALL_ONE, "sgd": Power(a=1)}),
+                                                  "muon-rms": SpectralLR("match_rms_adamw"),
+                                                  "shampoo": Power(a=-0.5, b=0.5)},
+                          damping={"shampoo": Power(a=0.5, b=-0.5)}),
+    Role.OUTPUT: RoleRule(forward=Power(a=-1), lr={**_ALL_ONE, "sgd": Power(a=1), "shampoo": Power(a=0.5)},
+                          damping={"shampoo": Power(a=-0.5)}),
     Role.SCALAR: RoleRule(),
 })
 
@@ -268,7 +305,8 @@ def scales_for(rule: RoleRule, family: Family, m_in: float, m_out: float, absorb
     else:
         lr = lr_rule(m_in, m_out)
     wd = 1.0 / lr  # coupled: lr * wd as at the base width; the depth rule adds no WD factor
-    eps = rule.init(m_in, m_out) if family.update == "adafactor" else rule.eps(m_in, m_out)
+    eps = rule.init(m_in, m_out) if family.update == "adafactor" else \
+        rule.damping.get(family.update, rule.eps)(m_in, m_out)
     if depth is not None:
         lr *= depth.lr(family.update, m_depth)
         if family.update == "adam":

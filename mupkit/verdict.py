@@ -29,6 +29,16 @@ templates ``blocks.*.<rest>``) is judged against the depth rule's own law, ``m_L
 update, ``1/L`` of the stream's change, so CompleteP's blocks keep Theta(1) relative updates
 while Depth-muP's shrink like ``L^-1/2``, the laziness CompleteP removes (Dey et al. 2025,
 Sec. 3); without a depth rule the expected slope is 0.
+
+Along width, each parameter's relative update ``||W_t - W_(t-1)||_F / ||W_0||_F`` (``kind="update"``)
+is judged against the law of the optimizer that steps it, recorded per row as ``law``
+(:func:`mupkit.coord_check.update_laws`) and fitted like the measurement: a matrix Muon
+orthogonalizes has Theta(1) spectral-norm steps of rank ``<= rows`` per step, so ``r ~
+sqrt(min(A, B, rows) / min(A, B))``: slope -1/2 in muP's rank-limited limit (width >> the batch's
+rows), 0 once the matrix is narrower than the rows (:mod:`mupkit.spectral`, "Relative updates",
+from Yang, Simon & Bernstein 2023, Sec. 3). The parameters its AdamW part steps (embeddings,
+readout, vectors) keep slope 0. Adam's ``1/fan_in`` on top of Muon's own factor (Megatron-LM
+#3715) gives slope -3/2 and fails.
 """
 
 from __future__ import annotations
@@ -131,6 +141,17 @@ def _init_transient(check: "CoordCheck", module: str, slope: float, tolerance: f
             and INIT_READOUT_SLOPE - tolerance <= slope < -tolerance)
 
 
+def _expected(check: "CoordCheck", kind: str, module: str, law: float) -> float:
+    """The slope a row is judged against: along depth, a block parameter's update follows the
+    depth rule (``check.update_slope``); along width, a parameter's update its optimizer's
+    ``law`` (fitted); every other row 0."""
+    if kind != "update":
+        return 0.0
+    if check.axis == "depth":
+        return check.update_slope if ".*." in module else 0.0
+    return law
+
+
 def verdict(check: "CoordCheck", *, tolerance: float = 0.1, metric: str = "l1", steps=None,
             kind: str | None = None) -> Verdict:
     """Judge every (module, step); ``steps``: which steps to judge (default all recorded).
@@ -140,6 +161,7 @@ def verdict(check: "CoordCheck", *, tolerance: float = 0.1, metric: str = "l1", 
     """
     kind = kind or check.judged_kind
     slopes = fit_slopes(check, metric, kind)
+    laws = fit_slopes(check, "law", kind) if kind == "update" and check.axis == "width" else {}
     changes = fit_slopes(check, "delta_rms", kind)
     transient = {module for (module, step), slope in slopes.items()
                  if step == 0 and _init_transient(check, module, slope, tolerance)}
@@ -155,7 +177,7 @@ def verdict(check: "CoordCheck", *, tolerance: float = 0.1, metric: str = "l1", 
         judged = metric
         if step > 0 and module in transient and (module, step) in changes:
             judged, slope = "delta_rms", changes[module, step]
-        expected = check.update_slope if kind == "update" and check.axis == "depth" and ".*." in module else 0.0
+        expected = _expected(check, kind, module, laws.get((module, step), 0.0))
         tied = step > 0 and judged == "delta_rms" and matches(_base_name(module), check.kept_init_outputs)
         if tied:
             judged = "delta_rms (kept init)"

@@ -63,7 +63,7 @@ class ModelDefinition:
     lr: Mapping[str, float] = field(default_factory=lambda: {"adam": 1e-2, "adamw": 1e-2, "sgd": 0.3,
                                                               "adafactor": 0.1})
     kwargs: KwargsFn = _no_kwargs  # the coordinate check's fixed kwargs
-    batch: Callable[[str], Batch] | None = None  # optimizer family name -> (inputs, targets)
+    batch: Callable[[str], Batch | None] | None = None  # optimizer family name -> (inputs, targets) or None
     loss: Callable | None = None
     depth_batch: Callable[[], Batch] | None = None  # for depth checks (None: the synthetic batch)
     transfer: TransferTask | None = None
@@ -106,6 +106,18 @@ def _token_batch(family: str) -> Batch:
     rows, length = (1, 4) if family == "sgd" else (2, 16)
     idx = torch.randint(0, 256, (rows, length + 1), generator=torch.Generator().manual_seed(123))
     return idx[:, :-1], idx[:, 1:]
+
+
+def _image_batch(family: str) -> Batch | None:
+    """For the orthogonalizing (Muon) families, 4 random 3x8x8 images: the CNN's hidden convs then
+    multiply 64 and 16 rows (batch x positions) per step, no more than their narrower side at the
+    smallest width, muP's rank-limited limit that their relative-update law (slope -1/2) is
+    stated for (:mod:`mupkit.spectral`); the default synthetic 32x3x16x16 batch gives 2048 and 512
+    rows, full-rank updates across the checked widths. Other families: the synthetic batch (None)."""
+    if not family.startswith("muon"):
+        return None
+    gen = torch.Generator().manual_seed(123)
+    return torch.randn(4, 3, 8, 8, generator=gen), torch.randint(0, 10, (4,), generator=gen)
 
 
 def _token_batch_for_depth() -> Batch:
@@ -152,17 +164,21 @@ def _umup_kwargs(parametrization: str, base: int) -> dict[str, Any]:
 
 BUILTIN: dict[str, ModelDefinition] = {
     "mlp": ModelDefinition(models.mlp, (64, 128, 256, 512, 1024),
-                           lr={"adam": 1e-2, "adamw": 1e-2, "sgd": 1.0, "adafactor": 0.1, "muon": 0.02},
+                           lr={"adam": 1e-2, "adamw": 1e-2, "sgd": 1.0, "adafactor": 0.1, "muon": 0.02,
+                               "shampoo": 0.01},
                            transfer=TransferTask((64, 128, 256, 512, 1024), tuple(range(-14, -3)),
                                                  lambda steps, **knobs: digits(steps=steps, **knobs))),
     "cnn": ModelDefinition(models.cnn, (32, 64, 128, 256, 512),
-                           lr={"adam": 3e-3, "adamw": 3e-3, "sgd": 0.3, "adafactor": 0.03, "muon": 0.02},
+                           lr={"adam": 3e-3, "adamw": 3e-3, "sgd": 0.3, "adafactor": 0.03, "muon": 0.02,
+                               "shampoo": 0.01},
+                           batch=_image_batch,
                            transfer=TransferTask((16, 32, 64, 128), tuple(range(-13, -3)),
                                                  lambda steps, **knobs: digits(steps=steps, images=True, **knobs),
                                                  kwargs=lambda parametrization, base: {"in_channels": 1})),
     "resmlp": ModelDefinition(models.resmlp, (64, 128, 256, 512, 1024)),
     "transformer": ModelDefinition(models.gpt, (64, 128, 256, 512, 1024),
-                                   lr={"adam": 3e-3, "adamw": 3e-3, "sgd": 0.3, "adafactor": 0.03, "muon": 0.02},
+                                   lr={"adam": 3e-3, "adamw": 3e-3, "sgd": 0.3, "adafactor": 0.03, "muon": 0.02,
+                                       "shampoo": 0.01},
                                    kwargs=_gpt_check_kwargs, batch=_token_batch, depth_batch=_token_batch_for_depth,
                                    transfer=TransferTask((64, 128, 256, 512), tuple(range(-13, -4)),
                                                          lambda steps, **knobs: text_lm(steps=steps, **knobs),
@@ -177,7 +193,8 @@ BUILTIN: dict[str, ModelDefinition] = {
 }
 for _name, _constructor in (("hf-gpt2", hf.gpt2), ("hf-llama", hf.llama)):
     BUILTIN[_name] = ModelDefinition(_constructor, (64, 128, 256, 512, 1024), lr={"adam": 1e-3, "adamw": 1e-3,
-                                     "sgd": 0.3, "adafactor": 0.03, "muon": 0.02}, kwargs=_hf_kwargs, batch=_token_batch)
+                                     "sgd": 0.3, "adafactor": 0.03, "muon": 0.02, "shampoo": 0.01}, kwargs=_hf_kwargs,
+                                     batch=_token_batch)
 BUILTIN["resnet"] = BUILTIN["resmlp"]
 BUILTIN["gpt"] = BUILTIN["transformer"]
 
@@ -244,5 +261,5 @@ def _user_trainer(spec: str, train: TrainFn, steps: int, **knobs: Any) -> TrainF
     """A user file's ``train``: it sets its own steps, batch and schedule, so other knobs are refused."""
     if knobs:
         raise ValueError(f"--model {spec!r}: its train(model, hparams, seed) sets its own training knobs; "
-                         f"{sorted(knobs)} (--batches, --schedule) apply to built-in models only")
+                         f"{sorted(knobs)} (--batches, --schedule, --optim) apply to built-in models only")
     return train

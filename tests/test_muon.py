@@ -6,14 +6,16 @@ from __future__ import annotations
 import copy
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
 import mupkit
 from mupkit import models
+from mupkit.coord_check import UpdateRegimeWarning
 from mupkit.optim.newton_schulz import orthogonalize
-from mupkit.spectral import spectral_multiplier
+from mupkit.spectral import relative_update_factor, spectral_multiplier
 
 
 def gpt(width=32, base=32):
@@ -189,3 +191,62 @@ def test_newton_schulz_in_fp32_orthogonalizes():
     x = torch.randn(3, 40, 24, generator=torch.Generator().manual_seed(0))
     s = torch.linalg.svdvals(orthogonalize(x, dtype=torch.float32))
     assert s.min() > 0.6 and s.max() < 1.25
+
+
+class AdamRuleOnMuon(mupkit.optim.Muon):
+    """The double scaling of Megatron-LM #3715: Adam's ``1/fan_in`` LR on the orthogonalized matrices."""
+
+    def __init__(self, params, **kwargs):
+        def adam_rule(group):
+            s = group["mupkit_scales"]
+            return {**group, "mupkit_scales": {**s, "muon": {**s["muon"], **s["adam"]}}} \
+                if s["muon"]["orthogonalize"] else group
+        super().__init__([adam_rule(g) for g in params], **kwargs)
+
+
+def test_relative_update_law_is_rank_limited_minus_half_and_flat_at_full_rank():
+    """``||dW||_F / ||W_0||_F ~ sqrt(min(A, B, rows) / min(A, B))``: width^-1/2 while the matrix is
+    wider than the rows it multiplies, width-free once it is narrower."""
+    widths = [64, 256, 1024]
+    def slope(rows):
+        return np.polyfit(np.log(widths), np.log([relative_update_factor((4 * w, w), rows) for w in widths]), 1)[0]
+    assert slope(32) == pytest.approx(-0.5) and slope(None) == pytest.approx(-0.5)
+    assert slope(4096) == pytest.approx(0.0)
+    assert -0.5 < slope(256) < 0.0  # straddles: full rank at 64, rank-limited at 1024
+
+
+def test_coord_check_judges_muon_matrices_by_their_law_and_catches_adam_rule_on_top():
+    """muP + Muon: the hidden matrix's relative update has slope ~-1/2 and passes against its law
+    (recorded per row); judged against slope 0, the old law, it fails; Adam's 1/fan_in on top
+    (slope -3/2) fails against the law. The AdamW part (input layer, biases) stays at slope 0."""
+    def run(optimizer):
+        return mupkit.coord_check(models.mlp, [64, 256, 1024], optimizer=optimizer, lr=0.02, steps=2, seeds=1,
+                                  updates=True, optimizer_kwargs={"weight_decay": 0.0}, show_progress=False)
+    good = run("muon")
+    laws = {(r["module"], r["width"]): r["law"] for r in good.records if r["kind"] == "update" and r["step"] == 2}
+    assert laws["2.weight", 64] == pytest.approx(math.sqrt(32 / 64))  # 32 rows (the synthetic batch) of 64
+    assert laws["0.weight", 1024] == laws["2.bias", 1024] == 1.0
+    verdict = good.verdict(kind="update")
+    rows = {(r.module, r.step): r for r in verdict.rows}
+    assert verdict.passed, verdict
+    assert rows["2.weight", 2].expected == pytest.approx(-0.5) and rows["2.weight", 2].slope < -0.4
+    assert rows["0.weight", 2].expected == 0.0 and rows["2.weight", 1].status == "zero"  # step 1: zero readout
+    old_law = mupkit.CoordCheck([{k: v for k, v in r.items() if k != "law"} for r in good.records],
+                                good.widths, "mup", "muon", 0.02)
+    assert [(r.module, r.step) for r in old_law.verdict(kind="update").rows if r.status == "fail"] == [("2.weight", 2)]
+    double = run(AdamRuleOnMuon).verdict(kind="update")
+    failed = {r.module: r for r in double.rows if r.status == "fail"}
+    assert not double.passed and set(failed) == {"2.weight"} and failed["2.weight"].slope < -1.2, double
+
+
+def test_coord_check_warns_when_a_muon_matrix_is_full_rank():
+    """A batch with more rows than a hidden matrix's narrower side leaves muP's rank-limited limit:
+    the law flattens there (recorded as 1 at every width) and the check says so."""
+    g = torch.Generator().manual_seed(0)
+    batch = torch.randn(128, 64, generator=g), torch.randint(0, 10, (128,), generator=g)
+    with pytest.warns(UpdateRegimeWarning) as caught:
+        c = mupkit.coord_check(models.mlp, [32, 64], optimizer="muon", lr=0.02, steps=1, seeds=1, batch=batch,
+                               updates=True, show_progress=False)
+    assert [str(w.message).split(" orthogonalized")[0] for w in caught] == ["at width 32 1", "at width 64 1"]
+    assert "(2.weight (32, 32) x 128 rows)" in str(caught[0].message)
+    assert {r["law"] for r in c.records if r["module"] == "2.weight" and r["kind"] == "update"} == {1.0}

@@ -25,7 +25,7 @@ def test_param_groups_cover_every_trainable_parameter_once_and_merge_equal_scale
     trainable = [p for p in model.parameters() if p.requires_grad]
     assert sorted(ids) == sorted(id(p) for p in trainable) and len(ids) == len(set(ids))
     assert all(g["params"] for g in groups)
-    assert len(groups) == 2  # hidden matrices, and everything else (vector-like)
+    assert len(groups) == 3  # hidden matrices, the embedding (its own Shampoo rule), the vector-like rest
 
 
 def test_param_groups_for_torch_need_lr_and_carry_concrete_values():

@@ -164,6 +164,40 @@ def test_cli_transfer_on_a_user_model_and_resume(tmp_path, capsys):
     assert "must define train(model, hparams, seed)" in capsys.readouterr().err
 
 
+def test_cli_transfer_optim_trains_every_trial_with_it_and_tags_the_records(tmp_path, capsys, monkeypatch):
+    """--optim muon reaches the task's trainer (every trial builds Muon), the records carry
+    ``optim=muon`` in their tag (the tag of examples/transfer_muon.jsonl), a rerun trains nothing,
+    and AdamW's trials of the same file stay apart."""
+    built = []
+    monkeypatch.setattr(tasks, "get_optimizer", lambda name: built.append(name) or mupkit.optim.get_optimizer(name))
+    args = ["transfer", "--model", "transformer", "--param", "mup", "--widths", "64", "128", "--steps", "2",
+            "--seeds", "1", "--log2-lrs", "-5", "--results", str(tmp_path / "m.jsonl"), "--out", "", "--quiet"]
+    assert cli(args + ["--optim", "muon"]) == 0, capsys.readouterr().err
+    records = load_records(tmp_path / "m.jsonl")
+    assert built == ["muon"] * 2 and {r["tag"] for r in records} == {"steps=2 optim=muon"} and len(records) == 2
+    assert cli(args + ["--optim", "muon"]) == 0 and built == ["muon"] * 2  # resumed: nothing new
+    assert cli(args) == 0 and built == ["muon"] * 2 + ["adamw"] * 2  # the default keeps its own trials
+    assert {r["tag"] for r in load_records(tmp_path / "m.jsonl")} == {"steps=2 optim=muon", "steps=2"}
+    digits = ["transfer", "--model", "cnn", "--optim", "muon", "--param", "mup", "--widths", "16", "32", "--steps",
+              "2", "--seeds", "1", "--log2-lrs", "-6", "--results", str(tmp_path / "d.jsonl"), "--out", "", "--quiet"]
+    assert cli(digits) == 0 and built[4:] == ["muon"] * 2  # the digits task takes it too (conv kernels: Muon)
+
+
+def test_cli_transfer_optim_errors_name_the_fix(tmp_path, capsys):
+    """An unknown optimizer, a parametrization without a rule for its family (u-muP has no Muon
+    column) and a user task (its train picks its own optimizer) exit 2 before any trial."""
+    assert cli(["transfer", "--model", "mlp", "--optim", "nadam", "--quiet"]) == 2
+    assert "unknown optimizer 'nadam'" in capsys.readouterr().err
+    assert cli(["transfer", "--model", "umup-transformer", "--param", "umup", "--optim", "muon", "--quiet"]) == 2
+    assert "the 'umup' parametrization has no 'muon' LR rule for its hidden parameters" in capsys.readouterr().err
+    user = tmp_path / "user.py"
+    user.write_text("import mupkit\ndef make(width=32):\n    return mupkit.models.mlp(width, d_in=8, d_out=2)\n"
+                    "def train(model, hparams, seed):\n    return [1.0]\n")
+    assert cli(["transfer", "--model", f"{user}:make", "--optim", "muon", "--results", "", "--quiet"]) == 2
+    assert "['optimizer'] (--batches, --schedule, --optim) apply to built-in models only" in capsys.readouterr().err
+    assert not (tmp_path / "transfer.jsonl").exists()
+
+
 def test_both_clis_take_built_in_models_from_one_registry(capsys):
     """coord-check and transfer read the same mupkit.zoo entry; a model without a transfer task
     (resmlp, the HF models) is offered only for coordinate checks."""
@@ -222,6 +256,24 @@ def test_committed_sweeps_show_transfer_under_mup_and_drift_under_sp(results, mo
     assert len({r["hparams"]["lr"] for r in records if r["parametrization"] == "mup"}) >= 5
     assert len({r["seed"] for r in records}) >= 2
     assert s.drift("mup") <= 1.0 and s.drift("sp") >= 2.0, s.summary()
+
+
+def test_committed_muon_sweep_transfers_and_the_cli_resumes_it(tmp_path, monkeypatch):
+    """examples/transfer_muon.jsonl (issue 22): under muP + Muon the optimum LR moves by at most one
+    grid step across widths 64..512, and ``mupkit transfer --optim muon`` names the same trials as
+    the example, so on a copy of the file it trains nothing."""
+    path = pathlib.Path(__file__).parents[1] / "examples" / "transfer_muon.jsonl"
+    grid = [2.0 ** k for k in range(-7, -2)]
+    records = [r for r in load_records(path) if r["hparams"]["lr"] in grid]
+    assert sorted({r["size"]["width"] for r in records}) == [64, 128, 256, 512]
+    assert len(records) == 4 * len(grid) and Sweep(records).drift("mup") <= 1.0, Sweep(records).summary()
+    copy = tmp_path / "muon.jsonl"
+    copy.write_text(path.read_text())
+    monkeypatch.setattr(tasks, "get_optimizer", lambda name: pytest.fail(f"trained a trial with {name}"))
+    assert cli(["transfer", "--model", "transformer", "--optim", "muon", "--param", "mup", "--widths", "64", "128",
+                "256", "512", "--steps", "100", "--seeds", "1", "--log2-lrs", "-7", "-6", "-5", "-4", "-3",
+                "--results", str(copy), "--out", "", "--quiet"]) == 0
+    assert copy.read_text() == path.read_text()
 
 
 def test_every_committed_results_file_still_loads_and_analyses():

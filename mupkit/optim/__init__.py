@@ -5,6 +5,7 @@ from .adam_atan2 import AdamAtan2
 from .dadapt import DAdaptAdaGrad, DAdaptAdam, DAdaptLion, DAdaptSGD, Prodigy
 from .muon import Muon
 from .scaled_adam import ScaledAdam
+from .shampoo import SOAP
 from .schedules import Eden, Eden2
 from .torch_based import SGD, Adam, AdamW
 
@@ -12,7 +13,7 @@ from .torch_based import SGD, Adam, AdamW
 BY_NAME = {"adam": Adam, "adamw": AdamW, "sgd": SGD, "adam-atan2": AdamAtan2, "adafactor": Adafactor,
            "dadapt-adam": DAdaptAdam, "dadapt-sgd": DAdaptSGD, "dadapt-lion": DAdaptLion,
            "dadapt-adagrad": DAdaptAdaGrad, "prodigy": Prodigy,
-           "scaled-adam": ScaledAdam, "muon": Muon}
+           "scaled-adam": ScaledAdam, "muon": Muon, "shampoo": SOAP, "soap": SOAP}
 
 
 def get_optimizer(name: str) -> type:
@@ -26,4 +27,4 @@ def get_optimizer(name: str) -> type:
 
 
 __all__ = ["Adafactor", "Adam", "AdamAtan2", "AdamW", "BY_NAME", "DAdaptAdaGrad", "DAdaptAdam", "DAdaptLion",
-           "DAdaptSGD", "Eden", "Eden2", "Muon", "Prodigy", "SGD", "ScaledAdam", "get_optimizer"]
+           "DAdaptSGD", "Eden", "Eden2", "Muon", "Prodigy", "SGD", "SOAP", "ScaledAdam", "get_optimizer"]
