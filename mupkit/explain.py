@@ -51,8 +51,8 @@ def explain_rows(plan: Plan) -> list[tuple[str, ...]]:
             role += " (not the model output)"
         rows.append((name, role, "x".join(map(str, s.target)) or "()", _fmt(s.m_in), _fmt(s.m_out),
                      _fmt(s.m_depth) if s.block else "-", _fmt(s.init_std), fwd, _fmt(s.scales["adam"].lr),
-                     _fmt(s.scales["sgd"].lr), _fmt(s.scales["adafactor"].lr), _muon(s), _shampoo(s), _fmt(s.scales["adamw"].wd),
-                     _fmt(s.scales["adam"].eps), s.role_source or "-"))
+                     _fmt(s.scales["sgd"].lr), _fmt(s.scales["adafactor"].lr), _muon(s), _shampoo(s),
+                     _fmt(s.scales["adamw"].wd), _fmt(s.scales["adam"].eps), s.role_source or "-"))
     return rows
 
 
@@ -69,9 +69,8 @@ def explain(model_or_plan: nn.Module | Plan) -> str:
     ``adjust_lr_fn`` ``"original"`` / ``"match_rms_adamw"``, ``[sqrt(A/B)/adjust(A,B)] /
     [sqrt(A0/B0)/adjust(A0,B0)]`` (:mod:`mupkit.spectral`); the other roles are stepped by Muon's
     AdamW part with the AdamW multipliers. "Shampoo LR / eps x": the ``shampoo`` family's LR and
-    damping multipliers (heavyball's SOAP; Ishikawa & Karakida 2024, Table 1): input and hidden
-    matrices ``sqrt(m_out/m_in)`` / ``sqrt(m_in/m_out)``, a readout ``m_in^-1/2`` / ``m_in^1/2``
-    (absorbed), vectors ``1`` / ``m_out^-1`` (docs/shampoo.md).
+    damping multipliers (heavyball's SOAP; the table and its derivation: :mod:`mupkit.rules`,
+    docs/shampoo.md).
     An ``output`` parameter that does not produce the model's output (an MoE router) says so;
     "role from" is where its axes came from (the usage trace, ``layouts=``, the module type, or
     the shape alone). Warnings about the forward (attention at ``1/sqrt(d)``, width-dependent

@@ -473,7 +473,7 @@ def _eager_step(bucket: Bucket, sums: Sums, factor: torch.Tensor | None) -> None
 def _rows(values: torch.Tensor, stacks: list[Stack]) -> list[torch.Tensor]:
     """One value per member (1-D, in stack order) as a ``(n, 1, ..., 1)`` tensor per stack."""
     parts = values.split([len(stack.params) for stack in stacks])
-    return [part.view(stack.rows) for part, stack in zip(parts, stacks)]
+    return [part.view(stack.row_shape) for part, stack in zip(parts, stacks)]
 
 
 def _record_dots(bucket: Bucket, dots: torch.Tensor, factor: torch.Tensor | None) -> None:

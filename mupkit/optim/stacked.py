@@ -45,7 +45,7 @@ class Stack:
     param_rows: list[torch.Tensor]
 
     @property
-    def rows(self) -> tuple[int, ...]:
+    def row_shape(self) -> tuple[int, ...]:
         """The shape that broadcasts one value per member over the stack: ``(n, 1, ..., 1)``."""
         return (len(self.params),) + (1,) * (self.param.dim() - 1)
 
@@ -81,6 +81,9 @@ class StackCache:
 
 
 class _Layout:
+    """What :class:`StackCache` keeps per call site (its docstring); ``members[k]``: the indices
+    of stack ``k``'s parameters in the call's list."""
+
     def __init__(self, params: Sequence[torch.Tensor], state: Sequence[Sequence[torch.Tensor]]):
         self.params, self.state = list(params), [list(column) for column in state]
         buckets: dict[tuple, list[int]] = {}
@@ -90,7 +93,7 @@ class _Layout:
         self.members = list(buckets.values())
         self.stacked_state = [[_alias([column[i] for i in members]) for column in state] for members in self.members]
         self.param = [torch.stack([params[i] for i in members]) for members in self.members]
-        self.rows = [list(stacked.unbind()) for stacked in self.param]
+        self.param_rows = [list(stacked.unbind()) for stacked in self.param]
         self.grad = [torch.empty_like(stacked) for stacked in self.param]
 
     def made_for(self, params: Sequence[torch.Tensor], state: Sequence[Sequence[torch.Tensor]]) -> bool:
@@ -109,7 +112,7 @@ def stacks(cache: StackCache, params: Sequence[torch.Tensor], grads: Sequence[to
         ps = [params[i] for i in members]
         torch.stack(ps, out=layout.param[k])
         grad = None if grads is None else torch.stack([grads[i] for i in members], out=layout.grad[k])
-        out.append(Stack(ps, members, layout.param[k], grad, layout.stacked_state[k], layout.rows[k]))
+        out.append(Stack(ps, members, layout.param[k], grad, layout.stacked_state[k], layout.param_rows[k]))
     return out
 
 
