@@ -127,10 +127,19 @@ def count_complete(url):
         return 0
 
 
+def count_running(url):
+    try:
+        return sum(t.state.name == "RUNNING" for t in optuna.load_study(study_name="s", storage=url).get_trials())
+    except KeyError:  # the study does not exist yet
+        return 0
+
+
 def test_a_sigkilled_sweep_and_a_rerun_complete_every_trial_exactly_once(tmp_path):
     url = f"sqlite:///{tmp_path / 'kill.db'}"
     first = run_script(tmp_path, tmp_path / "a.jsonl", url, 0.4, 2)
-    wait_for(lambda: count_complete(url) >= 3)
+    # kill mid-trial: after a few trials, at a moment one runs (on a loaded machine a poll that
+    # looked at completions alone could come after the last trial, leaving none to kill)
+    wait_for(lambda: count_complete(url) >= 3 and count_running(url) > 0)
     os.killpg(first.pid, signal.SIGKILL)  # the coordinator and both workers, mid-trial
     first.wait(timeout=10)
     study = optuna.load_study(study_name="s", storage=url)
