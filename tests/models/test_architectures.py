@@ -27,7 +27,6 @@ an input or output multiplier.
 
 from __future__ import annotations
 
-import time
 
 import pytest
 import torch
@@ -97,12 +96,10 @@ def _check_roles(name: str, plan, model: torch.nn.Module) -> None:
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_constructor_builds_fast_and_fits_its_batch(name):
+def test_constructor_builds_a_small_proxy_that_fits_its_batch(name):
     arch = ARCHITECTURES[name]
-    arch.make(width=64, depth=2)  # first build imports the model code
-    start = time.perf_counter()
     model = arch.make(width=64, depth=2)
-    assert time.perf_counter() - start < 1.0
+    assert sum(p.numel() for p in model.parameters()) < 1_000_000  # small enough for CPU coordinate checks
     inputs, targets = arch.batch()
     with torch.no_grad():
         out = model(inputs)
