@@ -207,10 +207,10 @@ def run_coord_check(args: argparse.Namespace) -> int:
                                   optimizer=args.optim, lr=lr, steps=args.steps, seeds=args.seeds, batch=batch,
                                   loss=definition.loss, width_arg=args.width_arg, kwargs=kwargs, device=args.device,
                                   depths=args.depths, base_depth=args.base_depth, depth_arg=args.depth_arg,
-                                  updates=bool(args.depths), show_progress=not args.quiet, readout=args.readout,
+                                  show_progress=not args.quiet, readout=args.readout,
                                   layouts=dict(args.layouts) or None, branch_outputs=args.branch_outputs))
     main = checks[-1]
-    for check in checks:  # along depth also the per-block relative updates, averaged over blocks
+    for check in checks:  # also the relative updates: per block along depth, against Muon's laws along width
         for verdict in check.verdicts(metric=args.metric, tolerance=args.tolerance):
             print(verdict, end="\n\n")
     if args.out:

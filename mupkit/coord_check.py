@@ -115,10 +115,15 @@ class CoordCheck:
         return verdict(self, **kwargs)
 
     def verdicts(self, **kwargs) -> list:
-        """Every verdict the check is judged by: the activations (:attr:`judged_kind`) and, along
+        """Every verdict the check is judged by: the activations (:attr:`judged_kind`); along
         depth, the per-block relative updates of the stream (``"stream_update"``) and of the
-        parameters (``"update"``), both measured as ``l1`` records."""
-        extra = ("stream_update", "update") if self.axis == "depth" else ()
+        parameters (``"update"``), both measured as ``l1`` records; along width, the parameters'
+        relative updates against their laws where the check recorded laws (orthogonalized
+        matrices)."""
+        if self.axis == "depth":
+            extra: tuple[str, ...] = ("stream_update", "update")
+        else:
+            extra = ("update",) if any("law" in r for r in self.records if r["kind"] == "update") else ()
         return [self.verdict(**kwargs)] + [self.verdict(**{**kwargs, "metric": "l1", "kind": k}) for k in extra]
 
     def plot(self, path: str, *, compare: "CoordCheck | None" = None, **kwargs) -> None:
@@ -198,6 +203,12 @@ def _zero_init_kwargs(optimizer: Any) -> dict[str, Any]:
 def _family(optimizer: Any) -> Family:
     """The muP family of ``optimizer`` (a mupkit name, a mupkit class, a torch class)."""
     return resolve_family(mupkit_optim.get_optimizer(optimizer) if isinstance(optimizer, str) else optimizer)
+
+
+def _orthogonalizes(family: Family) -> bool:
+    """Whether ``family`` steps some role under a spectral LR rule (:func:`orthogonalized`)."""
+    return any(family.steps(role) and isinstance(rule.lr.get(family.update), SpectralLR)
+               for role, rule in MUP.rules.items())
 
 
 def orthogonalized(plan: Plan, family: Family) -> dict[str, tuple[int, int]]:
@@ -304,7 +315,7 @@ def coord_check(constructor: Constructor, widths: Sequence[int] | int, *, base: 
                 loss: Callable[[Any, Any], torch.Tensor] | None = None, width_arg: str = "width",
                 kwargs: Mapping[str, Any] | None = None, optimizer_kwargs: Mapping[str, Any] | None = None,
                 device: str | torch.device = "cpu", inputs: bool = False, params: bool = False,
-                updates: bool = False, include: Sequence[str] | None = None,
+                updates: bool | None = None, include: Sequence[str] | None = None,
                 expected_at_init: Sequence[str] = ("*attn_score*", "*attn_logits*"),
                 zero_init: Sequence[str] | str = "auto", show_progress: bool = True,
                 readout: Sequence[str] | None = None, layouts: Mapping[str, Any] | None = None,
@@ -331,7 +342,12 @@ def coord_check(constructor: Constructor, widths: Sequence[int] | int, *, base: 
     :func:`mupkit.build` (``example_inputs`` defaults to the batch's inputs). ``updates``: also
     record each parameter's relative update per step with its ``law`` (module docstring), which
     ``verdict(kind="update")`` fits as the expected slope; an orthogonalized matrix that multiplies
-    more rows per step than its narrower side gives an :class:`UpdateRegimeWarning`.
+    more rows per step than its narrower side gives an :class:`UpdateRegimeWarning`. Default
+    (None): along depth, and for an optimizer that orthogonalizes matrices (Muon), whose
+    activations alone do not show a double-scaled step; :meth:`CoordCheck.verdicts` then judges them.
+    The laws are those of the gradient step, so an orthogonalizing optimizer's check with updates
+    steps without weight decay unless ``optimizer_kwargs`` sets it (Muon's default 0.1 would move
+    a matrix whose gradient is still zero behind a zero readout).
 
     Modules whose outputs depend on no parameter (rotary tables, masks: the plan's
     ``constant_modules``) are not recorded; modules returning the model's output (a readout
@@ -343,6 +359,10 @@ def coord_check(constructor: Constructor, widths: Sequence[int] | int, *, base: 
         raise ValueError(f"a coordinate check needs at least two widths or two depths, got widths {widths} and "
                          f"depths {depths}")
     seeds = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
+    if updates is None:
+        updates = bool(depths) or _orthogonalizes(_family(optimizer))
+    if updates and _orthogonalizes(_family(optimizer)):  # the laws are those of the gradient step
+        optimizer_kwargs = {"weight_decay": 0.0, **(optimizer_kwargs or {})}
     base = widths[0] if base is None else base
     fixed = dict(kwargs or {})
     if depths:

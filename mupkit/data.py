@@ -16,14 +16,20 @@ Batch = tuple[Any, Any]
 SPATIAL = {1: (64,), 2: (16, 16), 3: (8, 8, 8)}
 
 
-def synthetic_input(model: nn.Module, *, batch_size: int = 32, seq_len: int = 16,
+#: rows (examples, or tokens of a sequence batch) a synthetic batch multiplies per step
+ROWS = 32
+
+
+def synthetic_input(model: nn.Module, *, batch_size: int | None = None, seq_len: int = 16,
                     generator: torch.Generator | None = None) -> torch.Tensor:
     """An input batch for ``model`` from its first layer (see :func:`synthetic_batch`), on the CPU."""
     first = next((m for m in model.modules() if isinstance(m, (nn.Embedding, nn.Linear, nn.Conv1d, nn.Conv2d,
                                                                   nn.Conv3d))), None)
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     if isinstance(first, nn.Embedding):
-        return torch.randint(0, first.num_embeddings, (batch_size, seq_len), generator=generator)
+        rows = batch_size or max(1, ROWS // seq_len)
+        return torch.randint(0, first.num_embeddings, (rows, seq_len), generator=generator)
+    batch_size = batch_size or ROWS
     if isinstance(first, nn.Linear):
         return torch.randn(batch_size, first.in_features, generator=generator).to(dtype)
     if isinstance(first, nn.modules.conv._ConvNd):
@@ -33,12 +39,15 @@ def synthetic_input(model: nn.Module, *, batch_size: int = 32, seq_len: int = 16
                      f"batch=(inputs, targets); CLI: define batch() in the model file).")
 
 
-def synthetic_batch(model: nn.Module, *, batch_size: int = 32, seq_len: int = 16, seed: int = 0,
+def synthetic_batch(model: nn.Module, *, batch_size: int | None = None, seq_len: int = 16, seed: int = 0,
                     device: str | torch.device = "cpu") -> Batch:
     """``(inputs, targets)`` for ``model``: the input kind comes from its first layer.
 
     Embedding -> random token ids ``(batch, seq_len)``; Linear -> N(0, 1) features; ConvNd ->
-    N(0, 1) images. Targets: random class ids over the output's last dim (token ids for a
+    N(0, 1) images. ``batch_size`` (default): :data:`ROWS` examples, or ``ROWS // seq_len``
+    sequences, so a language model's step multiplies as many rows as an MLP's. A coordinate check
+    at CPU widths needs few rows: an update's cross-row terms are finite-width noise of relative
+    size ``~ rows / sqrt(width)``. Targets: random class ids over the output's last dim (token ids for a
     language model), or N(0, 1) regression targets when the output has a single channel.
     The same seed gives the same inputs at every width (only hidden sizes change).
     """

@@ -69,8 +69,9 @@ def explain(model_or_plan: nn.Module | Plan) -> str:
     ``adjust_lr_fn`` ``"original"`` / ``"match_rms_adamw"``, ``[sqrt(A/B)/adjust(A,B)] /
     [sqrt(A0/B0)/adjust(A0,B0)]`` (:mod:`mupkit.spectral`); the other roles are stepped by Muon's
     AdamW part with the AdamW multipliers. "Shampoo LR / eps x": the ``shampoo`` family's LR and
-    damping multipliers (heavyball's SOAP; the table and its derivation: :mod:`mupkit.rules`,
-    docs/shampoo.md).
+    per-role damping multipliers (heavyball's SOAP; the table and its derivation:
+    :mod:`mupkit.rules`, docs/shampoo.md); ``mupkit.optim.SOAP``'s default relative damping
+    follows each parameter's gradient instead of the eps multiplier.
     An ``output`` parameter that does not produce the model's output (an MoE router) says so;
     "role from" is where its axes came from (the usage trace, ``layouts=``, the module type, or
     the shape alone). Warnings about the forward (attention at ``1/sqrt(d)``, width-dependent

@@ -50,7 +50,11 @@ basis) must keep a fixed ratio to the gradient's singular values, ``sqrt(m_in / 
 ``m_out^-1/2``, hidden 1, readout ``m_in^-1/2`` here, ``m_in^1/2`` once absorbed), and to a
 vector's gradient entries, ``m_out^-1``: a fixed eps moves SOAP from Shampoo's regime (signal
 normalized, the rest damped) towards Adam's (every rotated coordinate normalized) as width
-grows, which no LR rule can follow (:attr:`RoleRule.damping`).
+grows, which no LR rule can follow (:attr:`RoleRule.damping`). These per-role damping exponents
+hold where a layer's role sets its gradient's scale; under muP's ``1/d`` attention the query and
+key gradients shrink faster than their role's, so ``mupkit.optim.SOAP`` damps relative to each
+parameter's own gradient by default and uses this column only with ``damping="absolute"`` (and
+the ``param_groups(optimizer=heavyball.SOAP)`` route).
 
 u-muP (:data:`UMUP`) is a table of the same form evaluated at the parameters' own fans (as if
 the base width were 1), with the forward multipliers applied by unit-scaled ops.

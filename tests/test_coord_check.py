@@ -194,3 +194,17 @@ def test_a_model_that_returns_no_tensor_is_told_to_wrap_it():
 
     with pytest.raises(TypeError, match="returns a dict, not a tensor of logits.*CausalLM.*batch="):
         synthetic_batch(Output())
+
+
+def test_a_language_model_without_a_batch_gets_32_tokens_and_passes_under_mup():
+    """The synthetic batch of a token model multiplies as many rows per step as an MLP's (2 x 16
+    tokens, not 32 sequences): at CPU widths the cross-token terms of 512 tokens failed a muP LM's
+    readout."""
+    from mupkit.data import ROWS, synthetic_batch
+    from mupkit.zoo import BUILTIN
+    kwargs = BUILTIN["transformer"].kwargs("mup", 64)
+    x, y = synthetic_batch(models.gpt(64, **kwargs))
+    assert x.shape == y.shape == (ROWS // 16, 16)
+    check = mupkit.coord_check(models.gpt, [64, 128, 256, 512], lr=3e-3, steps=3, seeds=2, kwargs=kwargs,
+                               show_progress=False)
+    assert check.verdict().passed, check.verdict()

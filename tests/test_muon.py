@@ -13,6 +13,7 @@ from torch import nn
 
 import mupkit
 from mupkit import models
+from mupkit.cli import main as cli
 from mupkit.coord_check import UpdateRegimeWarning
 from mupkit.optim.newton_schulz import orthogonalize
 from mupkit.spectral import relative_update_factor, spectral_multiplier
@@ -250,3 +251,19 @@ def test_coord_check_warns_when_a_muon_matrix_is_full_rank():
     assert [str(w.message).split(" orthogonalized")[0] for w in caught] == ["at width 32 1", "at width 64 1"]
     assert "(2.weight (32, 32) x 128 rows)" in str(caught[0].message)
     assert {r["law"] for r in c.records if r["module"] == "2.weight" and r["kind"] == "update"} == {1.0}
+
+
+def test_width_checks_of_muon_judge_the_updates_by_default_and_the_cli_prints_that_verdict(capsys):
+    """Without ``updates=``: Adam's 1/fan_in on top of Muon passes by its activations on the MLP but
+    fails the update verdict that :meth:`CoordCheck.verdicts` now includes; an entrywise optimizer
+    records no updates. ``mupkit coord-check --optim muon`` prints both verdicts."""
+    def run(optimizer):
+        return mupkit.coord_check(models.mlp, [64, 256, 1024], optimizer=optimizer, lr=0.02, steps=2, seeds=1,
+                                  optimizer_kwargs={"weight_decay": 0.0}, show_progress=False)
+    double = run(AdamRuleOnMuon).verdicts()
+    assert [v.passed for v in double] == [True, False]
+    assert len(run("adam").verdicts()) == 1
+    code = cli(["coord-check", "--model", "mlp", "--optim", "muon", "--widths", "64", "256", "1024", "--steps", "2",
+                "--seeds", "1", "--out", "", "--quiet"])
+    printed = capsys.readouterr().out
+    assert code == 0 and printed.count("PASS") == 2 and "update" in printed, printed

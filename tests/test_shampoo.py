@@ -1,4 +1,7 @@
-"""The ``shampoo`` muP family (Ishikawa & Karakida 2024, Table 1; docs/shampoo.md) with heavyball's SOAP."""
+"""The ``shampoo`` muP family (the one-step argument of Ishikawa & Karakida 2024, Sec. 4; docs/shampoo.md)
+with heavyball's SOAP, damped relative to each gradient or per role."""
+
+import io
 
 import heavyball
 import pytest
@@ -61,10 +64,10 @@ def test_param_groups_for_heavyball_soap_are_concrete_and_heavyball_steps_with_t
     assert not torch.allclose(model.get_parameter("0.weight"), unscaled["0.weight"])
 
 
-def test_mupkit_soap_factory_equals_the_torch_route():
+def test_absolutely_damped_mupkit_soap_equals_the_torch_route():
     model = mlp(64)
     twin = mlp(64)
-    ours = mupkit.optim.SOAP(mupkit.param_groups(model), lr=1e-2, eps=1e-3, weight_decay=0.1)
+    ours = mupkit.optim.SOAP(mupkit.param_groups(model), lr=1e-2, eps=1e-3, damping="absolute", weight_decay=0.1)
     theirs = heavyball.SOAP(mupkit.param_groups(twin, optimizer=heavyball.SOAP, lr=1e-2, eps=1e-3,
                                                 weight_decay=0.1))
     x = torch.randn(6, 8, generator=torch.Generator().manual_seed(1))
@@ -80,8 +83,84 @@ def test_mupkit_soap_factory_equals_the_torch_route():
 
 def test_plain_parameters_step_at_the_base_width():
     """Like every mupkit optimizer: no muP groups, every multiplier 1 (heavyball's own values)."""
-    plain = mupkit.optim.SOAP(list(mlp(64).parameters()), lr=1e-2, eps=1e-3, weight_decay=0.1)
+    plain = mupkit.optim.SOAP(list(mlp(64).parameters()), lr=1e-2, eps=1e-3, damping="absolute", weight_decay=0.1)
     assert [(g["lr"], g["eps"], g["weight_decay"]) for g in plain.param_groups] == [(1e-2, 1e-3, 0.1)]
+
+
+def loss_of(model, seed=1):
+    x = torch.randn(6, 8, generator=torch.Generator().manual_seed(seed))
+    return model(x).square().mean()
+
+
+def test_relative_damping_sets_each_parameters_eps_from_its_own_gradient_before_the_step():
+    """eps_t = eps * ||G_t||_F for a matrix, eps * RMS(g_t) for a vector; heavyball then steps
+    exactly as with those values written into per-parameter groups by hand."""
+    model, twin = mlp(64), mlp(64)
+    ours = mupkit.optim.SOAP(mupkit.param_groups(model), lr=1e-2, eps=0.2, weight_decay=0.1)
+    assert len(ours.param_groups) == len(list(model.parameters()))  # one group per parameter
+    groups = mupkit.param_groups(twin, optimizer=heavyball.SOAP, lr=1e-2, weight_decay=0.1)
+    by_name = {n: g for g in groups for n in g["param_names"]}
+    theirs = heavyball.SOAP([{**by_name[n], "params": [p], "param_names": [n]} for n, p in twin.named_parameters()])
+    for _ in range(4):
+        for m, o in ((model, ours), (twin, theirs)):
+            o.zero_grad()
+            loss_of(m).backward()
+        for g in theirs.param_groups:
+            grad = g["params"][0].grad
+            g["eps"] = 0.2 * (grad.norm() if grad.ndim == 2 else grad.norm() / grad.numel() ** 0.5).item()
+        ours.step()
+        theirs.step()
+        theirs_by_name = {h["param_names"][0]: h for h in theirs.param_groups}
+        for g in ours.param_groups:
+            h = theirs_by_name[g["param_names"][0]]
+            assert g["eps"] == pytest.approx(h["eps"], rel=1e-6), g["param_names"]
+            assert (g["lr"], g["weight_decay"]) == (h["lr"], h["weight_decay"])
+    for (n, p), q in zip(model.named_parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7, msg=n)  # float eps vs the hook's float32 norm
+
+
+@pytest.mark.parametrize("damping,eps", [("relative", 0.2), ("absolute", 1e-2)])
+def test_relative_damping_makes_the_step_free_of_the_gradients_scale(damping, eps):
+    """Whatever sets a layer's gradient scale (here: the loss times 1e-3), a relatively damped run
+    moves every parameter as far (within 5%: heavyball's eigenbasis of a rank-deficient factor
+    depends on rounding); with a fixed eps the smaller gradient is damped to under a tenth of the
+    distance (the failure on attention's q and k, whose gradients shrink with width)."""
+    nets = [mlp(64), mlp(64)]
+    start = [p.detach().clone() for p in nets[0].parameters()]
+    opts = [mupkit.optim.SOAP(mupkit.param_groups(m), lr=1e-2, eps=eps, damping=damping) for m in nets]
+    for step in range(4):
+        for m, o, factor in zip(nets, opts, (1.0, 1e-3)):
+            o.zero_grad()
+            (factor * loss_of(m, seed=step)).backward()
+            o.step()
+    ratios = torch.stack([(q - w).norm() / (p - w).norm() for p, q, w in zip(*(m.parameters() for m in nets), start)])
+    if damping == "relative":
+        torch.testing.assert_close(ratios, torch.ones_like(ratios), rtol=0, atol=0.05)
+    else:
+        assert (ratios < 0.1).all(), ratios
+
+
+def test_relative_damping_survives_state_dict_and_resumes_exactly():
+    model, twin = mlp(64), mlp(64)
+    opt = mupkit.optim.SOAP(mupkit.param_groups(model), lr=1e-2, eps=0.2)
+    for step in range(3):
+        opt.zero_grad()
+        loss_of(model, seed=step).backward()
+        opt.step()
+    twin.load_state_dict(model.state_dict())
+    resumed = mupkit.optim.SOAP(mupkit.param_groups(twin), lr=1e-2, eps=0.05)  # a different fraction ...
+    saved = io.BytesIO()  # through a file, as a resume does (heavyball's state_dict hands out its live counters)
+    torch.save(opt.state_dict(), saved)
+    saved.seek(0)
+    resumed.load_state_dict(torch.load(saved, weights_only=False))  # ... replaced by the saved one
+    assert {g["eps_relative"] for g in resumed.param_groups} == {0.2}
+    for step in range(3, 6):
+        for m, o in ((model, opt), (twin, resumed)):
+            o.zero_grad()
+            loss_of(m, seed=step).backward()
+            o.step()
+    for (n, p), q in zip(model.named_parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0, msg=n)
 
 
 def test_clear_errors():
@@ -92,6 +171,8 @@ def test_clear_errors():
         mupkit.optim.SOAP(mupkit.param_groups(model, optimizer=heavyball.SOAP, lr=1e-2))
     with pytest.raises(ValueError, match=r"'0.weight' \(shape \(64, 8\)\).*max_precond_dim=64"):
         mupkit.optim.SOAP(mupkit.param_groups(model), max_precond_dim=32)
+    with pytest.raises(ValueError, match=r"damping='sometimes'; use one of \('relative', 'absolute'\)"):
+        mupkit.optim.SOAP(mupkit.param_groups(model), damping="sometimes")
     with pytest.raises(ValueError, match="weight_decay_policy="):
         mupkit.optim.SOAP(mupkit.param_groups(model), weight_decay_policy="sometimes")
     umup = mupkit.build(lambda width: models.mlp(width, d_in=8, d_out=4), base=dict(width=16),
@@ -102,6 +183,7 @@ def test_clear_errors():
 
 @pytest.mark.parametrize("parametrization,passes", [("mup", True), ("sp", False)])
 def test_coordinate_check_passes_under_mup_and_fails_under_sp(parametrization, passes):
+    """Relative damping (the default: eps 0.2 of each gradient's scale)."""
     def make(width):
         return models.mlp(width, d_in=16, d_out=4)
 

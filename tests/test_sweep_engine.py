@@ -134,10 +134,11 @@ def count_running(url):
 def test_a_sigkilled_sweep_and_a_rerun_complete_every_trial_exactly_once(tmp_path):
     url = f"sqlite:///{tmp_path / 'kill.db'}"
     first = run_script(tmp_path, tmp_path / "a.jsonl", url, 0.1, 2, "hold")
-    # both workers end up inside a held trial, whatever the order and the machine's load
-    wait_for(lambda: count_complete(url) == 2 * len(LRS) - 2 and count_running(url) == 2)
-    os.killpg(first.pid, signal.SIGKILL)  # the coordinator and both workers, mid-trial
-    first.wait(timeout=10)
+    try:  # both workers end up inside a held trial, whatever the order and the machine's load
+        wait_for(lambda: count_complete(url) == 2 * len(LRS) - 2 and count_running(url) == 2)
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)  # the coordinator and both workers, mid-trial (or after a timeout)
+        first.wait(timeout=10)
     study = optuna.load_study(study_name="s", storage=url)
     running = [t for t in study.get_trials() if t.state.name == "RUNNING"]
     assert len(running) == 2

@@ -6,12 +6,14 @@ Kronecker factors and takes per-group ``lr``, ``eps`` and ``weight_decay``. :fun
 :func:`mupkit.param_groups` groups into concrete heavyball groups:
 
 * ``lr * lr_scale``: the spectral rule (the one-step argument of Ishikawa & Karakida 2024,
-  Sec. 4) for Shampoo's ``L^-1/4 G R^-1/4``, whose one-step direction is the gradient's polar factor ``U V^T``:
-  ``sqrt(m_out / m_in)`` for input and hidden matrices, ``m_in^-1/2`` for an absorbed readout, 1
-  for vectors (which SOAP steps with plain Adam);
-* ``eps * eps_scale``: the damping, SOAP's floor on ``sqrt(v)`` in the rotated basis, follows the
-  gradient's singular values: ``sqrt(m_in / m_out)`` (input ``m_out^-1/2``, hidden 1, absorbed
-  readout ``m_in^1/2``), vectors ``m_out^-1``;
+  Sec. 4) for Shampoo's ``L^-1/4 G R^-1/4``, whose one-step direction is the gradient's polar
+  factor ``U V^T``: ``sqrt(m_out / m_in)`` for input and hidden matrices, ``m_in^-1/2`` for an
+  absorbed readout, 1 for vectors (which SOAP steps with plain Adam);
+* the damping, SOAP's floor ``eps`` on ``sqrt(v)`` in the rotated basis, at a fixed ratio to the
+  gradient it damps. ``damping="relative"`` (the default) sets it before every step from each
+  parameter's own gradient, ``eps_t = eps * scale(G_t)`` (:func:`gradient_scale`), which holds
+  for every matrix whatever sets its gradient's scale; ``"absolute"`` takes ``eps * eps_scale``,
+  the rule's per-role width exponents (what ``param_groups(optimizer=heavyball.SOAP)`` gives);
 * ``weight_decay`` per the groups' policy (:func:`mupkit.groups.effective_weight_decay`).
 
 The rule holds for a matrix preconditioned on both sides: a side longer than
@@ -30,27 +32,34 @@ from ..rules import FAMILIES
 from .groups import resolve_groups
 
 FAMILY = FAMILIES["shampoo"]
+DAMPING = ("relative", "absolute")
 
 
-def SOAP(params: Iterable[Any], lr: float = 3e-3, *, eps: float = 1e-2, weight_decay: float = 0.0,
-         weight_decay_policy: str | None = None, max_precond_dim: int = 2048, compiled: bool = False,
-         **kwargs: Any) -> torch.optim.Optimizer:
+def SOAP(params: Iterable[Any], lr: float = 3e-3, *, eps: float = 0.2, damping: str = "relative",
+         weight_decay: float = 0.0, weight_decay_policy: str | None = None, max_precond_dim: int = 2048,
+         compiled: bool = False, **kwargs: Any) -> torch.optim.Optimizer:
     """A ``heavyball.SOAP`` over ``params`` (:func:`mupkit.param_groups` groups) with each
-    group's muP ``lr``, ``eps`` and ``weight_decay`` (the ``shampoo`` family's multipliers).
+    group's muP ``lr`` and ``weight_decay`` (the ``shampoo`` family's multipliers) and a damping
+    that follows the gradient.
 
-    ``eps``: SOAP's damping at the base width. heavyball's default ``1e-8`` is far below the
-    gradient's singular values, where SOAP normalizes every rotated coordinate to about 1 as Adam
-    does and its width scaling drifts between Shampoo's and Adam's; keep it at a fixed fraction
-    (about 0.1..1) of the gradient's size at the base, as the muP rule then keeps that fraction at
-    every width. ``compiled=False`` runs heavyball eagerly by setting
-    ``heavyball.utils.compile_mode = None`` (heavyball's switch is module-wide). Other
-    ``kwargs`` (``betas``, ``shampoo_beta``, ``precondition_frequency``, ...) go to heavyball.
+    ``damping="relative"``: ``eps`` is a fraction of each parameter's gradient scale, set before
+    every step (one heavyball group per parameter; :func:`follow_gradient`). About 0.1 to 0.3 keeps
+    the gradient's singular directions normalized and the rotated coordinates the eigenbasis does
+    not (yet) capture damped; much smaller fractions let SOAP normalize those too, and its steps
+    then grow with width as Adam's do. ``damping="absolute"``: ``eps`` is heavyball's own floor at
+    the base width, times the rule's per-role damping multiplier; right only where a layer's role
+    sets its gradient's scale (not for attention's query and key under muP's ``1/d`` logits:
+    docs/shampoo.md). ``compiled=False`` runs heavyball eagerly by setting
+    ``heavyball.utils.compile_mode = None`` (heavyball's switch is module-wide). Other ``kwargs``
+    (``betas``, ``shampoo_beta``, ``precondition_frequency``, ...) go to heavyball.
     """
     try:
         import heavyball
     except ImportError as err:
         raise ImportError("mupkit.optim.SOAP steps heavyball's SOAP: pip install 'heavyball==3.2.1' "
                           "(or mupkit[test])") from err
+    if damping not in DAMPING:
+        raise ValueError(f"damping={damping!r}; use one of {DAMPING}")
     if weight_decay_policy is not None and weight_decay_policy not in WEIGHT_DECAY_POLICIES:
         raise ValueError(f"weight_decay_policy={weight_decay_policy!r}; use one of {WEIGHT_DECAY_POLICIES}")
     if not compiled:
@@ -59,11 +68,51 @@ def SOAP(params: Iterable[Any], lr: float = 3e-3, *, eps: float = 1e-2, weight_d
     if groups and not isinstance(groups[0], dict):  # plain parameters: one group at the base width
         groups = [{"params": groups}]
     groups = [_concrete(g, lr, eps, weight_decay, weight_decay_policy, max_precond_dim) for g in groups]
-    return heavyball.SOAP(groups, lr=lr, eps=eps, weight_decay=weight_decay, max_precond_dim=max_precond_dim,
-                          **kwargs)
+    if damping == "relative":
+        groups = [one for g in groups for one in _per_parameter(g, eps)]
+    optimizer = heavyball.SOAP(groups, lr=lr, eps=eps, weight_decay=weight_decay, max_precond_dim=max_precond_dim,
+                               **kwargs)
+    if damping == "relative":
+        optimizer.register_step_pre_hook(follow_gradient)
+    return optimizer
 
 
 SOAP.family = FAMILY
+
+
+def gradient_scale(grad: torch.Tensor, preconditioned: bool) -> torch.Tensor:
+    """The size of the coordinates SOAP normalizes: ``||G||_F`` for a preconditioned matrix (the
+    root-sum-square of its singular values, which the eigenbasis turns into coordinates; for a
+    rank-``r`` gradient, between ``sigma_1`` and ``sqrt(r) sigma_1``, free of the width), the RMS
+    of the entries for a vector stepped by plain Adam."""
+    norm = torch.linalg.vector_norm(grad.float())
+    return norm if preconditioned else norm / grad.numel() ** 0.5
+
+
+def follow_gradient(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    """Step pre-hook of a relatively damped :func:`SOAP`: every group holding ``eps_relative``
+    (one parameter each) gets ``eps = eps_relative * gradient_scale(grad)``, read in one host
+    transfer per device. A zero gradient keeps the group's last ``eps`` (its step is the
+    momentum's, damped as before)."""
+    groups = [g for g in optimizer.param_groups if "eps_relative" in g and g["params"][0].grad is not None]
+    by_device: dict[torch.device, list[dict[str, Any]]] = {}
+    for g in groups:
+        by_device.setdefault(g["params"][0].grad.device, []).append(g)
+    for members in by_device.values():
+        scales = torch.stack([gradient_scale(g["params"][0].grad, g["params"][0].ndim >= 2 or g.get("precondition_1d"))
+                              for g in members]).tolist()
+        for g, scale in zip(members, scales):
+            if scale > 0:
+                g["eps"] = g["eps_relative"] * scale
+
+
+def _per_parameter(group: dict[str, Any], eps: float) -> list[dict[str, Any]]:
+    """``group`` split into one group per parameter (each damped by its own gradient), the
+    fraction kept as ``eps_relative`` (so ``state_dict`` carries it)."""
+    names = group.get("param_names", [None] * len(group["params"]))
+    shared = {k: v for k, v in group.items() if k not in ("params", "param_names")}
+    return [{**shared, "params": [p], **({"param_names": [n]} if n is not None else {}), "eps_relative": eps,
+             "eps": eps} for p, n in zip(group["params"], names)]
 
 
 def _concrete(group: Any, lr: float, eps: float, weight_decay: float, policy: str | None,
