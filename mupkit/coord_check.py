@@ -53,7 +53,7 @@ from . import optim as mupkit_optim
 from .build import build
 from .forward_checks import ForwardScalingWarning
 from .infer import NoDepthRuleWarning, infer_plan
-from .data import Batch, synthetic_batch
+from .data import ROWS, Batch, synthetic_batch
 from .groups import param_groups, resolve_family
 from .plan import Plan, plan_of
 from .progress import progress
@@ -405,7 +405,9 @@ def coord_check(constructor: Constructor, widths: Sequence[int] | int, *, base: 
                           device=device, zero_init=zero_init, **sizes, **options)
         model.train()
         if batch is None:
-            x, y = synthetic_batch(model, seed=1234, device=device)
+            # along depth 32 sequences of a token model: with fewer tokens the deep models fit the
+            # batch within the check's steps (as the zoo's depth batch, mupkit.zoo._token_batch_for_depth)
+            x, y = synthetic_batch(model, seed=1234, device=device, batch_size=ROWS if depths else None)
         else:
             x, y = _first_batch(batch, device)
         loss_fn = loss or default_loss

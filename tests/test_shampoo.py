@@ -93,8 +93,8 @@ def loss_of(model, seed=1):
 
 
 def test_relative_damping_sets_each_parameters_eps_from_its_own_gradient_before_the_step():
-    """eps_t = eps * ||G_t||_F for a matrix, eps * RMS(g_t) for a vector; heavyball then steps
-    exactly as with those values written into per-parameter groups by hand."""
+    """eps_t = eps * ||G_t||_F per parameter (eps * RMS(g_t) for a vector);
+    heavyball then steps exactly as with those values written into per-parameter groups by hand."""
     model, twin = mlp(64), mlp(64)
     ours = mupkit.optim.SOAP(mupkit.param_groups(model), lr=1e-2, eps=0.2, weight_decay=0.1)
     assert len(ours.param_groups) == len(list(model.parameters()))  # one group per parameter
@@ -117,6 +117,40 @@ def test_relative_damping_sets_each_parameters_eps_from_its_own_gradient_before_
             assert (g["lr"], g["weight_decay"]) == (h["lr"], h["weight_decay"])
     for (n, p), q in zip(model.named_parameters(), twin.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7, msg=n)  # float eps vs the hook's float32 norm
+
+
+def test_relative_damping_bounds_the_step_free_of_the_width_for_full_rank_gradients():
+    """Full-rank (Gaussian) gradients, rank growing with the width: damped relative to ``||G||_F``,
+    every step's Frobenius norm stays under ``lr / eps`` and is the same at widths 32, 128 and 512
+    (within 10%); relative to ``sigma_1`` the many comparable directions would all be normalized."""
+    sizes = {}
+    for n in (32, 128, 512):
+        w = torch.nn.Parameter(torch.zeros(n, n))
+        opt = mupkit.optim.SOAP([w], lr=1.0, eps=0.2)
+        gen = torch.Generator().manual_seed(1)
+        for step in range(6):
+            w.grad = torch.randn(n, n, generator=gen)
+            before = w.detach().clone()
+            opt.step()
+            sizes[n, step] = (w.detach() - before).norm().item()
+    assert max(sizes.values()) <= (1 / 0.2) * (1 + 1e-4)
+    for step in range(1, 6):  # the first step only builds the preconditioner
+        assert sizes[512, step] == pytest.approx(sizes[32, step], rel=0.1), sizes
+
+
+def test_a_matrix_heavyball_steps_as_a_vector_takes_adams_rule_and_an_rms_damping():
+    """``nn.Linear(1, width)``: heavyball merges the side of 1 away and steps it with plain Adam,
+    so its LR multiplier is Adam's (1 for an input layer), not the spectral ``m_out^1/2``."""
+    torch.manual_seed(0)
+    model = mupkit.build(lambda width: models.mlp(width, d_in=1, d_out=4), base=dict(width=16), target=dict(width=64))
+    assert mupkit.plan_of(model)["0.weight"].scales["shampoo"].lr == pytest.approx(2.0)
+    opt = mupkit.optim.SOAP(mupkit.param_groups(model), lr=1e-2, eps=0.2)
+    group = next(g for g in opt.param_groups if g["param_names"] == ["0.weight"])
+    assert group["lr"] == pytest.approx(1e-2 * mupkit.plan_of(model)["0.weight"].scales["adam"].lr)
+    model(torch.randn(6, 1)).square().mean().backward()
+    grad = model.get_parameter("0.weight").grad.clone()  # heavyball consumes the gradient
+    opt.step()
+    assert group["eps"] == pytest.approx(0.2 * grad.square().mean().sqrt().item(), rel=1e-5)
 
 
 @pytest.mark.parametrize("damping,eps", [("relative", 0.2), ("absolute", 1e-2)])
@@ -173,6 +207,13 @@ def test_clear_errors():
         mupkit.optim.SOAP(mupkit.param_groups(model), max_precond_dim=32)
     with pytest.raises(ValueError, match=r"damping='sometimes'; use one of \('relative', 'absolute'\)"):
         mupkit.optim.SOAP(mupkit.param_groups(model), damping="sometimes")
+    with pytest.raises(ValueError, match=r"eps=1e-08 with damping='relative' is a fraction.*damping='absolute'"):
+        mupkit.optim.SOAP(mupkit.param_groups(model), eps=1e-8)
+    with pytest.raises(ValueError, match="gradient_clipping with damping='relative'"):
+        mupkit.optim.SOAP(mupkit.param_groups(model), gradient_clipping=heavyball.utils.l2_clip_)
+    opt = mupkit.optim.SOAP(mupkit.param_groups(model))
+    with pytest.raises(ValueError, match="without a closure, or use damping='absolute'"):
+        opt.step(lambda: loss_of(model))
     with pytest.raises(ValueError, match="weight_decay_policy="):
         mupkit.optim.SOAP(mupkit.param_groups(model), weight_decay_policy="sometimes")
     umup = mupkit.build(lambda width: models.mlp(width, d_in=8, d_out=4), base=dict(width=16),
