@@ -260,18 +260,18 @@ def test_committed_sweeps_show_transfer_under_mup_and_drift_under_sp(results, mo
 
 def test_committed_muon_sweep_transfers_and_the_cli_resumes_it(tmp_path, monkeypatch):
     """examples/transfer_muon.jsonl (issue 22): under muP + Muon the optimum LR moves by at most one
-    grid step across widths 64..512, and ``mupkit transfer --optim muon`` names the same trials as
+    grid step across widths 64..1024, and ``mupkit transfer --optim muon`` names the same trials as
     the example, so on a copy of the file it trains nothing."""
     path = pathlib.Path(__file__).parents[1] / "examples" / "transfer_muon.jsonl"
     grid = [2.0 ** k for k in range(-7, -2)]
     records = [r for r in load_records(path) if r["hparams"]["lr"] in grid]
-    assert sorted({r["size"]["width"] for r in records}) == [64, 128, 256, 512]
-    assert len(records) == 4 * len(grid) and Sweep(records).drift("mup") <= 1.0, Sweep(records).summary()
+    assert sorted({r["size"]["width"] for r in records}) == [64, 128, 256, 512, 1024]
+    assert len(records) == 5 * len(grid) and Sweep(records).drift("mup") <= 1.0, Sweep(records).summary()
     copy = tmp_path / "muon.jsonl"
     copy.write_text(path.read_text())
     monkeypatch.setattr(tasks, "get_optimizer", lambda name: pytest.fail(f"trained a trial with {name}"))
     assert cli(["transfer", "--model", "transformer", "--optim", "muon", "--param", "mup", "--widths", "64", "128",
-                "256", "512", "--steps", "100", "--seeds", "1", "--log2-lrs", "-7", "-6", "-5", "-4", "-3",
+                "256", "512", "1024", "--steps", "100", "--seeds", "1", "--log2-lrs", "-7", "-6", "-5", "-4", "-3",
                 "--results", str(copy), "--out", "", "--quiet"]) == 0
     assert copy.read_text() == path.read_text()
 
