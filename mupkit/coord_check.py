@@ -359,9 +359,9 @@ def coord_check(constructor: Constructor, widths: Sequence[int] | int, *, base: 
         raise ValueError(f"a coordinate check needs at least two widths or two depths, got widths {widths} and "
                          f"depths {depths}")
     seeds = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
-    if updates is None:
-        updates = bool(depths) or _orthogonalizes(_family(optimizer))
-    if updates and _orthogonalizes(_family(optimizer)):  # the laws are those of the gradient step
+    orthogonalizing = _orthogonalizes(_family(optimizer))
+    updates = bool(depths) or orthogonalizing if updates is None else updates
+    if updates and orthogonalizing:  # the laws are those of the gradient step
         optimizer_kwargs = {"weight_decay": 0.0, **(optimizer_kwargs or {})}
     base = widths[0] if base is None else base
     fixed = dict(kwargs or {})

@@ -147,31 +147,39 @@ def follow_gradient(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) ->
 def _adam_stepped_apart(params: Iterable[Any], precondition_1d: bool) -> list[Any]:
     """``params`` with the matrices heavyball steps as vectors (an ``(n, 1)`` input layer) in
     groups of their own that take the ``adam`` family's scales: SOAP runs plain Adam on them."""
-    params = list(params)
     out = []
     for group in params:
         if not isinstance(group, dict) or "mupkit_scales" not in group:
             out.append(group)
             continue
-        names = group.get("param_names", [None] * len(group["params"]))
-        members = list(zip(group["params"], names))
-        adam = [(p, n) for p, n in members if p.ndim >= 2 and not preconditioned(p, precondition_1d)]
-        rest = [(p, n) for p, n in members if not (p.ndim >= 2 and not preconditioned(p, precondition_1d))]
-        for part, scales in ((rest, group["mupkit_scales"]),
-                             (adam, {**group["mupkit_scales"], FAMILY.name: group["mupkit_scales"]["adam"]})):
-            if part:
-                out.append({**group, "params": [p for p, _ in part], "mupkit_scales": scales,
-                            **({"param_names": [n for _, n in part]} if "param_names" in group else {})})
+        scales = group["mupkit_scales"]
+        members = _members(group)
+        is_vector = [p.ndim >= 2 and not preconditioned(p, precondition_1d) for p, _ in members]
+        as_vector = [m for m, v in zip(members, is_vector) if v]
+        rest = [m for m, v in zip(members, is_vector) if not v]
+        out += [_subgroup(group, part, mupkit_scales=part_scales)
+                for part, part_scales in ((rest, scales), (as_vector, {**scales, FAMILY.name: scales["adam"]}))
+                if part]
     return out
 
 
 def _per_parameter(group: dict[str, Any], eps: float) -> list[dict[str, Any]]:
     """``group`` split into one group per parameter (each damped by its own gradient), the
     fraction kept as ``eps_relative`` (so ``state_dict`` carries it)."""
-    names = group.get("param_names", [None] * len(group["params"]))
+    return [_subgroup(group, [member], eps_relative=eps, eps=eps) for member in _members(group)]
+
+
+def _members(group: dict[str, Any]) -> list[tuple[torch.Tensor, str | None]]:
+    """``(parameter, name or None)`` of a group."""
+    return list(zip(group["params"], group.get("param_names", [None] * len(group["params"]))))
+
+
+def _subgroup(group: dict[str, Any], members: list[tuple[torch.Tensor, str | None]], **values: Any) -> dict[str, Any]:
+    """``group``'s settings over ``members`` (their names kept where the group has names), with ``values``."""
+    named = "param_names" in group
     shared = {k: v for k, v in group.items() if k not in ("params", "param_names")}
-    return [{**shared, "params": [p], **({"param_names": [n]} if n is not None else {}), "eps_relative": eps,
-             "eps": eps} for p, n in zip(group["params"], names)]
+    return {**shared, "params": [p for p, _ in members], **({"param_names": [n for _, n in members]} if named else {}),
+            **values}
 
 
 def _concrete(group: Any, lr: float, eps: float, weight_decay: float, policy: str | None,
